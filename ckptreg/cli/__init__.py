@@ -1,0 +1,68 @@
+"""The ``ckptreg`` command line: a thin layer that parses, calls the library and formats.
+
+Subcommands live in sibling modules (registry_cmds, merge_cmds, demo_cmd); none of them imports
+torch at module level, so ``ckptreg add`` stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from ..errors import CkptregError
+
+
+class CkptregGroup(click.Group):
+    """A click group whose commands turn CkptregError into 'error: ...' and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CkptregError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=CkptregGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db", envvar="CKPTREG_DB", default=None, metavar="PATH",
+              help="Registry database (default ./ckptreg.duckdb; env CKPTREG_DB).")
+@click.version_option(package_name="ckptreg")
+@click.pass_context
+def main(ctx, db):
+    """ckptreg: register checkpoints from any training loop; merge them (MWA, TIES, DARE, SLERP, CART)."""
+    ctx.ensure_object(dict)
+    ctx.obj["db"] = db
+
+
+def pass_db(f):
+    """Decorator: pass the --db value (or None for the default) as the first argument."""
+
+    @click.pass_context
+    @functools.wraps(f)
+    def wrapper(ctx, *args, **kwargs):
+        root = ctx.find_root()
+        db = (root.obj or {}).get("db")
+        return f(db, *args, **kwargs)
+
+    return wrapper
+
+
+def _register_subcommands():
+    import importlib
+
+    for mod in ("registry_cmds", "merge_cmds", "demo_cmd"):
+        try:
+            m = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a module not written yet must not break the others
+            if e.name == f"{__name__}.{mod}":
+                continue
+            raise
+        for cmd in getattr(m, "COMMANDS", []):
+            main.add_command(cmd)
+
+
+_register_subcommands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Output helpers shared by every CLI command: aligned tables (rich) or JSON, and messages.
+
+Only the CLI prints. Library code returns data and raises typed errors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any, Iterable, Sequence
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_cell(x) for x in v)
+    if isinstance(v, dict):
+        return ",".join(f"{k}={_cell(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)  # JSON has no NaN/inf; keep the fact visible as a string
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "__fspath__"):
+        return str(v)
+    return v
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, title: str | None = None,
+          as_json: bool = False, right: Iterable[str] = ()) -> None:
+    """Print rows as an aligned table, or as a JSON list with ``as_json``."""
+    if as_json:
+        emit_json(list(rows))
+        return
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    from rich.console import Console
+    from rich.table import Table
+    from rich import box
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    right = set(right)
+    for c in columns:
+        numeric = c in right or (rows and all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
+                                 and any(r.get(c) is not None for r in rows))
+        t.add_column(c, justify="right" if numeric else "left", no_wrap=True, overflow="fold")
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) for c in columns])
+    Console(width=max(160, _term_width()), soft_wrap=True).print(t)
+
+
+def _term_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((160, 40)).columns
+
+
+def kv(data: dict, *, as_json: bool = False) -> None:
+    """Print a record as aligned key: value lines, or JSON."""
+    if as_json:
+        emit_json(data)
+        return
+    width = max((len(k) for k in data), default=0)
+    for k, v in data.items():
+        sys.stdout.write(f"{k.ljust(width)}  {_cell(v)}\n")
+
+
+def info(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
