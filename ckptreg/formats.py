@@ -1,0 +1,478 @@
+"""Recognise checkpoint layouts, inventory their tensors, read LoRA configs, fingerprint files.
+
+Layouts (``inspect``):
+
+* PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``
+  (format ``"peft"``, kind ``"lora"``; ``adapter_model.bin`` only with ``allow_pickle``).
+* HF model folder: ``model.safetensors``, or shards listed in ``model.safetensors.index.json``
+  (format ``"hf"``, kind ``"full"``; ``pytorch_model.bin`` only with ``allow_pickle``).
+* An HF Trainer ``checkpoint-N`` folder is one of the two above (optimizer.pt & co. are ignored);
+  if the adapter/model sits in exactly one sub-folder (PEFT's named adapters) that one is used.
+* A single ``.safetensors`` file (format ``"safetensors"``; kind ``"lora"`` when tensor names
+  contain ``lora_A``/``lora_B``, else ``"full"``). A folder holding exactly one ``.safetensors``
+  file and nothing the rules above match is treated the same way.
+* A torch pickle ``.bin/.pt/.pth/.ckpt`` (format ``"pickle"``), only with ``allow_pickle=True``,
+  loaded with ``torch.load(weights_only=True, map_location="cpu")``. The state dict is
+  ``obj["state_dict"]`` (Lightning), else ``obj["model_state_dict"]``/``["model"]``/``["module"]``
+  when that is a dict, else every tensor in ``obj`` (nested dicts flattened with ``.``).
+  Pickled tensors have no byte range: their :class:`TensorInfo` has ``offset = -1`` and
+  ``nbytes = numel * itemsize``, ``file`` = the pickle. Use :func:`load_pickle_state` to read them.
+
+Fingerprint (``fingerprint(files)``, format version ``ckptreg-fp1``): SHA-256 over
+``b"ckptreg-fp1\\0"`` then, for each file in order of (basename, absolute path):
+``basename (UTF-8) + b"\\0" + size (u64 LE)``, then for a safetensors file
+``header length (u64 LE) + raw header bytes + head + tail`` where head = the first 1 MiB of the
+data section and tail = its last 1 MiB not already in head (so data sections up to 2 MiB are
+hashed whole); for any other file (pickles) head/tail of the whole file the same way.
+It reads at most ~2 MiB + header per file, so it is cheap on multi-GB files, and catches changes of
+size, tensor layout/metadata, and edits in the first/last MiB; an edit in the middle of a big data
+section keeping size and header is only caught by ``fingerprint(files, full=True)``, which hashes
+``basename + size + every byte`` (version ``ckptreg-fp1-full``). Basenames, not paths, are hashed,
+so moving a folder keeps its fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import FormatError, NotFoundError
+from .safetensors_io import DTYPES, MAX_HEADER_BYTES, TORCH_TO_ST, TensorInfo, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MIB = 1 << 20
+
+#: Non-tensor files copied to a merge output of the same layout (exact names).
+CONFIG_NAMES = frozenset({
+    "adapter_config.json", "config.json", "generation_config.json", "special_tokens_map.json",
+    "added_tokens.json", "README.md", "preprocessor_config.json", "processor_config.json",
+    "spiece.model", "sentencepiece.bpe.model",
+})
+#: ... and files whose names start with one of these.
+CONFIG_PREFIXES = ("tokenizer", "vocab", "merges", "chat_template")
+#: Never copied even if a prefix matches (trainer state belongs to the training run).
+NOT_CONFIG = frozenset({"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin",
+                        "scaler.pt"})
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    format: str                 # "peft" | "hf" | "safetensors" | "pickle"
+    kind: str                   # "lora" | "full"
+    files: list[str]            # tensor files (absolute)
+    tensors: dict[str, TensorInfo]   # union over shards, sorted by name
+    n_params: int
+    nbytes: int
+    fingerprint: str
+    base_model: str | None = None
+    lora: dict | None = None    # {"r", "lora_alpha", "use_rslora", "target_modules", "scaling", ...}
+    config_files: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)   # safetensors __metadata__ (first file)
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.tensors)
+
+
+# ----------------------------------------------------------------------------- steps
+
+_STEP_PATTERNS = [
+    re.compile(r"(?:^|[^a-z0-9])(?:global_)?steps?[=_-]?(\d+)(?![0-9])", re.I),
+    re.compile(r"global_step(\d+)", re.I),
+    re.compile(r"(?:^|[^a-z0-9])checkpoint[-_=]?(\d+)(?![0-9])", re.I),
+    re.compile(r"(?:^|[^a-z0-9])ckpt[-_=](\d+)(?![0-9])", re.I),
+    re.compile(r"(?:^|[^a-z0-9])iter(?:ation)?[-_=]?(\d+)(?![0-9])", re.I),
+]
+
+
+def infer_step(path) -> int | None:
+    """The training step a path names, or None.
+
+    ``checkpoint-1000``, ``step=1000``, ``epoch=2-step=1000.ckpt``, ``step_1000``, ``step-1000``,
+    ``global_step1000``, ``ckpt-1000``, ``iter_1000`` -> 1000. Looks at the last path component
+    (without suffix), then its parent (``checkpoint-1000/adapter_model.safetensors``).
+    """
+    p = Path(os.fspath(path))
+    parts = [p.name]
+    for suf in (".safetensors",) + PICKLE_SUFFIXES:
+        if p.name.lower().endswith(suf):
+            parts = [p.name[: -len(suf)]]
+            break
+    if p.parent.name:
+        parts.append(p.parent.name)
+    for part in parts:
+        for pat in _STEP_PATTERNS:
+            m = pat.search(part)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+def _safetensors_prefix(f, size):
+    """(header_len, raw header) if the file starts like a safetensors file, else None."""
+    if size < 8:
+        return None
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        return None
+    raw = f.read(n)
+    if not raw.lstrip()[:1] == b"{":
+        return None
+    return n, raw
+
+
+def _head_tail(f, start, end, h):
+    n = end - start
+    head = min(MIB, n)
+    f.seek(start)
+    h.update(f.read(head))
+    tail_start = max(start + head, end - MIB)
+    if tail_start < end:
+        f.seek(tail_start)
+        h.update(f.read(end - tail_start))
+
+
+def fingerprint(files, full: bool = False) -> str:
+    """SHA-256 hex digest identifying the content of ``files`` (see the module docstring)."""
+    paths = [os.path.abspath(os.fspath(x)) for x in files]
+    paths.sort(key=lambda q: (os.path.basename(q), q))
+    h = hashlib.sha256(b"ckptreg-fp1-full\0" if full else b"ckptreg-fp1\0")
+    for q in paths:
+        try:
+            f = open(q, "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"{q}: no such file") from None
+        except OSError as e:
+            raise FormatError(f"{q}: cannot read ({e.strerror})") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(os.path.basename(q).encode("utf-8") + b"\0" + struct.pack("<Q", size))
+            if full:
+                while True:
+                    b = f.read(8 * MIB)
+                    if not b:
+                        break
+                    h.update(b)
+                continue
+            pre = _safetensors_prefix(f, size) if q.endswith(".safetensors") else None
+            if pre is not None:
+                n, raw = pre
+                h.update(struct.pack("<Q", n) + raw)
+                _head_tail(f, 8 + n, size, h)
+            else:
+                _head_tail(f, 0, size, h)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: cannot read {what}: {e}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _is_lora_names(names) -> bool:
+    return any("lora_A" in n or "lora_B" in n for n in names)
+
+
+def _config_files(folder: Path) -> list[str]:
+    out = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return out
+    for e in entries:
+        nm = e.name
+        if not e.is_file() or nm in NOT_CONFIG:
+            continue
+        if nm in CONFIG_NAMES or nm.startswith(CONFIG_PREFIXES):
+            out.append(str(e.resolve()))
+    return sorted(out)
+
+
+def _lora_config(cfg_path: Path) -> tuple[dict, str | None]:
+    cfg = _load_json(cfg_path, "adapter config")
+    ptype = cfg.get("peft_type", "LORA")
+    if isinstance(ptype, str) and ptype.upper() not in ("LORA",):
+        raise FormatError(f"{cfg_path}: peft_type {ptype!r} is not supported, only LoRA adapters")
+    r = cfg.get("r")
+    alpha = cfg.get("lora_alpha", r)
+    if type(r) is not int or r <= 0:
+        raise FormatError(f"{cfg_path}: 'r' must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise FormatError(f"{cfg_path}: 'lora_alpha' must be a number, got {alpha!r}")
+    rs = bool(cfg.get("use_rslora", False))
+    tm = cfg.get("target_modules")
+    if isinstance(tm, (list, tuple)):
+        tm = sorted(str(x) for x in tm)
+    elif tm is not None and not isinstance(tm, str):
+        tm = str(tm)
+    scaling = float(alpha) / (r ** 0.5 if rs else r)
+    lora = {"r": r, "lora_alpha": alpha, "use_rslora": rs, "target_modules": tm, "scaling": scaling}
+    for k in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(k)
+        if isinstance(v, dict) and v:
+            lora[k] = v
+    base = cfg.get("base_model_name_or_path") or None
+    return lora, (str(base) if base is not None else None)
+
+
+def _hf_base(folder: Path) -> str | None:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        obj = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise FormatError(f"{cfg}: config.json is not valid JSON") from None
+    if isinstance(obj, dict):
+        v = obj.get("_name_or_path")
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def _headers_union(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, str]]:
+    """tensors (unsorted), metadata of the first file, name -> file."""
+    tensors: dict[str, TensorInfo] = {}
+    where: dict[str, str] = {}
+    meta: dict[str, str] = {}
+    for i, fp in enumerate(files):
+        hd = read_header(fp)
+        if i == 0:
+            meta = dict(hd.metadata)
+        for name, ti in hd.tensors.items():
+            if name in tensors:
+                raise FormatError(f"{fp}: tensor {name!r} is also in {where[name]}")
+            tensors[name] = ti
+            where[name] = hd.path
+    return tensors, meta, where
+
+
+def _finish(path, fmt, kind, files, tensors, *, base=None, lora=None, config_files=(), metadata=None):
+    tensors = dict(sorted(tensors.items()))
+    n_params = sum(t.numel for t in tensors.values())
+    nbytes = sum(t.nbytes for t in tensors.values())
+    files = [str(f) for f in files]
+    return CheckpointInfo(
+        path=str(path), format=fmt, kind=kind, files=files, tensors=tensors, n_params=n_params,
+        nbytes=nbytes, fingerprint=fingerprint(files), base_model=base, lora=lora,
+        config_files=list(config_files), metadata=dict(metadata or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- pickles
+
+def _flatten(obj, prefix, out):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+
+
+def load_pickle_state(path) -> dict:
+    """Load a torch pickle safely (weights_only) and return its flat name -> tensor state dict."""
+    import pickle
+
+    import torch
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise NotFoundError(f"{p}: no such file")
+    try:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{p}: cannot load with weights_only=True (it holds objects other than "
+                          f"tensors and plain containers): {first}") from None
+    except Exception as e:  # corrupt/truncated zip, EOF, ...
+        raise FormatError(f"{p}: not a loadable torch pickle: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "module"):
+            sub = obj.get(key)
+            if isinstance(sub, dict):
+                obj = sub
+                break
+    out: dict = {}
+    _flatten(obj, "", out)
+    if not out:
+        raise FormatError(f"{p}: the pickle holds no tensors (expected a state dict)")
+    return out
+
+
+def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
+    sd = load_pickle_state(path)
+    ap = str(path.resolve())
+    out = {}
+    for name, t in sd.items():
+        tname = str(t.dtype).removeprefix("torch.")
+        st = TORCH_TO_ST.get(tname)
+        if st is None:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        shape = tuple(int(s) for s in t.shape)
+        info = TensorInfo(name, st, shape, ap, -1, 0)
+        out[name] = TensorInfo(name, st, shape, ap, -1, info.numel * DTYPES[st][1])
+    return out
+
+
+def _need_pickle(path: Path, allow_pickle: bool):
+    if not allow_pickle:
+        raise FormatError(
+            f"{path}: is a torch pickle; loading pickles can run code, so it needs --allow-pickle "
+            "(allow_pickle=True) — only for files you trust (they are then loaded with "
+            "torch.load(weights_only=True)); or convert it to safetensors")
+
+
+# ----------------------------------------------------------------------------- inspect
+
+_EXPECTED = ("expected a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
+             "an HF model folder (model.safetensors or model.safetensors.index.json + shards), "
+             "a .safetensors file, or a torch pickle (.bin/.pt/.ckpt, with --allow-pickle)")
+
+
+def _sharded(folder: Path, index_path: Path):
+    idx = _load_json(index_path, "shard index")
+    wm = idx.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor -> shard file")
+    shards: list[str] = []
+    for name, shard in wm.items():
+        if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise FormatError(f"{index_path}: tensor {name!r} maps to an invalid shard name {shard!r}")
+        if shard not in shards:
+            shards.append(shard)
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise FormatError(f"{index_path}: shard file(s) listed in weight_map do not exist: {', '.join(missing)}")
+    files = [(folder / s).resolve() for s in sorted(shards)]
+    tensors, meta, where = _headers_union(files)
+    wrong = []
+    for name, shard in wm.items():
+        actual = where.get(name)
+        if actual is None:
+            wrong.append(f"{name!r} (listed in {shard}, not in any shard)")
+        elif Path(actual).name != Path(shard).name:
+            wrong.append(f"{name!r} (listed in {shard}, found in {Path(actual).name})")
+    if wrong:
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise FormatError(f"{index_path}: weight_map does not match the shards: {', '.join(wrong[:5])}{more}")
+    return files, tensors, meta
+
+
+def _inspect_folder(p: Path, allow_pickle: bool, depth: int = 0):
+    # PEFT adapter
+    if (p / "adapter_config.json").is_file():
+        lora, base = _lora_config(p / "adapter_config.json")
+        st = p / "adapter_model.safetensors"
+        if st.is_file():
+            files = [st.resolve()]
+            hd = read_header(st)
+            tensors, meta = dict(hd.tensors), hd.metadata
+        elif (p / "adapter_model.bin").is_file():
+            _need_pickle(p / "adapter_model.bin", allow_pickle)
+            files = [(p / "adapter_model.bin").resolve()]
+            tensors, meta = _pickle_tensors(p / "adapter_model.bin"), {}
+        else:
+            raise FormatError(f"{p}: has adapter_config.json but no adapter_model.safetensors")
+        return "peft", "lora", files, tensors, base, lora, _config_files(p), meta
+    # HF model folder
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        files, tensors, meta = _sharded(p, index)
+        return "hf", "full", files, tensors, _hf_base(p), None, _config_files(p), meta
+    if (p / "model.safetensors").is_file():
+        st = p / "model.safetensors"
+        hd = read_header(st)
+        return "hf", "full", [st.resolve()], dict(hd.tensors), _hf_base(p), None, _config_files(p), hd.metadata
+    if (p / "pytorch_model.bin").is_file():
+        _need_pickle(p / "pytorch_model.bin", allow_pickle)
+        tensors = _pickle_tensors(p / "pytorch_model.bin")
+        return ("hf", "full", [(p / "pytorch_model.bin").resolve()], tensors, _hf_base(p), None,
+                _config_files(p), {})
+    if (p / "pytorch_model.bin.index.json").is_file():
+        raise FormatError(f"{p}: sharded pickle checkpoints (pytorch_model.bin.index.json) are not "
+                          "supported; save with safetensors")
+    # a training output folder holding several checkpoints?
+    try:
+        subdirs = sorted(d for d in p.iterdir() if d.is_dir())
+    except OSError as e:
+        raise FormatError(f"{p}: cannot list folder: {e.strerror}") from None
+    ckdirs = [d for d in subdirs if re.fullmatch(r"checkpoint-\d+", d.name)]
+    if len(ckdirs) > 1:
+        raise FormatError(f"{p}: holds {len(ckdirs)} checkpoint folders ({ckdirs[0].name} ...), not one "
+                          "checkpoint; register them one by one (or use `ckptreg scan`)")
+    # exactly one sub-folder with an adapter/model (PEFT named adapters in a checkpoint-N folder)
+    if depth == 0:
+        found = [d for d in subdirs if (d / "adapter_config.json").is_file()
+                 or (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()]
+        if len(found) == 1:
+            return _inspect_folder(found[0], allow_pickle, depth + 1)
+        if len(found) > 1:
+            raise FormatError(f"{p}: several sub-folders hold checkpoints "
+                              f"({', '.join(d.name for d in found)}); name one of them")
+    sts = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+    if len(sts) == 1:
+        hd = read_header(sts[0])
+        kind = "lora" if _is_lora_names(hd.tensors) else "full"
+        return "safetensors", kind, [sts[0].resolve()], dict(hd.tensors), None, None, [], hd.metadata
+    if len(sts) > 1:
+        raise FormatError(f"{p}: holds {len(sts)} .safetensors files but no model.safetensors.index.json; "
+                          + _EXPECTED)
+    raise FormatError(f"{p}: not a checkpoint folder; {_EXPECTED}")
+
+
+def inspect(path, allow_pickle: bool = False) -> CheckpointInfo:
+    """Recognise the checkpoint at ``path`` and inventory its tensors (headers only for safetensors)."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise NotFoundError(f"{path}: no such file or folder")
+    ap = p.resolve()
+    if ap.is_dir():
+        fmt, kind, files, tensors, base, lora, cfgs, meta = _inspect_folder(ap, allow_pickle)
+        if not tensors:
+            raise FormatError(f"{files[0]}: holds no tensors")
+        return _finish(ap, fmt, kind, files, tensors, base=base, lora=lora, config_files=cfgs, metadata=meta)
+    name = ap.name.lower()
+    if name.endswith(".safetensors"):
+        hd = read_header(ap)
+        if not hd.tensors:
+            raise FormatError(f"{ap}: holds no tensors")
+        kind = "lora" if _is_lora_names(hd.tensors) else "full"
+        lora, base = None, None
+        sib = ap.parent / "adapter_config.json"
+        if kind == "lora" and sib.is_file():
+            lora, base = _lora_config(sib)
+        return _finish(ap, "safetensors", kind, [ap], hd.tensors, base=base, lora=lora, metadata=hd.metadata)
+    if name.endswith(PICKLE_SUFFIXES):
+        _need_pickle(ap, allow_pickle)
+        tensors = _pickle_tensors(ap)
+        kind = "lora" if _is_lora_names(tensors) else "full"
+        return _finish(ap, "pickle", kind, [ap], tensors)
+    raise FormatError(f"{path}: unknown file type; {_EXPECTED}")
