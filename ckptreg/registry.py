@@ -1,0 +1,1104 @@
+"""The checkpoint registry: one embedded DuckDB file, safe for many concurrent writers.
+
+Storage
+-------
+One DuckDB file (path = argument > ``$CKPTREG_DB`` > ``./ckptreg.duckdb``) with a versioned
+schema (``schema_version`` table; :data:`MIGRATIONS` applied in order, in one transaction).
+
+Concurrency
+-----------
+DuckDB lets one process hold the file for writing and then blocks every other process, readers
+included. So every operation opens a short-lived connection and closes it at once; writers are
+serialised by a lock file beside the database (``<db>.lock``, :mod:`filelock`) taken with
+jittered retries up to ``lock_timeout``; readers open the file ``read_only`` and retry (with
+jitter) while another process holds it. When :meth:`Registry.add` / :meth:`Registry.log` cannot
+get the lock or the file within the bound, the already-validated entry (with the inspected
+file information, so nothing is re-read) is written atomically to ``<db>.spool/<uuid>.json`` and
+the call returns ``None``. Every writer first ingests spooled entries, idempotently: an entry
+identical to what is registered is dropped; one that conflicts is moved to
+``<db>.spool/rejected/`` (reported by ``ckptreg doctor``).
+
+This module must not import torch (``ckptreg add`` stays fast).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import numbers
+import os
+import pathlib
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+from .errors import (
+    ChangedError,
+    CkptregError,
+    DuplicateError,
+    FormatError,
+    LockTimeout,
+    NotFoundError,
+    SelectionError,
+    UsageError,
+)
+
+SCHEMA_VERSION = 1
+
+#: Migration steps: (version, [statements]). Applied in order, all pending ones in one transaction.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        "CREATE SEQUENCE IF NOT EXISTS checkpoint_id_seq START 1",
+        "CREATE SEQUENCE IF NOT EXISTS metric_seq START 1",
+        "CREATE SEQUENCE IF NOT EXISTS merge_id_seq START 1",
+        """CREATE TABLE runs (
+            name VARCHAR PRIMARY KEY,
+            created TIMESTAMP NOT NULL,
+            tags JSON,
+            meta JSON)""",
+        """CREATE TABLE checkpoints (
+            id BIGINT PRIMARY KEY,
+            run VARCHAR NOT NULL,
+            step BIGINT,                -- NULL for merged checkpoints
+            name VARCHAR,               -- NULL for plain checkpoints
+            path VARCHAR NOT NULL,
+            format VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,      -- lora | full
+            base_model VARCHAR,
+            n_tensors BIGINT NOT NULL,
+            n_params BIGINT NOT NULL,
+            nbytes BIGINT NOT NULL,
+            fingerprint VARCHAR NOT NULL,
+            created TIMESTAMP NOT NULL,
+            tags JSON,
+            lora JSON,
+            merged BOOLEAN NOT NULL,
+            files JSON,                 -- [{"path", "size", "mtime_ns"}] in inspect order
+            config_files JSON)""",
+        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
+        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
+        """CREATE TABLE metrics (
+            seq BIGINT NOT NULL,
+            checkpoint_id BIGINT NOT NULL,
+            name VARCHAR NOT NULL,
+            value DOUBLE,               -- NaN and +-inf are facts and are kept
+            step BIGINT,
+            logged TIMESTAMP NOT NULL)""",
+        "CREATE INDEX metrics_checkpoint ON metrics(checkpoint_id)",
+        """CREATE TABLE tensors (
+            checkpoint_id BIGINT NOT NULL,
+            name VARCHAR NOT NULL,
+            shape BIGINT[] NOT NULL,
+            dtype VARCHAR NOT NULL,
+            file VARCHAR NOT NULL,
+            "offset" BIGINT NOT NULL,
+            nbytes BIGINT NOT NULL)""",
+        """CREATE TABLE merges (
+            id BIGINT PRIMARY KEY,
+            checkpoint_id BIGINT NOT NULL UNIQUE,
+            method VARCHAR NOT NULL,
+            params JSON,
+            base_id BIGINT,
+            created TIMESTAMP NOT NULL)""",
+        """CREATE TABLE merge_inputs (
+            merge_id BIGINT NOT NULL,
+            input_id BIGINT NOT NULL,
+            position INTEGER NOT NULL,
+            weight DOUBLE)""",
+        "CREATE INDEX merge_inputs_merge ON merge_inputs(merge_id)",
+    ]),
+]
+
+_CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_params, nbytes, "
+            "fingerprint, created, tags, lora, merged, files, config_files")
+
+_READ_ONLY_KINDS = {"SELECT", "EXPLAIN"}
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Checkpoint:
+    id: int
+    run: str
+    step: int | None
+    name: str | None
+    path: str
+    format: str
+    kind: str
+    base_model: str | None
+    n_tensors: int
+    n_params: int
+    nbytes: int
+    fingerprint: str
+    created: datetime
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    lora: dict | None = None
+    merged: bool = False
+    files: list[str] = field(default_factory=list)
+    config_files: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.name if self.step is None else self.step}"
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "ref": self.ref, "run": self.run, "step": self.step, "name": self.name,
+            "path": self.path, "format": self.format, "kind": self.kind, "base_model": self.base_model,
+            "n_tensors": self.n_tensors, "n_params": self.n_params, "nbytes": self.nbytes,
+            "fingerprint": self.fingerprint, "created": self.created, "tags": dict(self.tags),
+            "metrics": dict(self.metrics), "lora": self.lora, "merged": self.merged,
+            "files": list(self.files), "config_files": list(self.config_files),
+        }
+
+
+class _Busy(LockTimeout):
+    """The lock or the database file could not be had within the bound."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _jloads(v):
+    if v is None:
+        return None
+    if isinstance(v, (dict, list)):
+        return v
+    return json.loads(v)
+
+
+def _jdumps(v) -> str | None:
+    if v is None:
+        return None
+    return json.dumps(v, sort_keys=True, allow_nan=True)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_name(what: str, v) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise UsageError(f"{what} must be a non-empty string, got {v!r}")
+    if "@" in v:
+        raise UsageError(f"{what} {v!r} must not contain '@' (refs are RUN@STEP / RUN@NAME)")
+    return v
+
+
+def _check_step(step) -> int:
+    if isinstance(step, bool):
+        raise UsageError(f"step must be an integer >= 0, got {step!r}")
+    if isinstance(step, str):
+        try:
+            step = int(step.strip())
+        except ValueError:
+            raise UsageError(f"step must be an integer >= 0, got {step!r}") from None
+    try:
+        step = int(step.__index__()) if not isinstance(step, int) else step
+    except (AttributeError, TypeError):
+        raise UsageError(f"step must be an integer >= 0, got {step!r}") from None
+    if step < 0:
+        raise UsageError(f"step must be an integer >= 0, got {step}")
+    return step
+
+
+def _to_float(name: str, v) -> float:
+    if isinstance(v, bool) or isinstance(v, (str, bytes)) or v is None:
+        raise UsageError(f"metric {name!r}: value must be a number, got {v!r}")
+    if isinstance(v, numbers.Real):
+        return float(v)
+    item = getattr(v, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            x = item()
+        except Exception:
+            x = None
+        if isinstance(x, numbers.Real) and not isinstance(x, bool):
+            return float(x)
+    raise UsageError(f"metric {name!r}: value must be a number, got {v!r}")
+
+
+def _check_metrics(metrics) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise UsageError(f"metrics must be a dict name -> number, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or not k:
+            raise UsageError(f"metric names must be non-empty strings, got {k!r}")
+        out[k] = _to_float(k, v)
+    return out
+
+
+def _check_tags(tags) -> dict[str, str]:
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise UsageError(f"tags must be a dict name -> value, got {type(tags).__name__}")
+    out = {}
+    for k, v in tags.items():
+        if not isinstance(k, str) or not k:
+            raise UsageError(f"tag names must be non-empty strings, got {k!r}")
+        out[k] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return out
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'RUN@STEP' / 'RUN@NAME' -> (run, what). UsageError when there is no '@'."""
+    run, sep, what = ref.rpartition("@")
+    if not sep or not run or not what:
+        raise UsageError(f"checkpoint reference {ref!r} is not an id, RUN@STEP or RUN@NAME")
+    return run, what
+
+
+# --------------------------------------------------------------------------- info (de)serialisation
+
+def _info_to_dict(info) -> dict:
+    return {
+        "path": str(info.path), "format": info.format, "kind": info.kind,
+        "files": [str(f) for f in info.files],
+        "tensors": [[t.name, t.dtype, list(t.shape), str(t.file), int(t.offset), int(t.nbytes)]
+                    for t in info.tensors.values()],
+        "n_params": int(info.n_params), "nbytes": int(info.nbytes), "fingerprint": info.fingerprint,
+        "base_model": info.base_model, "lora": info.lora,
+        "config_files": [str(f) for f in (getattr(info, "config_files", None) or [])],
+    }
+
+
+def _info_from_dict(d: dict):
+    tensors = {}
+    for name, dtype, shape, file, offset, nbytes in d["tensors"]:
+        tensors[name] = SimpleNamespace(name=name, dtype=dtype, shape=tuple(shape), file=file,
+                                        offset=offset, nbytes=nbytes)
+    return SimpleNamespace(path=d["path"], format=d["format"], kind=d["kind"], files=d["files"],
+                           tensors=tensors, n_params=d["n_params"], nbytes=d["nbytes"],
+                           fingerprint=d["fingerprint"], base_model=d.get("base_model"),
+                           lora=d.get("lora"), config_files=d.get("config_files") or [])
+
+
+def _file_stats(files) -> list[dict]:
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        except OSError:
+            out.append({"path": str(f), "size": None, "mtime_ns": None})
+    return out
+
+
+# --------------------------------------------------------------------------- registry
+
+class Registry:
+    """A checkpoint registry in one DuckDB file. See the module docstring for concurrency."""
+
+    def __init__(self, path=None, *, lock_timeout: float = 30.0):
+        if path is None:
+            path = os.environ.get("CKPTREG_DB") or "ckptreg.duckdb"
+        self.path = pathlib.Path(path).expanduser().absolute()
+        self.lock_timeout = float(lock_timeout)
+        self.lock_path = pathlib.Path(str(self.path) + ".lock")
+        self.spool_dir = pathlib.Path(str(self.path) + ".spool")
+        self.rejected_dir = self.spool_dir / "rejected"
+        self._schema_ok = False
+        self._held = None  # (connection) while inside batch()
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.path)!r})"
+
+    # ----------------------------------------------------------------- connections
+
+    def _deadline(self, timeout=None) -> float:
+        return time.monotonic() + (self.lock_timeout if timeout is None else timeout)
+
+    @staticmethod
+    def _sleep(attempt: int) -> None:
+        time.sleep(random.uniform(0.0, min(0.002 * (2 ** min(attempt, 6)), 0.1)))
+
+    def _acquire_lock(self, deadline: float):
+        import filelock
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(str(self.lock_path), is_singleton=False)
+        except (OSError, NotImplementedError) as e:
+            raise _Busy(f"cannot create lock file {self.lock_path}: {e}") from e
+        attempt = 0
+        while True:
+            try:
+                lock.acquire(timeout=0)
+                return lock
+            except filelock.Timeout:
+                pass
+            except (OSError, NotImplementedError) as e:  # filesystem without locks
+                raise _Busy(f"cannot lock {self.lock_path}: {e}") from e
+            if time.monotonic() >= deadline:
+                raise _Busy(f"registry {self.path} is locked by another writer "
+                            f"(waited {self.lock_timeout:g} s for {self.lock_path})")
+            self._sleep(attempt)
+            attempt += 1
+
+    def _connect(self, read_only: bool, deadline: float):
+        import duckdb
+
+        attempt = 0
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
+                msg = str(e)
+                busy = ("lock" in msg.lower() or "different configuration" in msg
+                        or "Conflicting" in msg)
+                if not busy:
+                    raise FormatError(f"cannot open registry {self.path}: {msg}") from e
+                if time.monotonic() >= deadline:
+                    raise _Busy(f"registry {self.path} is held by another process "
+                                f"(waited {self.lock_timeout:g} s): {msg}") from e
+            self._sleep(attempt)
+            attempt += 1
+
+    @contextmanager
+    def _writer(self, ingest: bool = True, timeout=None):
+        """Lock file + read-write connection; migrates and ingests the spool first."""
+        if self._held is not None:
+            yield self._held
+            return
+        deadline = self._deadline(timeout)
+        lock = self._acquire_lock(deadline)
+        try:
+            con = self._connect(False, deadline)
+            try:
+                self._migrate(con)
+                if ingest:
+                    self._ingest_spool(con)
+                yield con
+            finally:
+                con.close()
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _reader(self):
+        """A read-only connection (or, when the database does not exist yet, an empty in-memory one)."""
+        if self._held is not None:
+            yield self._held
+            return
+        if self._spool_pending():
+            try:  # opportunistic: make spooled entries visible; never block a reader on it
+                with self._writer(timeout=min(self.lock_timeout, 1.0)):
+                    pass
+            except _Busy:
+                pass
+        if not self.path.exists():
+            import duckdb
+
+            con = duckdb.connect(":memory:")
+            try:
+                self._migrate(con)
+                yield con
+            finally:
+                con.close()
+            return
+        deadline = self._deadline()
+        while True:
+            con = self._connect(True, deadline)
+            if self._schema_ok or self._schema_version(con) >= SCHEMA_VERSION:
+                self._schema_ok = True
+                break
+            con.close()
+            with self._writer():  # needs a migration: do it under the lock, then read
+                pass
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def batch(self):
+        """Hold the lock and one connection for many operations (bulk imports); others wait."""
+        if self._held is not None:
+            yield self
+            return
+        with self._writer() as con:
+            self._held = con
+            try:
+                yield self
+            finally:
+                self._held = None
+
+    # ----------------------------------------------------------------- schema
+
+    @staticmethod
+    def _schema_version(con) -> int:
+        try:
+            r = con.execute("SELECT max(version) FROM schema_version").fetchone()
+        except Exception:
+            return 0
+        return int(r[0] or 0)
+
+    def _migrate(self, con) -> None:
+        if self._schema_ok:
+            return
+        have = self._schema_version(con)
+        if have < SCHEMA_VERSION:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                            "(version INTEGER PRIMARY KEY, applied TIMESTAMP NOT NULL)")
+                for version, steps in MIGRATIONS:
+                    if version <= have:
+                        continue
+                    for stmt in steps:
+                        con.execute(stmt)
+                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        elif have > SCHEMA_VERSION:
+            raise FormatError(f"registry {self.path} has schema version {have}, newer than this "
+                              f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
+        if con is not None and self.path.exists():
+            self._schema_ok = True
+
+    def schema_version(self) -> int:
+        with self._reader() as con:
+            return self._schema_version(con)
+
+    # ----------------------------------------------------------------- spool
+
+    def _spool_pending(self) -> bool:
+        try:
+            with os.scandir(self.spool_dir) as it:
+                return any(e.name.endswith(".json") for e in it)
+        except OSError:
+            return False
+
+    def spool_status(self) -> dict:
+        """{"pending": [paths], "rejected": [{"file", "reason"}]}."""
+        pending, rejected = [], []
+        if self.spool_dir.is_dir():
+            pending = sorted(str(p) for p in self.spool_dir.glob("*.json"))
+        if self.rejected_dir.is_dir():
+            for p in sorted(self.rejected_dir.glob("*.json")):
+                try:
+                    reason = json.loads(p.read_text()).get("rejected_reason", "")
+                except Exception as e:  # unreadable: report that
+                    reason = f"unreadable: {e}"
+                rejected.append({"file": str(p), "reason": reason})
+        return {"pending": pending, "rejected": rejected}
+
+    def _spool(self, entry: dict) -> str:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        entry = dict(entry, spooled=time.time_ns(), spool_version=1)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
+        final = self.spool_dir / name
+        tmp = self.spool_dir / f".{name}.tmp"
+        data = json.dumps(entry, allow_nan=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        try:  # make the rename durable
+            dfd = os.open(self.spool_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+        return str(final)
+
+    def _ingest_spool(self, con) -> int:
+        if not self._spool_pending():
+            return 0
+        n = 0
+        for p in sorted(self.spool_dir.glob("*.json")):
+            try:
+                entry = json.loads(p.read_text())
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                self._reject(p, None, f"unreadable spool file: {e}")
+                continue
+            try:
+                self._apply_spooled(con, entry)
+                n += 1
+            except CkptregError as e:
+                self._reject(p, entry, str(e))
+                continue
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        return n
+
+    def _reject(self, p: pathlib.Path, entry, reason: str) -> None:
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        if entry is None:
+            try:
+                raw = p.read_text(errors="replace")
+            except OSError:
+                raw = ""
+            entry = {"raw": raw}
+        entry = dict(entry, rejected_reason=reason, rejected_at=_now().isoformat())
+        dest = self.rejected_dir / p.name
+        tmp = self.rejected_dir / f".{p.name}.tmp"
+        tmp.write_text(json.dumps(entry, allow_nan=True))
+        os.replace(tmp, dest)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _apply_spooled(self, con, e: dict) -> None:
+        if e.get("op") == "add":
+            info = _info_from_dict(e["info"])
+            created = datetime.fromisoformat(e["created"])
+            row = con.execute("SELECT id, fingerprint, path FROM checkpoints WHERE run = ? AND step = ?",
+                              [e["run"], e["step"]]).fetchone()
+            if row is not None and row[1] == info.fingerprint and row[2] == info.path:
+                return  # already there (ingested before, or added twice): idempotent
+            self._tx(con, lambda: self._insert(con, info, e["run"], e["step"], None, e["metrics"],
+                                               e["tags"], False, e["replace"], created))
+        elif e.get("op") == "log":
+            metrics = e["metrics"]
+            cid = self._resolve(con, e["ckpt"]).id
+            have = self._latest_metrics(con, [cid]).get(cid, {})
+            if all(k in have and _same(have[k], v) for k, v in metrics.items()):
+                return
+            self._tx(con, lambda: self._insert_metrics(con, cid, metrics, e.get("step"),
+                                                       datetime.fromisoformat(e["created"])))
+        else:
+            raise UsageError(f"unknown spool entry op {e.get('op')!r}")
+
+    # ----------------------------------------------------------------- insert helpers
+
+    @staticmethod
+    def _tx(con, fn):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            r = fn()
+            con.execute("COMMIT")
+            return r
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+
+    def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created) -> int:
+        if step is not None:
+            row = con.execute("SELECT id FROM checkpoints WHERE run = ? AND step = ?", [run, step]).fetchone()
+            what = f"{run}@{step}"
+        else:
+            row = con.execute("SELECT id FROM checkpoints WHERE run = ? AND name = ?", [run, name]).fetchone()
+            what = f"{run}@{name}"
+        if row is not None:
+            if not replace:
+                raise DuplicateError(f"{what} is already registered (id {row[0]}); "
+                                     f"pass replace=True / --replace to replace it")
+            cid = int(row[0])
+            self._delete_rows(con, cid)
+        else:
+            cid = int(con.execute("SELECT nextval('checkpoint_id_seq')").fetchone()[0])
+        con.execute("INSERT INTO runs (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING", [run, created])
+        con.execute(
+            f"INSERT INTO checkpoints ({_CK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [cid, run, step, name, str(info.path), info.format, info.kind, info.base_model,
+             len(info.tensors), int(info.n_params), int(info.nbytes), info.fingerprint, created,
+             _jdumps(tags or {}), _jdumps(info.lora), bool(merged), _jdumps(_file_stats(info.files)),
+             _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])])])
+        ts = list(info.tensors.values())
+        if ts:
+            con.execute(
+                "INSERT INTO tensors SELECT $1, unnest($2::VARCHAR[]), unnest($3::BIGINT[][]), "
+                "unnest($4::VARCHAR[]), unnest($5::VARCHAR[]), unnest($6::BIGINT[]), unnest($7::BIGINT[])",
+                [cid, [t.name for t in ts], [list(t.shape) for t in ts], [t.dtype for t in ts],
+                 [str(t.file) for t in ts], [int(t.offset) for t in ts], [int(t.nbytes) for t in ts]])
+        if metrics:
+            self._insert_metrics(con, cid, metrics, step, created)
+        return cid
+
+    @staticmethod
+    def _insert_metrics(con, cid, metrics: dict, step, logged) -> None:
+        names = list(metrics)
+        con.execute(
+            "INSERT INTO metrics SELECT nextval('metric_seq'), $1, n, v, $4, $5 "
+            "FROM (SELECT unnest($2::VARCHAR[]) AS n, unnest($3::DOUBLE[]) AS v)",
+            [cid, names, [float(metrics[k]) for k in names], step, logged])
+
+    @staticmethod
+    def _delete_rows(con, cid: int) -> None:
+        con.execute("DELETE FROM metrics WHERE checkpoint_id = ?", [cid])
+        con.execute("DELETE FROM tensors WHERE checkpoint_id = ?", [cid])
+        con.execute("DELETE FROM merge_inputs WHERE merge_id IN (SELECT id FROM merges WHERE checkpoint_id = ?)", [cid])
+        con.execute("DELETE FROM merges WHERE checkpoint_id = ?", [cid])
+        con.execute("DELETE FROM checkpoints WHERE id = ?", [cid])
+
+    # ----------------------------------------------------------------- add / log
+
+    def add(self, path, run, step=None, metrics=None, tags=None, replace=False, allow_pickle=False):
+        """Register a checkpoint. Returns its id, or None when the database was busy and the
+        (fully validated) entry was spooled for the next opener to ingest."""
+        from . import formats
+
+        run = _check_name("run", run)
+        metrics = _check_metrics(metrics)
+        tags = _check_tags(tags)
+        if not os.path.exists(os.fspath(path)):
+            raise NotFoundError(f"{path}: no such file or folder")
+        if step is None:
+            step = formats.infer_step(path)
+            if step is None:
+                raise UsageError(f"step required: cannot infer a step from {path} "
+                                 f"(name it checkpoint-N / step=N, or pass step=)")
+        step = _check_step(step)
+        info = formats.inspect(path, allow_pickle=allow_pickle)
+        created = _now()
+        try:
+            with self._writer() as con:
+                return self._tx(con, lambda: self._insert(con, info, run, step, None, metrics, tags,
+                                                          False, replace, created))
+        except _Busy:
+            self._spool({"op": "add", "run": run, "step": step, "metrics": metrics, "tags": tags,
+                         "replace": bool(replace), "created": created.isoformat(),
+                         "info": _info_to_dict(info)})
+            return None
+
+    def log(self, ckpt, metrics: dict, *, step: int | None = None) -> None:
+        """Add metric values to a registered checkpoint (history is kept; the latest value wins).
+        Spools when the database is busy (the checkpoint must then be given as id or RUN@STEP)."""
+        metrics = _check_metrics(metrics)
+        if not metrics:
+            raise UsageError("log: no metrics given")
+        if step is not None:
+            step = _check_step(step)
+        ref = ckpt.id if isinstance(ckpt, Checkpoint) else ckpt
+        created = _now()
+        try:
+            with self._writer() as con:
+                c = self._resolve(con, ref)
+                self._tx(con, lambda: self._insert_metrics(con, c.id, metrics,
+                                                           c.step if step is None else step, created))
+        except _Busy:
+            if isinstance(ckpt, Checkpoint):
+                ref = ckpt.ref
+            self._spool({"op": "log", "ckpt": ref, "metrics": metrics, "step": step,
+                         "created": created.isoformat()})
+
+    def record_merge(self, *, path, run, name, method, params: dict, inputs, base=None,
+                     replace=False) -> int:
+        """Inspect the merge output at ``path`` and register it (merged=True) with its lineage, in
+        one transaction."""
+        from . import formats
+
+        run = _check_name("run", run)
+        name = _check_name("name", name)
+        if not isinstance(method, str) or not method:
+            raise UsageError(f"method must be a non-empty string, got {method!r}")
+        try:
+            params_json = json.dumps(params or {}, sort_keys=True, allow_nan=True, default=str)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"merge params are not JSON-serialisable: {e}") from e
+        norm_inputs = []
+        for item in inputs:
+            try:
+                ref, w = item
+            except (TypeError, ValueError):
+                raise UsageError(f"merge inputs must be (checkpoint, weight) pairs, got {item!r}") from None
+            norm_inputs.append((ref.id if isinstance(ref, Checkpoint) else ref,
+                                None if w is None else _to_float(f"weight of {ref}", w)))
+        if not norm_inputs:
+            raise UsageError("a merge needs at least one input")
+        base_ref = base.id if isinstance(base, Checkpoint) else base
+        info = formats.inspect(path)
+        created = _now()
+        with self._writer() as con:
+            ids = [self._resolve(con, r).id for r, _ in norm_inputs]
+            base_id = None if base_ref is None else self._resolve(con, base_ref).id
+
+            def do():
+                cid = self._insert(con, info, run, None, name, {}, {}, True, replace, created)
+                mid = int(con.execute("SELECT nextval('merge_id_seq')").fetchone()[0])
+                con.execute("INSERT INTO merges VALUES (?, ?, ?, ?, ?, ?)",
+                            [mid, cid, method, params_json, base_id, created])
+                con.execute(
+                    "INSERT INTO merge_inputs SELECT $1, unnest($2::BIGINT[]), unnest($3::INTEGER[]), "
+                    "unnest($4::DOUBLE[])",
+                    [mid, ids, list(range(len(ids))), [w for _, w in norm_inputs]])
+                return cid
+
+            return self._tx(con, do)
+
+    # ----------------------------------------------------------------- loading
+
+    def _rows_to_ckpts(self, con, rows) -> list[Checkpoint]:
+        if not rows:
+            return []
+        mets = self._latest_metrics(con, [r[0] for r in rows])
+        out = []
+        for r in rows:
+            files = _jloads(r[16]) or []
+            out.append(Checkpoint(
+                id=int(r[0]), run=r[1], step=r[2], name=r[3], path=r[4], format=r[5], kind=r[6],
+                base_model=r[7], n_tensors=int(r[8]), n_params=int(r[9]), nbytes=int(r[10]),
+                fingerprint=r[11], created=r[12], tags=_jloads(r[13]) or {},
+                metrics=mets.get(int(r[0]), {}), lora=_jloads(r[14]), merged=bool(r[15]),
+                files=[f["path"] if isinstance(f, dict) else f for f in files],
+                config_files=_jloads(r[17]) or []))
+        return out
+
+    @staticmethod
+    def _latest_metrics(con, ids) -> dict[int, dict[str, float]]:
+        if not ids:
+            return {}
+        if len(ids) == 1:
+            q = ("SELECT checkpoint_id, name, arg_max(value, seq) FROM metrics WHERE checkpoint_id = ? "
+                 "GROUP BY ALL ORDER BY name")
+            params = [int(ids[0])]
+        else:
+            q = ("SELECT m.checkpoint_id, m.name, arg_max(m.value, m.seq) FROM metrics m "
+                 "SEMI JOIN (SELECT unnest(?::BIGINT[]) AS id) i ON m.checkpoint_id = i.id "
+                 "GROUP BY ALL ORDER BY m.name")
+            params = [[int(i) for i in ids]]
+        out: dict[int, dict[str, float]] = {}
+        for cid, name, value in con.execute(q, params).fetchall():
+            out.setdefault(int(cid), {})[name] = float("nan") if value is None else value
+        return out
+
+    def _query(self, con, where: str = "TRUE", params=(), order: str = "run, step NULLS LAST, name, id",
+               limit: int | None = None) -> list[Checkpoint]:
+        q = f"SELECT {_CK_COLS} FROM checkpoints WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            q += f" LIMIT {int(limit)}"
+        return self._rows_to_ckpts(con, con.execute(q, list(params)).fetchall())
+
+    def _resolve(self, con, ref) -> Checkpoint:
+        if isinstance(ref, Checkpoint):
+            ref = ref.id
+        if isinstance(ref, bool):
+            raise UsageError(f"not a checkpoint reference: {ref!r}")
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+            cid = int(ref)
+            got = self._query(con, "id = ?", [cid])
+            if got:
+                return got[0]
+            lo, hi, n = con.execute("SELECT min(id), max(id), count(*) FROM checkpoints").fetchone()
+            raise NotFoundError(f"no checkpoint with id {cid}" +
+                                (f" (registered ids: {lo}..{hi}, {n} in all)" if n else " (registry is empty)"))
+        if not isinstance(ref, str):
+            raise UsageError(f"not a checkpoint reference: {ref!r}")
+        ref = ref.strip()
+        if "@" not in ref:
+            p = os.path.abspath(ref)
+            got = self._query(con, "path = ?", [p]) if os.path.exists(p) else []
+            if len(got) == 1:
+                return got[0]
+            raise NotFoundError(f"no checkpoint {ref!r}: use an id, RUN@STEP or RUN@NAME"
+                                + self._candidates(con, ref, None))
+        run, what = parse_ref(ref)
+        if what.lstrip("-").isdigit():
+            got = self._query(con, "run = ? AND step = ?", [run, int(what)])
+            if got:
+                return got[0]
+        got = self._query(con, "run = ? AND name = ?", [run, what])
+        if got:
+            return got[0]
+        raise NotFoundError(f"no checkpoint {ref!r}" + self._candidates(con, ref, run))
+
+    @staticmethod
+    def _candidates(con, ref: str, run: str | None) -> str:
+        runs = [r[0] for r in con.execute("SELECT DISTINCT run FROM checkpoints").fetchall()]
+        if run is not None and run in runs:
+            _, what = parse_ref(ref)
+            cands = []
+            if what.lstrip("-").isdigit():
+                cands += [f"{run}@{s}" for (s,) in con.execute(
+                    "SELECT step FROM checkpoints WHERE run = ? AND step IS NOT NULL "
+                    "ORDER BY abs(step - ?), step LIMIT 3", [run, int(what)]).fetchall()]
+            names = [n for (n,) in con.execute(
+                "SELECT name FROM checkpoints WHERE run = ? AND name IS NOT NULL", [run]).fetchall()]
+            cands += [f"{run}@{n}" for n in difflib.get_close_matches(what, names, n=3, cutoff=0.4)]
+            if not cands:
+                n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]
+                return f"; run {run!r} has {n} checkpoints"
+            return "; closest: " + ", ".join(cands)
+        if not runs:
+            return "; the registry is empty"
+        key = run if run is not None else ref
+        close = difflib.get_close_matches(key, runs, n=3, cutoff=0.3)
+        if run is not None:
+            msg = f"; no run named {run!r}"
+            return msg + (f"; closest runs: {', '.join(close)}" if close else
+                          f"; runs: {', '.join(sorted(runs)[:10])}")
+        return f"; closest runs: {', '.join(close)}" if close else ""
+
+    # ----------------------------------------------------------------- queries
+
+    def get(self, ckpt) -> Checkpoint:
+        """By id (int or "123"), "RUN@STEP", "RUN@NAME" or a Checkpoint. NotFoundError otherwise."""
+        with self._reader() as con:
+            return self._resolve(con, ckpt)
+
+    def checkpoints(self, run=None, *, merged: bool | None = None) -> list[Checkpoint]:
+        """Checkpoints (of one run, or all), plain ones by step ascending, merged ones after."""
+        where, params = ["TRUE"], []
+        if run is not None:
+            where.append("run = ?")
+            params.append(run)
+        if merged is not None:
+            where.append("merged = ?")
+            params.append(bool(merged))
+        with self._reader() as con:
+            return self._query(con, " AND ".join(where), params)
+
+    def runs(self) -> list[dict]:
+        """One dict per run: name, n (checkpoints), n_merged, first_step, last_step, created, and the
+        latest metrics of its final checkpoint."""
+        with self._reader() as con:
+            rows = con.execute(
+                "SELECT r.name, r.created, count(c.id) FILTER (WHERE NOT c.merged), "
+                "count(c.id) FILTER (WHERE c.merged), min(c.step), max(c.step), "
+                "arg_max(c.id, c.step) FILTER (WHERE NOT c.merged) "
+                "FROM runs r LEFT JOIN checkpoints c ON c.run = r.name GROUP BY r.name, r.created "
+                "ORDER BY r.created, r.name").fetchall()
+            mets = self._latest_metrics(con, [r[6] for r in rows if r[6] is not None])
+        return [{"run": r[0], "n": int(r[2]), "n_merged": int(r[3]), "first_step": r[4],
+                 "last_step": r[5], "created": r[1], "final_id": r[6],
+                 "metrics": mets.get(r[6], {}) if r[6] is not None else {}} for r in rows]
+
+    def final(self, run) -> Checkpoint:
+        """Highest-step plain checkpoint of the run."""
+        with self._reader() as con:
+            got = self._query(con, "run = ? AND NOT merged", [run], order="step DESC", limit=1)
+            if not got:
+                raise NotFoundError(f"run {run!r} has no plain checkpoints" + self._candidates(con, f"{run}@0", run))
+            return got[0]
+
+    def first(self, run) -> Checkpoint:
+        """Lowest-step plain checkpoint of the run."""
+        with self._reader() as con:
+            got = self._query(con, "run = ? AND NOT merged", [run], order="step ASC", limit=1)
+            if not got:
+                raise NotFoundError(f"run {run!r} has no plain checkpoints" + self._candidates(con, f"{run}@0", run))
+            return got[0]
+
+    def select(self, run, last, every=1, exclude_final=False) -> list[Checkpoint]:
+        """METHODS.md "last K [every M]": the newest plain checkpoint (the one before the final
+        with ``exclude_final``), then every M-th going back, K in all; returned by step ascending."""
+        for what, v in (("last", last), ("every", every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SelectionError(f"{what} must be an integer >= 1, got {v!r}")
+        need = (last - 1) * every + 1
+        skip = 1 if exclude_final else 0
+        with self._reader() as con:
+            n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ? AND NOT merged", [run]).fetchone()[0]
+            if n == 0:
+                raise SelectionError(f"run {run!r} has no plain checkpoints"
+                                     + self._candidates(con, f"{run}@0", run))
+            avail = n - skip
+            if avail < need:
+                sel = f"last {last}" + (f" every {every}" if every > 1 else "")
+                raise SelectionError(
+                    f"run {run!r} has {n} checkpoint{'s' if n != 1 else ''}"
+                    + (f" ({avail} without the final one)" if skip else "")
+                    + f"; {sel} needs {need}")
+            got = self._query(con, "run = ? AND NOT merged", [run], order="step DESC", limit=need + skip)
+        got = got[skip:][::every][:last]
+        return sorted(got, key=lambda c: c.step)
+
+    def best(self, run, metric: str, maximize: bool = False) -> Checkpoint:
+        """The checkpoint of ``run`` with the lowest (highest with maximize) latest value of
+        ``metric``; NaN never wins. NotFoundError when no checkpoint has a value."""
+        order = "DESC" if maximize else "ASC"
+        with self._reader() as con:
+            row = con.execute(
+                "WITH m AS (SELECT checkpoint_id, arg_max(value, seq) AS v FROM metrics WHERE name = ? "
+                "GROUP BY checkpoint_id) "
+                f"SELECT c.id FROM checkpoints c JOIN m ON m.checkpoint_id = c.id "
+                f"WHERE c.run = ? AND NOT isnan(m.v) ORDER BY m.v {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1",
+                [metric, run]).fetchone()
+            if row is None:
+                n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]
+                if n == 0:
+                    raise NotFoundError(f"no run {run!r}" + self._candidates(con, f"{run}@0", None))
+                names = [r[0] for r in con.execute(
+                    "SELECT DISTINCT m.name FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
+                    "WHERE c.run = ? ORDER BY 1", [run]).fetchall()]
+                raise NotFoundError(f"no checkpoint of run {run!r} has a (non-NaN) value for metric {metric!r}"
+                                    + (f"; metrics logged: {', '.join(names)}" if names else "; no metrics logged"))
+            return self._query(con, "id = ?", [row[0]])[0]
+
+    def ls(self, run=None, sort=None, last=None, *, merged: bool | None = None,
+           maximize: bool = False) -> list[Checkpoint]:
+        """Checkpoints, optionally of one run, only the ``last`` K by step (per run), sorted by a
+        metric (ascending, NaN/missing last; ``maximize`` descending)."""
+        where, params = ["TRUE"], []
+        if run is not None:
+            where.append("run = ?")
+            params.append(run)
+        if merged is not None:
+            where.append("merged = ?")
+            params.append(bool(merged))
+        if last is not None:
+            if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+                raise UsageError(f"last must be an integer >= 1, got {last!r}")
+            where.append("id IN (SELECT id FROM checkpoints "
+                         f"QUALIFY row_number() OVER (PARTITION BY run ORDER BY step DESC NULLS LAST, id DESC) <= {int(last)})")
+        with self._reader() as con:
+            got = self._query(con, " AND ".join(where), params)
+        if sort:
+            def key(c):
+                v = c.metrics.get(sort)
+                bad = v is None or math.isnan(v)
+                return (bad, 0.0 if bad else (-v if maximize else v), c.run, c.step if c.step is not None else -1)
+            got.sort(key=key)
+        return got
+
+    def inventory(self, ckpt) -> dict:
+        """Tensor name -> TensorInfo, as registered (from the headers at add time)."""
+        from .safetensors_io import TensorInfo
+
+        with self._reader() as con:
+            c = self._resolve(con, ckpt)
+            rows = con.execute('SELECT name, dtype, shape, file, "offset", nbytes FROM tensors '
+                               "WHERE checkpoint_id = ? ORDER BY name", [c.id]).fetchall()
+        return {r[0]: TensorInfo(name=r[0], dtype=r[1], shape=tuple(int(s) for s in r[2]), file=r[3],
+                                 offset=int(r[4]), nbytes=int(r[5])) for r in rows}
+
+    def _file_rows(self, ckpt) -> tuple[Checkpoint, list[dict]]:
+        with self._reader() as con:
+            c = self._resolve(con, ckpt)
+            files = _jloads(con.execute("SELECT files FROM checkpoints WHERE id = ?", [c.id]).fetchone()[0]) or []
+        return c, [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None} for f in files]
+
+    def _status(self, c: Checkpoint, files: list[dict]) -> tuple[str, str]:
+        from . import formats
+
+        missing = [f["path"] for f in files if not os.path.exists(f["path"])]
+        if missing:
+            return "missing", "missing: " + ", ".join(missing)
+        try:
+            fp = formats.fingerprint([f["path"] for f in files])
+        except CkptregError as e:
+            return "changed", str(e)
+        if fp == c.fingerprint:
+            return "ok", ""
+        changed = []
+        for f in files:
+            try:
+                st = os.stat(f["path"])
+            except OSError:
+                continue
+            if f.get("size") is not None and (st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]):
+                changed.append(f["path"])
+        names = changed or [f["path"] for f in files]
+        return "changed", "changed since registration: " + ", ".join(names)
+
+    def check_unchanged(self, ckpt) -> None:
+        """ChangedError naming the file(s) when the checkpoint's files differ from registration."""
+        c, files = self._file_rows(ckpt)
+        status, detail = self._status(c, files)
+        if status != "ok":
+            raise ChangedError(f"{c.ref} (id {c.id}): {detail}")
+
+    def verify(self, ckpt=None) -> list[dict]:
+        """Per checkpoint: {"id", "ref", "path", "status": "ok" | "missing" | "changed", "detail"}."""
+        with self._reader() as con:
+            if ckpt is not None:
+                cs = [self._resolve(con, ckpt)]
+            else:
+                cs = self._query(con)
+            files = {int(i): _jloads(f) or [] for i, f in con.execute(
+                "SELECT id, files FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
+                [[c.id for c in cs]]).fetchall()}
+        out = []
+        for c in cs:
+            fl = [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None}
+                  for f in files.get(c.id, [])]
+            status, detail = self._status(c, fl)
+            out.append({"id": c.id, "ref": c.ref, "path": c.path, "status": status, "detail": detail})
+        return out
+
+    def lineage(self, ckpt) -> dict | None:
+        """{"method", "params", "inputs": [{"id", "ref", "weight", "position"}], "base", "base_ref",
+        "created"} for a merged checkpoint, None for a plain one."""
+        with self._reader() as con:
+            c = self._resolve(con, ckpt)
+            row = con.execute("SELECT id, method, params, base_id, created FROM merges WHERE checkpoint_id = ?",
+                              [c.id]).fetchone()
+            if row is None:
+                return None
+            ins = con.execute(
+                "SELECT i.input_id, i.weight, i.position, c.run, c.step, c.name FROM merge_inputs i "
+                "LEFT JOIN checkpoints c ON c.id = i.input_id WHERE i.merge_id = ? ORDER BY i.position",
+                [row[0]]).fetchall()
+            base_ref = None
+            if row[3] is not None:
+                b = con.execute("SELECT run, step, name FROM checkpoints WHERE id = ?", [row[3]]).fetchone()
+                base_ref = None if b is None else f"{b[0]}@{b[2] if b[1] is None else b[1]}"
+
+        def ref(run, step, name):
+            return None if run is None else f"{run}@{name if step is None else step}"
+
+        return {"method": row[1], "params": _jloads(row[2]) or {},
+                "inputs": [{"id": int(i), "ref": ref(r, s, n), "weight": w, "position": int(p)}
+                           for i, w, p, r, s, n in ins],
+                "base": row[3], "base_ref": base_ref, "created": row[4]}
+
+    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
+        """Run one read-only statement (SELECT / WITH / DESCRIBE / SHOW / EXPLAIN / SUMMARIZE);
+        anything else is a UsageError. The database is opened read_only."""
+        import duckdb
+
+        if not isinstance(query, str) or not query.strip():
+            raise UsageError("sql: empty query")
+        try:
+            stmts = duckdb.extract_statements(query)
+        except duckdb.Error as e:
+            raise UsageError(f"sql: {e}") from None
+        if len(stmts) != 1:
+            raise UsageError(f"sql: exactly one statement allowed, got {len(stmts)}")
+        kind = stmts[0].type.name
+        first = query.strip().split(None, 1)[0].upper().rstrip(";")
+        if kind not in _READ_ONLY_KINDS or first not in {"SELECT", "WITH", "DESCRIBE", "SHOW", "EXPLAIN",
+                                                          "SUMMARIZE", "FROM", "VALUES", "TABLE", "("}:
+            raise UsageError(f"sql: only SELECT/WITH/DESCRIBE/SHOW/EXPLAIN are allowed (got {first})")
+        with self._reader() as con:
+            try:
+                cur = con.execute(query)
+                rows = cur.fetchall()
+                cols = [d[0] for d in cur.description] if cur.description else []
+            except duckdb.Error as e:
+                raise UsageError(f"sql: {e}") from None
+        return cols, rows
+
+    # ----------------------------------------------------------------- maintenance
+
+    def dump(self) -> dict[str, list[tuple]]:
+        """Every table's rows, in a stable order (tests compare before/after)."""
+        tables = ["schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs"]
+        with self._reader() as con:
+            present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+            return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables if t in present}
+
+    def ingest(self) -> int:
+        """Ingest pending spool entries now; returns how many were applied or dropped as duplicates."""
+        with self._writer(ingest=False) as con:
+            return self._ingest_spool(con)
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
