@@ -1,0 +1,176 @@
+// Helpers shared by the CPU and CUDA torch bindings: argument checks with clear messages, the
+// ScalarType -> ckptreg::DType mapping, output allocation, and the device-agnostic batched
+// factored SVD (one batched ATen call per step).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+#include "dtype.h"
+
+namespace ckptreg {
+namespace binding {
+
+inline DType to_dtype(at::ScalarType st, const char* what) {
+  switch (st) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default:
+      TORCH_CHECK_TYPE(false, "ckptreg: ", what, " has dtype ", st,
+                       "; supported: float32, float16, bfloat16, float64");
+  }
+  return kF32;
+}
+
+// inputs non-empty, same shape/dtype/device, contiguous, on `device_type`
+inline void check_inputs(const at::TensorList& inputs, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(!inputs.empty(), "ckptreg: inputs is empty");
+  const at::Tensor& x0 = inputs[0];
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& x = inputs[i];
+    TORCH_CHECK_VALUE(x.sizes() == x0.sizes(), "ckptreg: inputs[", i, "] has shape ", x.sizes(),
+                      " but inputs[0] has ", x0.sizes());
+    TORCH_CHECK_TYPE(x.scalar_type() == x0.scalar_type(), "ckptreg: inputs[", i, "] has dtype ",
+                     x.scalar_type(), " but inputs[0] has ", x0.scalar_type());
+    TORCH_CHECK_VALUE(x.device() == x0.device(), "ckptreg: inputs[", i, "] is on ", x.device(),
+                      " but inputs[0] is on ", x0.device());
+    TORCH_CHECK_VALUE(x.device().type() == device_type, "ckptreg: inputs[", i, "] is on ",
+                      x.device(), ", expected a ", device_type, " tensor");
+    TORCH_CHECK_VALUE(x.is_contiguous(), "ckptreg: inputs[", i,
+                      "] is not contiguous (the Python wrapper makes a contiguous copy)");
+  }
+  to_dtype(x0.scalar_type(), "inputs[0]");
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& x0, const char* what) {
+  TORCH_CHECK_VALUE(t.sizes() == x0.sizes(), "ckptreg: ", what, " has shape ", t.sizes(),
+                    " but inputs have ", x0.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x0.scalar_type(), "ckptreg: ", what, " has dtype ",
+                   t.scalar_type(), " but inputs have ", x0.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x0.device(), "ckptreg: ", what, " is on ", t.device(),
+                    " but inputs are on ", x0.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "ckptreg: ", what, " is not contiguous");
+}
+
+inline void check_weights(const at::Tensor& w, int64_t n, const at::Tensor& x0) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == n, "ckptreg: weights must have shape [M, ", n,
+                    "], got ", w.sizes());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "ckptreg: weights must be float32, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == x0.device(), "ckptreg: weights are on ", w.device(),
+                    " but inputs are on ", x0.device());
+  TORCH_CHECK_VALUE(w.is_contiguous(), "ckptreg: weights are not contiguous");
+}
+
+inline std::vector<int64_t> stacked_shape(int64_t m, at::IntArrayRef shape) {
+  std::vector<int64_t> s;
+  s.reserve(shape.size() + 1);
+  s.push_back(m);
+  s.insert(s.end(), shape.begin(), shape.end());
+  return s;
+}
+
+inline void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x0,
+                      c10::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK_VALUE(out.sizes() == shape, "ckptreg: out has shape ", out.sizes(), ", expected ",
+                    shape);
+  TORCH_CHECK_VALUE(out.device() == x0.device(), "ckptreg: out is on ", out.device(),
+                    " but inputs are on ", x0.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "ckptreg: out is not contiguous");
+  if (out_dtype.has_value())
+    TORCH_CHECK_TYPE(out.scalar_type() == *out_dtype, "ckptreg: out has dtype ", out.scalar_type(),
+                     " but out_dtype is ", *out_dtype);
+  to_dtype(out.scalar_type(), "out");
+}
+
+inline int method_code(c10::string_view m) {
+  if (m == "ties") return 0;
+  if (m == "dare_ties") return 1;
+  if (m == "dare_linear") return 2;
+  if (m == "magnitude_prune") return 3;
+  if (m == "task_arithmetic") return 4;
+  TORCH_CHECK_VALUE(false, "ckptreg: unknown method '", std::string(m),
+                    "' (ties, dare_ties, dare_linear, magnitude_prune, task_arithmetic)");
+  return -1;
+}
+
+inline int sign_code(c10::string_view s) {
+  if (s == "total") return 0;
+  if (s == "frequency") return 1;
+  TORCH_CHECK_VALUE(false, "ckptreg: sign must be 'total' or 'frequency', got '", std::string(s), "'");
+  return -1;
+}
+
+// Checks every task_merge argument; fills the per-input arrays.
+inline void check_merge_args(const c10::optional<at::Tensor>& base, const at::TensorList& inputs,
+                             at::ArrayRef<double> weights, int method, double density,
+                             const c10::optional<at::ArrayRef<double>>& thresholds,
+                             const c10::optional<at::ArrayRef<int64_t>>& keys, int64_t offset,
+                             c10::DeviceType dev) {
+  check_inputs(inputs, dev);
+  const int64_t n = (int64_t)inputs.size();
+  if (base.has_value()) check_same(*base, inputs[0], "base");
+  TORCH_CHECK_VALUE((int64_t)weights.size() == n, "ckptreg: weights must have ", n,
+                    " entries, got ", weights.size());
+  TORCH_CHECK_VALUE(offset >= 0, "ckptreg: offset must be >= 0, got ", offset);
+  const bool dare = method == 1 || method == 2;
+  const bool trim = method == 0 || method == 3;
+  if (dare || trim)
+    TORCH_CHECK_VALUE(density > 0.0 && density <= 1.0, "ckptreg: density must be in (0, 1], got ",
+                      density);
+  if (trim) {
+    TORCH_CHECK_VALUE(thresholds.has_value() && (int64_t)thresholds->size() == n,
+                      "ckptreg: methods ties/magnitude_prune need thresholds with ", n, " entries");
+  }
+  if (dare && density < 1.0) {
+    TORCH_CHECK_VALUE(keys.has_value() && (int64_t)keys->size() == n,
+                      "ckptreg: DARE methods need keys with ", n, " entries");
+  }
+}
+
+inline at::ScalarType acc_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Exact thin SVD of B @ core @ A for a batch of layers (see ckptreg/ops.py).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched(
+    const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_, c10::optional<int64_t> rank) {
+  TORCH_CHECK_VALUE(B_.dim() == 3 && core_.dim() == 3 && A_.dim() == 3,
+                    "ckptreg: factored_svd_batched wants B[L,d,R], core[L,R,R], A[L,R,k]");
+  const int64_t L = B_.size(0), R = B_.size(2);
+  TORCH_CHECK_VALUE(core_.size(0) == L && core_.size(1) == R && core_.size(2) == R,
+                    "ckptreg: core must be [", L, ", ", R, ", ", R, "], got ", core_.sizes());
+  TORCH_CHECK_VALUE(A_.size(0) == L && A_.size(1) == R, "ckptreg: A must be [", L, ", ", R,
+                    ", k], got ", A_.sizes());
+  TORCH_CHECK_TYPE(B_.scalar_type() == core_.scalar_type() && B_.scalar_type() == A_.scalar_type(),
+                   "ckptreg: B, core and A must share a dtype");
+  TORCH_CHECK_VALUE(B_.device() == core_.device() && B_.device() == A_.device(),
+                    "ckptreg: B, core and A must be on one device");
+  if (rank.has_value()) TORCH_CHECK_VALUE(*rank >= 1, "ckptreg: rank must be >= 1, got ", *rank);
+  const auto dt = acc_type(to_dtype(B_.scalar_type(), "B") == kF64 ? at::kDouble : at::kFloat);
+  at::Tensor B = B_.to(dt), core = core_.to(dt), A = A_.to(dt);
+  auto qrb = at::linalg_qr(B, "reduced");
+  auto qra = at::linalg_qr(A.mT(), "reduced");
+  const at::Tensor& qb = std::get<0>(qrb);
+  const at::Tensor& rb = std::get<1>(qrb);
+  const at::Tensor& qa = std::get<0>(qra);
+  const at::Tensor& ra = std::get<1>(qra);
+  at::Tensor small = at::matmul(at::matmul(rb, core), ra.mT());
+  auto svd = at::linalg_svd(small, /*full_matrices=*/false);
+  at::Tensor U = at::matmul(qb, std::get<0>(svd));
+  at::Tensor S = std::get<1>(svd);
+  at::Tensor Vh = at::matmul(std::get<2>(svd), qa.mT());
+  if (rank.has_value() && *rank < S.size(-1)) {
+    U = U.narrow(-1, 0, *rank);
+    S = S.narrow(-1, 0, *rank);
+    Vh = Vh.narrow(-2, 0, *rank);
+  }
+  return {U.contiguous(), S.contiguous(), Vh.contiguous()};
+}
+
+}  // namespace binding
+}  // namespace ckptreg

@@ -1,0 +1,135 @@
+// CPU kernels (torch-free). The bodies in kernels_impl.inc are compiled twice: for AVX2+FMA+F16C
+// and for the baseline ISA; the entry points pick one at run time with __builtin_cpu_supports,
+// so the build needs no -march flag and runs on any x86-64 (and non-x86 builds use baseline).
+#include "kernels.h"
+
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../common/rng.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(CKPTREG_NO_AVX2)
+#define CKPTREG_HAVE_AVX2_CLONE 1
+#endif
+
+namespace ckptreg {
+namespace cpu {
+
+#if CKPTREG_HAVE_AVX2_CLONE
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "kernels_impl.inc"
+
+void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
+                      void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
+                             static_cast<TO*>(out), numel, nthreads)));
+}
+void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
+                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
+                           n, a, static_cast<TO*>(out), numel, nthreads)));
+}
+double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
+  double r = 0.0;
+  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
+  return r;
+}
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace base {
+#include "kernels_impl.inc"
+
+void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
+                      void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
+                             static_cast<TO*>(out), numel, nthreads)));
+}
+void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
+                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
+                           n, a, static_cast<TO*>(out), numel, nthreads)));
+}
+double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
+  double r = 0.0;
+  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
+  return r;
+}
+}  // namespace base
+
+static bool use_avx2() {
+#if CKPTREG_HAVE_AVX2_CLONE
+  static const bool ok = [] {
+    const char* env = getenv("CKPTREG_CPU_ISA");
+    if (env && strcmp(env, "baseline") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+static bool valid(DType d) { return d == kF32 || d == kF16 || d == kBF16 || d == kF64; }
+
+const char* isa() { return use_avx2() ? "avx2" : "baseline"; }
+
+bool weighted_sum(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
+                  void* out, DType out_dt, int64_t numel, int nthreads) {
+  if (!valid(in_dt) || !valid(out_dt) || n < 1 || m < 0 || numel < 0) return false;
+  if (nthreads < 1) nthreads = 1;
+#if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx2()) {
+    avx2::weighted_sum_any(inputs, n, in_dt, w, m, out, out_dt, numel, nthreads);
+    return true;
+  }
+#endif
+  base::weighted_sum_any(inputs, n, in_dt, w, m, out, out_dt, numel, nthreads);
+  return true;
+}
+
+bool task_merge(const void* basep, const void* const* inputs, int64_t n, DType in_dt,
+                const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
+  if (!valid(in_dt) || !valid(out_dt) || n < 1 || numel < 0) return false;
+  if (a.method < kTies || a.method > kTaskArithmetic) return false;
+  const bool dare = a.method == kDareTies || a.method == kDareLinear;
+  const bool trim = a.method == kTies || a.method == kMagnitudePrune;
+  if (dare && (!(a.density > 0.0 && a.density <= 1.0) || (a.density < 1.0 && !a.keys))) return false;
+  if (trim && !a.thresholds) return false;
+  if (!a.weights) return false;
+  if (nthreads < 1) nthreads = 1;
+#if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx2()) {
+    avx2::task_merge_any(basep, inputs, n, in_dt, a, out, out_dt, numel, nthreads);
+    return true;
+  }
+#endif
+  base::task_merge_any(basep, inputs, n, in_dt, a, out, out_dt, numel, nthreads);
+  return true;
+}
+
+double kth_largest_abs(const void* x, const void* basep, DType dt, int64_t numel, int64_t k,
+                       int nthreads) {
+  if (!valid(dt) || k < 1 || k > numel) return -1.0;
+  if (nthreads < 1) nthreads = 1;
+#if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx2()) return avx2::kth_any(x, basep, dt, numel, k, nthreads);
+#endif
+  return base::kth_any(x, basep, dt, numel, k, nthreads);
+}
+
+}  // namespace cpu
+}  // namespace ckptreg

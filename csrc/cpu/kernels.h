@@ -1,0 +1,44 @@
+// Torch-free CPU kernels of ckptreg (OpenMP). The torch bindings live in ops_cpu.cpp; the native
+// tests (CMake/ctest) link these directly. All tensors are dense, contiguous, same length.
+#pragma once
+#include <stdint.h>
+
+#include "../common/dtype.h"
+
+namespace ckptreg {
+namespace cpu {
+
+enum Method : int { kTies = 0, kDareTies = 1, kDareLinear = 2, kMagnitudePrune = 3, kTaskArithmetic = 4 };
+enum Sign : int { kSignTotal = 0, kSignFrequency = 1 };
+
+// out[m * numel + j] = sum_n w[m * n_inputs + n] * inputs[n][j] for m < n_out, accumulated in
+// float32 (float64 when in_dtype is kF64). Each input element is read once for all outputs.
+// Returns false on an unsupported dtype code.
+bool weighted_sum(const void* const* inputs, int64_t n_inputs, DType in_dtype, const float* w,
+                  int64_t n_out, void* out, DType out_dtype, int64_t numel, int nthreads);
+
+struct MergeArgs {
+  int method;             // Method
+  int sign;               // Sign (TIES election)
+  double density;         // DARE keep probability (0, 1]
+  double lam;             // scale of the merged task vector
+  int64_t offset;         // element index of this chunk in the whole tensor (DARE counters)
+  const double* weights;  // [n_inputs]
+  const double* thresholds;  // [n_inputs] TIES / magnitude-prune trims (|tau| >= thr kept), or null
+  const uint64_t* keys;      // [n_inputs] DARE stream keys, or null
+};
+
+// Fused task-vector merge (see ckptreg/ops.py task_merge). base may be null (zeros).
+bool task_merge(const void* base, const void* const* inputs, int64_t n_inputs, DType in_dtype,
+                const MergeArgs& args, void* out, DType out_dtype, int64_t numel, int nthreads);
+
+// Exact k-th largest |x - base| (1 <= k <= numel) by radix select over the float bits: 2 passes
+// for 16/32-bit inputs (computed in float32), 4 for float64. base may be null.
+double kth_largest_abs(const void* x, const void* base, DType dtype, int64_t numel, int64_t k,
+                       int nthreads);
+
+// Which instruction set the kernels dispatch to on this machine ("avx2" or "baseline").
+const char* isa();
+
+}  // namespace cpu
+}  // namespace ckptreg

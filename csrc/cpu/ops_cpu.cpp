@@ -1,0 +1,122 @@
+// CPU implementations of the ckptreg ops: argument checks, output allocation, then the torch-free
+// OpenMP kernels of kernels.cpp. Thread count = at::get_num_threads() (torch.set_num_threads).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/binding.h"
+#include "kernels.h"
+
+namespace ckptreg {
+namespace {
+
+using namespace binding;
+
+at::Tensor& weighted_sum_out_cpu(at::TensorList inputs, const at::Tensor& weights,
+                                 c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  check_inputs(inputs, c10::DeviceType::CPU);
+  const at::Tensor& x0 = inputs[0];
+  const int64_t n = (int64_t)inputs.size();
+  check_weights(weights, n, x0);
+  const int64_t m = weights.size(0);
+  check_out(out, stacked_shape(m, x0.sizes()), x0, out_dtype);
+  std::vector<const void*> ptrs(n);
+  for (int64_t i = 0; i < n; ++i) ptrs[i] = inputs[i].const_data_ptr();
+  const bool ok = cpu::weighted_sum(ptrs.data(), n, to_dtype(x0.scalar_type(), "inputs"),
+                                    weights.const_data_ptr<float>(), m, out.mutable_data_ptr(),
+                                    to_dtype(out.scalar_type(), "out"), x0.numel(),
+                                    at::get_num_threads());
+  TORCH_CHECK(ok, "ckptreg: weighted_sum kernel rejected its arguments");
+  return out;
+}
+
+at::Tensor weighted_sum_cpu(at::TensorList inputs, const at::Tensor& weights,
+                            c10::optional<at::ScalarType> out_dtype) {
+  check_inputs(inputs, c10::DeviceType::CPU);
+  const at::Tensor& x0 = inputs[0];
+  check_weights(weights, (int64_t)inputs.size(), x0);
+  at::Tensor out = at::empty(stacked_shape(weights.size(0), x0.sizes()),
+                             x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
+  weighted_sum_out_cpu(inputs, weights, out_dtype, out);
+  return out;
+}
+
+at::Tensor& task_merge_out_cpu(const c10::optional<at::Tensor>& base, at::TensorList inputs,
+                               at::ArrayRef<double> weights, c10::string_view method,
+                               double density, c10::optional<at::ArrayRef<double>> thresholds,
+                               c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
+                               double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
+                               at::Tensor& out) {
+  const int mc = method_code(method);
+  const int sc = sign_code(sign);
+  check_merge_args(base, inputs, weights, mc, density, thresholds, keys, offset,
+                   c10::DeviceType::CPU);
+  const at::Tensor& x0 = inputs[0];
+  check_out(out, x0.sizes(), x0, out_dtype);
+  const int64_t n = (int64_t)inputs.size();
+  std::vector<const void*> ptrs(n);
+  for (int64_t i = 0; i < n; ++i) ptrs[i] = inputs[i].const_data_ptr();
+  std::vector<uint64_t> ukeys;
+  if (keys.has_value())
+    for (int64_t k : *keys) ukeys.push_back((uint64_t)k);
+  cpu::MergeArgs a;
+  a.method = mc;
+  a.sign = sc;
+  a.density = density;
+  a.lam = lam;
+  a.offset = offset;
+  a.weights = weights.data();
+  a.thresholds = thresholds.has_value() ? thresholds->data() : nullptr;
+  a.keys = ukeys.empty() ? nullptr : ukeys.data();
+  const bool ok = cpu::task_merge(base.has_value() ? base->const_data_ptr() : nullptr, ptrs.data(),
+                                  n, to_dtype(x0.scalar_type(), "inputs"), a, out.mutable_data_ptr(),
+                                  to_dtype(out.scalar_type(), "out"), x0.numel(),
+                                  at::get_num_threads());
+  TORCH_CHECK(ok, "ckptreg: task_merge kernel rejected its arguments");
+  return out;
+}
+
+at::Tensor task_merge_cpu(const c10::optional<at::Tensor>& base, at::TensorList inputs,
+                          at::ArrayRef<double> weights, c10::string_view method, double density,
+                          c10::optional<at::ArrayRef<double>> thresholds,
+                          c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
+                          double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype) {
+  check_inputs(inputs, c10::DeviceType::CPU);
+  const at::Tensor& x0 = inputs[0];
+  at::Tensor out = at::empty(x0.sizes(), x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
+  task_merge_out_cpu(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
+                     out_dtype, out);
+  return out;
+}
+
+at::Tensor kth_largest_abs_cpu(const at::Tensor& x, int64_t k, const c10::optional<at::Tensor>& base) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "ckptreg: x must be a CPU tensor");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "ckptreg: x is not contiguous");
+  const DType dt = to_dtype(x.scalar_type(), "x");
+  if (base.has_value()) check_same(*base, x, "base");
+  TORCH_CHECK_VALUE(k >= 1 && k <= x.numel(), "ckptreg: k must be in [1, ", x.numel(), "], got ", k);
+  const double r = cpu::kth_largest_abs(x.const_data_ptr(),
+                                        base.has_value() ? base->const_data_ptr() : nullptr, dt,
+                                        x.numel(), k, at::get_num_threads());
+  return at::scalar_tensor(r, x.options().dtype(acc_type(x.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cpu(
+    const at::Tensor& B, const at::Tensor& core, const at::Tensor& A, c10::optional<int64_t> rank) {
+  return binding::factored_svd_batched(B, core, A, rank);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ckptreg, CPU, m) {
+  m.impl("weighted_sum", &weighted_sum_cpu);
+  m.impl("weighted_sum.out", &weighted_sum_out_cpu);
+  m.impl("task_merge", &task_merge_cpu);
+  m.impl("task_merge.out", &task_merge_out_cpu);
+  m.impl("kth_largest_abs", &kth_largest_abs_cpu);
+  m.impl("factored_svd_batched", &factored_svd_batched_cpu);
+}
+
+}  // namespace ckptreg
