@@ -1,0 +1,1213 @@
+"""The merge engine: plan, stream, merge, write atomically, register the lineage; sweeps in one pass.
+
+How a merge runs
+----------------
+1. ``registry.check_unchanged`` for every input and the base (ChangedError before anything else).
+2. :func:`plan` inspects every input's headers (no tensor data) and raises ONE MismatchError that
+   lists every name/shape/dtype difference.
+3. The output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
+   or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
+4. Tensors are streamed in name order from memory-mapped inputs. Tensors larger than
+   ``chunk_elems`` are processed in flat chunks; the output chunk buffers are allocated once per
+   merge and reused (``ops.weighted_sum(..., out=buf)`` / ``ops.task_merge(..., out=buf)``), so
+   the anonymous memory stays at about the largest tensor (only for methods that need whole
+   tensors: TIES thresholds, SLERP, CART) plus a few chunk buffers, whatever N and model size.
+5. The output is fsync'ed and renamed into place; only then is it registered
+   (``registry.record_merge``). A merge killed at any moment leaves a dot-named temporary at most
+   (removed by the next merge into the same folder), never a partial output or a registry row.
+
+Per-method streaming
+--------------------
+- linear / uniform / mwa: ``ops.weighted_sum`` on chunks.
+- task_arithmetic / ties / dare_linear / dare_ties / magnitude_prune: ``ops.task_merge`` on chunks;
+  TIES / magnitude-prune thresholds come from ``ops.kth_largest_abs`` over the whole tensor
+  before chunking, DARE masks are keyed by the element offset of each chunk, so chunking never
+  changes a result.
+- slerp: a first pass over the chunks accumulates the norms and the dot product in float64, then
+  the blend is a weighted sum with the two SLERP coefficients (same numbers as
+  ``methods.slerp``).
+- cart: whole tensor per 2-D weight matrix (``lowrank.cart_dense``); LoRA adapters in delta space
+  use ``lowrank.cart_lowrank`` per module (exact, no d×k matrix).
+
+Choices documented here (DESIGN/METHODS leave them open)
+--------------------------------------------------------
+- Non-floating tensors (int buffers, bool masks) are copied from the newest input (the last of
+  the input list) and must be equal in dtype/shape like everything else.
+- SLERP merges exactly two checkpoints. ``base`` picks the t=0 endpoint: "first" = the older of
+  the two, "last" = the newer, or a checkpoint that must be one of the two (mergekit: the base
+  model is the t=0 end). Without a base the first input is the t=0 end.
+- CART low-rank step applies to 2-D float tensors except embeddings (names containing "embed",
+  "wte", "wpe"); other tensors end up as the weighted average (as METHODS.md says).
+- LoRA ``space="delta"``: the merged update ``Σ c_i s_i B_i A_i`` is truncated to ``rank``
+  (default: the inputs' r; CART: exact, rank Σ r_i, unless ``rank`` is given) and written with
+  ``lora_alpha = r_out`` and ``use_rslora = false`` in the output adapter_config.json, so the
+  output's scaling is exactly 1 and the scales are folded into the factors (balanced split
+  ``B = U√S``, ``A = √S Vh``). ``rank_pattern`` is kept when the rank is not changed, with an
+  ``alpha_pattern`` equal to it (scaling 1 per module). Delta space supports linear, uniform, mwa,
+  task_arithmetic and cart; other methods are a ParameterError (they are not linear in ΔW).
+- The merged checkpoint goes to the run of the newest input.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import (
+    CkptregError,
+    DuplicateError,
+    FormatError,
+    MismatchError,
+    NotFoundError,
+    OutputExistsError,
+    ParameterError,
+    WeightError,
+)
+
+__all__ = [
+    "MergeSpec", "Plan", "plan", "merge", "sweep", "paper_name", "canonical_method", "make_spec",
+    "resolve_base", "dedupe_specs", "LINEAR_METHODS", "TASK_METHODS", "METHODS", "CHUNK_ELEMS",
+]
+
+LINEAR_METHODS = ("linear", "uniform", "mwa")
+TASK_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = LINEAR_METHODS + TASK_METHODS + ("slerp", "cart")
+_ALIASES = {"soup": "linear", "average": "linear", "mean": "linear", "unweighted": "uniform",
+            "task": "task_arithmetic", "ta": "task_arithmetic", "dare": "dare_linear",
+            "prune": "magnitude_prune", "magnitude": "magnitude_prune"}
+
+#: elements per chunk inside huge tensors (16 MiB of float32 per output buffer)
+CHUNK_ELEMS = 1 << 22
+_EMBED_RE = re.compile(r"(embed|wte|wpe)", re.I)
+_FLOAT_ST = ("F32", "F16", "BF16", "F64")
+
+
+def canonical_method(method: str) -> str:
+    m = str(method).strip().lower().replace("-", "_")
+    m = _ALIASES.get(m, m)
+    if m not in METHODS:
+        raise ParameterError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# specs and naming
+
+@dataclass
+class MergeSpec:
+    method: str
+    inputs: list                      # list[Checkpoint], ascending step
+    weights: list[float] | None = None
+    params: dict = field(default_factory=dict)
+    base: object | None = None        # Checkpoint or None
+    name: str | None = None
+    out: str | None = None
+    run: str | None = None            # run of the merged checkpoint (default: newest input's run)
+    selection: dict | None = None     # how the inputs were chosen (recorded in the lineage params)
+
+
+def _pf(penalty) -> str:
+    s = repr(float(penalty))
+    if "e" in s or "inf" in s or "nan" in s:
+        raise ParameterError(f"penalty {penalty!r} cannot be written as pf-n_d")
+    return s.replace(".", "_")
+
+
+def _metric_word(metric: str | None) -> str:
+    if metric is None:
+        return "metric"
+    m = metric.lower()
+    if m in ("step", "steps", "global_step"):
+        return "steps"
+    if m in ("loss", "train_loss", "training_loss", "train/loss"):
+        return "loss"
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", metric).strip("-") or "metric"
+
+
+def paper_name(last, every, scheme, metric, penalty, method=None, base=None) -> str:
+    """The paper's naming (METHODS.md "Naming merged checkpoints").
+
+    ``last_10_loss_pf-0_7``, ``last_5_3_loss_pf-0_9``, ``last_4_unweighted``,
+    ``ties_last_5_base_first``, ``dare_ties_last_3_base_last``, ``slerp_last_2_base_first``.
+    ``scheme``: None/"uniform" (unweighted), "metric" (basic weighting = MWA with p=1: ``pf-1_0``),
+    "mwa". ``last`` may be a list of steps (explicit checkpoints): ``steps_90-80-70``-style
+    ``ckpt_<s1>-<s2>...`` prefix. ``base``: "first"/"last"/a checkpoint ref or step.
+    """
+    m = canonical_method(method) if method else "linear"
+    if isinstance(last, (list, tuple)):
+        sel = "ckpt_" + "-".join(str(s) for s in last)
+    else:
+        sel = f"last_{int(last)}"
+        if every and int(every) > 1:
+            sel += f"_{int(every)}"
+    sch = (scheme or "uniform").lower()
+    if sch in ("uniform", "unweighted"):
+        wpart = "unweighted"
+    elif sch in ("metric", "basic"):
+        wpart = f"{_metric_word(metric)}_pf-{_pf(1.0)}"
+    elif sch == "mwa":
+        if penalty is None:
+            raise ParameterError("MWA naming needs a penalty factor")
+        wpart = f"{_metric_word(metric)}_pf-{_pf(penalty)}"
+    else:
+        raise ParameterError(f"unknown weighting scheme {scheme!r}")
+    if m in LINEAR_METHODS:
+        return f"{sel}_{wpart}"
+    name = f"{m}_{sel}"
+    if scheme is not None and sch not in ("uniform", "unweighted"):
+        name += f"_{wpart}"
+    if base is not None:
+        b = base if isinstance(base, str) else (getattr(base, "ref", None) or str(base))
+        b = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(b)).strip("-")
+        name += f"_base_{b}"
+    return name
+
+
+def resolve_base(registry, base, inputs):
+    """``first`` / ``last`` (first / final plain checkpoint of the newest input's run), a
+    Checkpoint, an id or a ``RUN@STEP`` ref; None stays None."""
+    if base is None or base == "":
+        return None
+    if hasattr(base, "id") and hasattr(base, "path"):
+        return base
+    run = inputs[-1].run if inputs else None
+    if isinstance(base, str) and base.lower() in ("first", "last"):
+        if run is None:
+            raise ParameterError(f"base {base!r} needs inputs to know the run")
+        return registry.first(run) if base.lower() == "first" else registry.final(run)
+    if isinstance(base, str) and base.isdigit():
+        return registry.get(int(base))
+    return registry.get(base)
+
+
+def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=None, power=None,
+              direction=None, weights=None, base=None, params=None, name=None, out=None, run=None,
+              selection=None) -> MergeSpec:
+    """Build a MergeSpec: computes weights with :mod:`ckptreg.weights` (METHODS.md scale rules:
+    linear methods sum to 1; task-vector methods default to 1 each, a scheme rescaled to Σw = n)
+    and the paper-style name."""
+    from . import weights as W
+
+    m = canonical_method(method)
+    inputs = list(inputs)
+    if not inputs:
+        raise ParameterError("a merge needs at least one input checkpoint")
+    if m == "uniform":
+        scheme = "uniform"
+    if m == "mwa" and scheme is None:
+        scheme = "mwa"
+    if m == "mwa" and metric is None:
+        raise WeightError("mwa needs a metric (e.g. --metric train_loss)")
+    if scheme is not None and scheme.lower() in ("uniform", "unweighted"):
+        scheme = "uniform"
+    w = None
+    if weights is not None:
+        w = [float(x) for x in weights]
+        if len(w) != len(inputs):
+            raise WeightError(f"{len(w)} weights for {len(inputs)} inputs")
+    elif scheme is not None:
+        if scheme == "mwa" and penalty is None:
+            raise WeightError("MWA weighting needs a penalty factor (--penalty)")
+        w = W.for_checkpoints(inputs, scheme, metric=metric, penalty=penalty, power=power, direction=direction)
+        if m in TASK_METHODS:
+            w = W.rescale_mean_one(w)
+    elif m in LINEAR_METHODS or m == "cart":
+        w = W.uniform(len(inputs))
+    elif m in TASK_METHODS:
+        w = [1.0] * len(inputs)
+    if m == "slerp" and isinstance(base, str) and base.lower() in ("first", "last"):
+        # slerp: the base picks the t=0 endpoint among the two inputs
+        base_ck = inputs[0] if base.lower() == "first" else inputs[-1]
+    else:
+        base_ck = resolve_base(registry, base, inputs) if base is not None else None
+    sel = dict(selection or {})
+    if name is None:
+        if sel.get("last"):
+            last, every = sel["last"], sel.get("every", 1)
+        else:
+            last, every = [c.step if c.step is not None else c.id for c in inputs], None
+        bname = None
+        if base is not None:
+            bname = base.lower() if isinstance(base, str) and base.lower() in ("first", "last") else (
+                base_ck.ref if base_ck is not None else str(base))
+        name = paper_name(last, every, scheme if (m not in LINEAR_METHODS or scheme) else "uniform",
+                          metric, 1.0 if scheme == "metric" else penalty, method=m, base=bname)
+    sel.update({k: v for k, v in {"scheme": scheme, "metric": metric, "penalty": penalty, "power": power,
+                                  "direction": direction}.items() if v is not None})
+    if scheme == "mwa" and power is None:
+        sel["power"] = W.DEFAULT_POWER
+    return MergeSpec(method=m, inputs=inputs, weights=w, params=dict(params or {}), base=base_ck,
+                     name=name, out=out, run=run, selection=sel)
+
+
+# ------------------------------------------------------------------------------------------------
+# planning
+
+@dataclass
+class Plan:
+    """What every input holds (validated equal) and how to read it."""
+
+    names: list[str]
+    dtypes: dict[str, str]
+    shapes: dict[str, tuple]
+    infos: list                       # CheckpointInfo of each input
+    base_info: object | None = None   # CheckpointInfo of the base
+    refs: list[str] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[tuple]:
+        return [(n, self.dtypes[n], self.shapes[n]) for n in self.names]
+
+    def numel(self, name) -> int:
+        return math.prod(self.shapes[name]) if self.shapes[name] else 1
+
+    @property
+    def largest(self) -> int:
+        return max((self.numel(n) for n in self.names), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        from .writer import tensor_nbytes
+
+        return sum(tensor_nbytes(self.dtypes[n], self.shapes[n]) for n in self.names)
+
+
+def _ref(c) -> str:
+    r = getattr(c, "ref", None)
+    if r:
+        return str(r)
+    return str(getattr(c, "path", c))
+
+
+def _inspect(c):
+    from . import formats
+
+    return formats.inspect(c.path, allow_pickle=(getattr(c, "format", None) == "pickle"))
+
+
+def plan(registry, inputs, base=None) -> Plan:
+    """Check that every input (and the base) has the same tensor names, shapes and dtypes.
+
+    Reads headers only. Raises ONE MismatchError listing every difference (capped at 50 lines
+    with a count of the rest) before any tensor data is read."""
+    inputs = list(inputs)
+    if not inputs:
+        raise ParameterError("a merge needs at least one input checkpoint")
+    infos = [_inspect(c) for c in inputs]
+    base_info = _inspect(base) if base is not None else None
+    refs = [_ref(c) for c in inputs]
+    all_infos = infos + ([base_info] if base_info is not None else [])
+    all_refs = refs + ([f"base {_ref(base)}"] if base is not None else [])
+    ref0 = infos[0].tensors
+    problems: list[str] = []
+    for info, ref in zip(all_infos[1:], all_refs[1:]):
+        t = info.tensors
+        missing = [n for n in ref0 if n not in t]
+        extra = [n for n in t if n not in ref0]
+        if missing:
+            problems.append(f"{ref}: missing {len(missing)} tensor(s) that {all_refs[0]} has: "
+                            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            problems.append(f"{ref}: has {len(extra)} tensor(s) that {all_refs[0]} lacks: "
+                            + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        for n, ti in ref0.items():
+            o = t.get(n)
+            if o is None:
+                continue
+            if tuple(o.shape) != tuple(ti.shape):
+                problems.append(f"{ref}: tensor {n!r} has shape {list(o.shape)}, {all_refs[0]} has {list(ti.shape)}")
+            if o.dtype != ti.dtype:
+                problems.append(f"{ref}: tensor {n!r} has dtype {o.dtype}, {all_refs[0]} has {ti.dtype}")
+    kinds = {i.kind for i in all_infos}
+    if len(kinds) > 1:
+        problems.append("inputs mix LoRA adapters and full models: "
+                        + ", ".join(f"{r}={i.kind}" for r, i in zip(all_refs, all_infos)))
+    if problems:
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise MismatchError(f"inputs do not match ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more)
+    names = sorted(ref0)
+    return Plan(names=names, dtypes={n: ref0[n].dtype for n in names},
+                shapes={n: tuple(ref0[n].shape) for n in names}, infos=infos, base_info=base_info, refs=refs)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+class _Source:
+    """Tensors of one checkpoint: zero-copy mmap views (safetensors) or a loaded pickle."""
+
+    def __init__(self, info):
+        self.info = info
+        self._files: dict[str, object] = {}
+        self._state = None
+
+    def tensor(self, name):
+        ti = self.info.tensors[name]
+        if getattr(ti, "offset", 0) < 0:  # torch pickle: load once (memory: the whole state dict)
+            if self._state is None:
+                from .formats import load_pickle_state
+
+                self._state = load_pickle_state(self.info.files[0])
+            return self._state[name]
+        f = self._files.get(ti.file)
+        if f is None:
+            from .safetensors_io import open_tensors
+
+            f = self._files[ti.file] = open_tensors(ti.file)
+        return f.tensor(name)
+
+    def close(self):
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:
+                pass
+        self._files.clear()
+        self._state = None
+
+
+def _flat(t):
+    return t.reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# output targets
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporaries of earlier merges into ``out`` whose process is gone (killed merges)."""
+    from .writer import TMP_MARK
+
+    prefix = f".{out.name}{TMP_MARK}"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def _layout(info) -> str:
+    if info.format == "peft":
+        return "peft"
+    if info.format == "hf":
+        return "hf"
+    return "file"
+
+
+def default_out(spec: MergeSpec, info) -> Path:
+    parent = Path(spec.inputs[-1].path).resolve().parent
+    if _layout(info) == "file":
+        return parent / f"{spec.name}.safetensors"
+    return parent / spec.name
+
+
+class _Output:
+    """One merge output in the input's layout, atomic as a whole."""
+
+    def __init__(self, out: Path, info, entries, metadata, *, overwrite, out_shard_size=None,
+                 adapter_config: dict | None = None):
+        from .writer import AtomicDir, ShardedWriter, StreamingWriter
+
+        self.path = Path(out)
+        self.layout = _layout(info)
+        self.adir = None
+        _clean_stale(self.path)
+        if self.layout == "file":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.w = StreamingWriter(self.path, entries, metadata, overwrite=overwrite)
+            return
+        self.adir = AtomicDir(self.path, overwrite=overwrite)
+        try:
+            for cf in info.config_files:
+                nm = Path(cf).name
+                if nm == "adapter_config.json" and adapter_config is not None:
+                    self.adir.write_text(nm, json.dumps(adapter_config, indent=2) + "\n")
+                elif nm == "model.safetensors.index.json":
+                    continue
+                else:
+                    self.adir.copy_in(cf, nm)
+            if self.layout == "peft":
+                if adapter_config is not None and not any(Path(c).name == "adapter_config.json" for c in info.config_files):
+                    self.adir.write_text("adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
+                self.w = StreamingWriter(self.adir.file("adapter_model.safetensors"), entries, metadata, atomic=False)
+            else:
+                sharded = len(info.files) > 1 or Path(info.files[0]).name != "model.safetensors" or out_shard_size
+                if sharded:
+                    self.w = ShardedWriter(self.path, entries, metadata, max_shard_bytes=out_shard_size, into=self.adir)
+                else:
+                    self.w = StreamingWriter(self.adir.file("model.safetensors"), entries, metadata, atomic=False)
+        except BaseException:
+            self.adir.abort()
+            raise
+
+    def write(self, name, t):
+        self.w.write(name, t)
+
+    def write_chunk(self, name, t):
+        self.w.write_chunk(name, t)
+
+    def commit(self) -> Path:
+        self.w.commit()
+        if self.adir is not None:
+            self.adir.commit()
+        return self.path
+
+    def abort(self):
+        try:
+            self.w.abort()
+        finally:
+            if self.adir is not None:
+                self.adir.abort()
+
+
+# ------------------------------------------------------------------------------------------------
+# buffers
+
+class _Buffers:
+    """Chunk buffers allocated once per merge (per dtype) and reused for every tensor/chunk;
+    touched once at allocation so later chunks hit no first-touch page faults."""
+
+    def __init__(self, elems: int):
+        self.elems = max(1, int(elems))
+        self._b: dict = {}
+
+    def get(self, dtype, m: int, n: int):
+        import torch
+
+        key = dtype
+        need = m * n
+        b = self._b.get(key)
+        if b is None or b.numel() < need:
+            b = torch.zeros(max(need, self.elems if b is None else need), dtype=dtype)
+            self._b[key] = b
+        return b[:need].view(m, n)
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-tensor work
+
+@dataclass
+class _Job:
+    """One output of a streaming pass (a merge, or one of a sweep's weighted sums)."""
+
+    spec: MergeSpec
+    method: str
+    weights: list[float]                  # over the job's own inputs
+    params: dict
+    out: _Output | None = None
+    cols: list[int] | None = None         # sweep: columns of the union that are this job's inputs
+
+
+def _odt(out_dtype, st_dtype):
+    import torch
+
+    from .writer import torch_dtype
+
+    if out_dtype is None or st_dtype not in _FLOAT_ST:
+        return torch_dtype(st_dtype)
+    return out_dtype if isinstance(out_dtype, torch.dtype) else torch_dtype(_dtype_str(out_dtype))
+
+
+def _dtype_str(d) -> str:
+    from .writer import dtype_str
+
+    try:
+        return dtype_str(d)
+    except FormatError:
+        raise ParameterError(f"unknown output dtype {d!r} (use float32, float16, bfloat16, float64)") from None
+
+
+def _progress(cb, done, total, name):
+    if cb is not None:
+        cb(done, total, name)
+
+
+def _stream_linear(name, views, W, odt, bufs, chunk, writers, on_chunk):
+    """Weighted sums with weight matrix W [M, N] of flat ``views``; rows go to ``writers``."""
+    from . import ops
+
+    numel = views[0].numel()
+    M = W.shape[0]
+    step = max(1, chunk // max(1, M)) if M > 1 else chunk
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
+        buf = bufs.get(odt, M, e - s)
+        ops.weighted_sum([v[s:e] for v in views], W, out_dtype=odt, out=buf)
+        for m, w in enumerate(writers):
+            w.write_chunk(name, buf[m])
+        on_chunk(e - s)
+
+
+def _thresholds(views, base_view, density):
+    from . import ops
+
+    numel = views[0].numel()
+    k = int(math.floor(density * numel))
+    if k <= 0:
+        return [math.inf] * len(views)
+    return [ops.kth_largest_abs(v, k, base_view) for v in views]
+
+
+def _stream_task(name, method, views, base_view, weights, p, odt, bufs, chunk, writer, on_chunk):
+    import torch
+
+    from . import ops, rng
+
+    numel = views[0].numel()
+    density = float(p.get("density", 1.0))
+    thr = _thresholds(views, base_view, density) if method in ("ties", "magnitude_prune") else None
+    keys = None
+    if method in ("dare_linear", "dare_ties"):
+        seed = int(p.get("seed", 0))
+        keys = [rng.signed64(rng.dare_key(seed, name, i)) for i in range(len(views))]
+    w = torch.tensor(weights, dtype=torch.float32)
+    for s in range(0, numel, chunk):
+        e = min(numel, s + chunk)
+        buf = bufs.get(odt, 1, e - s)[0]
+        ops.task_merge(base_view[s:e] if base_view is not None else None, [v[s:e] for v in views], w,
+                       method=method, density=density, thresholds=thr, keys=keys,
+                       sign=p.get("sign", "total"), lam=float(p.get("lam", 1.0)), offset=s,
+                       out_dtype=odt, out=buf)
+        writer.write_chunk(name, buf)
+        on_chunk(e - s)
+
+
+def _slerp_coeffs(v0, v1, t, chunk):
+    """SLERP coefficients (c0, c1) for flat views, norms/dot accumulated chunkwise in float64."""
+    import torch
+
+    from .methods import SLERP_DOT_THRESHOLD, SLERP_EPS
+
+    n00 = n11 = n01 = 0.0
+    numel = v0.numel()
+    for s in range(0, numel, chunk):
+        e = min(numel, s + chunk)
+        a = v0[s:e].to(torch.float64)
+        b = v1[s:e].to(torch.float64)
+        n00 += float(torch.dot(a, a))
+        n11 += float(torch.dot(b, b))
+        n01 += float(torch.dot(a, b))
+        del a, b
+    n0, n1 = math.sqrt(n00), math.sqrt(n11)
+    s0 = n0 if n0 > SLERP_EPS else 1.0
+    s1 = n1 if n1 > SLERP_EPS else 1.0
+    d = n01 / (s0 * s1)
+    if abs(d) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, d)))
+    st = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / st, math.sin(t * theta) / st
+
+
+def _cart_tensor(name, views_full, weights, p, odt):
+    from . import lowrank
+
+    lowrank_step = len(views_full[0].shape) == 2 and not _EMBED_RE.search(name)
+    res = lowrank.cart_dense(list(views_full), weights, rank_ratio=float(p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
+                             lam=float(p.get("lam", 1.0)), lowrank=lowrank_step)
+    return res.to(odt)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA delta space
+
+def _lora_pair(name: str):
+    """(module key, 'A'|'B') for PEFT LoRA factor names, else None."""
+    for tag in ("A", "B"):
+        for pat in (f".lora_{tag}.weight", f".lora_{tag}.default.weight", f".lora_embedding_{tag}"):
+            if pat in name:
+                return name.replace(pat, "\0"), tag
+    return None
+
+
+def _module_alpha(lora: dict, module: str, r: int) -> float:
+    alpha = lora.get("lora_alpha", r)
+    ap = lora.get("alpha_pattern") or {}
+    for k, v in ap.items():
+        if module.replace("\0", "").endswith(k) or re.search(k, module.replace("\0", "")):
+            alpha = v
+            break
+    return float(alpha)
+
+
+class _DeltaCache:
+    """Computes delta-space merged factors per module (both A and B at once) on first request."""
+
+    def __init__(self, plan, sources, coeff_sources, coeffs, method, p, rank, out_rank_for, odt_for):
+        self.plan = plan
+        self.sources = sources
+        self.coeff_sources = coeff_sources   # list of (source, lora cfg) in coefficient order
+        self.coeffs = coeffs
+        self.method = method
+        self.p = p
+        self.rank = rank
+        self.out_rank_for = out_rank_for
+        self.odt_for = odt_for
+        self.cache: dict = {}
+        self.names = {}
+        for n in plan.names:
+            pr = _lora_pair(n)
+            if pr is not None:
+                self.names.setdefault(pr[0], {})[pr[1]] = n
+
+    def is_factor(self, name):
+        pr = _lora_pair(name)
+        return pr is not None and set(self.names.get(pr[0], {})) == {"A", "B"}
+
+    def get(self, name):
+        import torch
+
+        from . import lowrank
+
+        mod, tag = _lora_pair(name)
+        if mod not in self.cache:
+            an, bn = self.names[mod]["A"], self.names[mod]["B"]
+            As, Bs, scales = [], [], []
+            for src, cfg in self.coeff_sources:
+                a = src.tensor(an)
+                b = src.tensor(bn)
+                if "lora_embedding" in an:   # embeddings store A [r, vocab], B [d, r]: same algebra
+                    pass
+                r = a.shape[0]
+                As.append(a.to(torch.float32) if a.dtype != torch.float64 else a)
+                Bs.append(b.to(torch.float32) if b.dtype != torch.float64 else b)
+                scales.append(lowrank.lora_scale(_module_alpha(cfg, mod, r), r, bool(cfg.get("use_rslora", False))))
+            r_out = self.out_rank_for(mod, As)
+            if self.method == "cart":
+                B, A = lowrank.cart_lowrank(Bs, As, scales, self.coeffs,
+                                            rank_ratio=float(self.p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
+                                            lam=float(self.p.get("lam", 1.0)), out_rank=r_out, out_scale=1.0)
+            else:
+                B, A = lowrank.lora_delta_merge(Bs, As, scales, self.coeffs, r_out, out_scale=1.0)
+            self.cache[mod] = {"A": A, "B": B}
+        t = self.cache[mod].pop(tag)
+        if not self.cache[mod]:
+            del self.cache[mod]
+        return t.to(self.odt_for(name)).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+def _check_params(method: str, p: dict, n: int) -> dict:
+    p = dict(p)
+    if "lambda" in p and "lam" not in p:
+        p["lam"] = p.pop("lambda")
+    if method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        d = p.get("density")
+        if d is None:
+            raise ParameterError(f"{method} needs a density in (0, 1] (--density)")
+        d = float(d)
+        if not (0.0 < d <= 1.0) or math.isnan(d):
+            raise ParameterError(f"density must be in (0, 1], got {d!r}")
+        p["density"] = d
+    elif "density" in p and p["density"] is not None:
+        d = float(p["density"])
+        if not (0.0 < d <= 1.0):
+            raise ParameterError(f"density must be in (0, 1], got {d!r}")
+    if "sign" in p and p["sign"] is not None and p["sign"] not in ("total", "frequency"):
+        raise ParameterError(f"sign must be 'total' or 'frequency', got {p['sign']!r}")
+    if p.get("lam") is not None:
+        lam = float(p["lam"])
+        if not math.isfinite(lam):
+            raise ParameterError(f"lambda must be finite, got {lam!r}")
+        p["lam"] = lam
+    if method == "slerp":
+        if n != 2:
+            raise ParameterError(f"slerp merges exactly 2 checkpoints, got {n}")
+        t = float(p.get("t", 0.5))
+        if not (0.0 <= t <= 1.0):
+            raise ParameterError(f"slerp t must be in [0, 1], got {t!r}")
+        p["t"] = t
+    if method == "cart" and p.get("rank_ratio") is not None:
+        rr = float(p["rank_ratio"])
+        if not (0.0 < rr <= 1.0):
+            raise ParameterError(f"rank ratio must be in (0, 1], got {rr!r}")
+        p["rank_ratio"] = rr
+    if p.get("seed") is not None:
+        p["seed"] = int(p["seed"])
+    return {k: v for k, v in p.items() if v is not None}
+
+
+def _prepare(registry, spec: MergeSpec, overwrite: bool, seen_names=None):
+    """Validation shared by merge and sweep (nothing is read or written here)."""
+    method = canonical_method(spec.method)
+    inputs = list(spec.inputs)
+    if not inputs:
+        raise ParameterError("a merge needs at least one input checkpoint")
+    ids = [c.id for c in inputs]
+    if len(set(ids)) != len(ids):
+        raise ParameterError("the same checkpoint appears twice in the inputs")
+    p = _check_params(method, spec.params or {}, len(inputs))
+    if method in TASK_METHODS and spec.base is None:
+        raise ParameterError(f"{method} needs a base checkpoint (base first, last or a checkpoint)")
+    w = spec.weights
+    if w is None:
+        from . import weights as W
+
+        w = [1.0] * len(inputs) if method in TASK_METHODS else W.uniform(len(inputs))
+    w = [float(x) for x in w]
+    if len(w) != len(inputs):
+        raise WeightError(f"{len(w)} weights for {len(inputs)} inputs")
+    for c, x in zip(inputs, w):
+        if not math.isfinite(x):
+            raise WeightError(f"{_ref(c)}: weight {x!r} is not finite")
+    if not spec.name:
+        raise ParameterError("a merge needs a name")
+    for c in inputs + ([spec.base] if spec.base is not None else []):
+        registry.check_unchanged(c)
+    return method, inputs, w, p
+
+
+def _output_run(spec):
+    return spec.run or spec.inputs[-1].run
+
+
+def _check_target(registry, spec, out: Path, overwrite: bool):
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{out} exists (use --overwrite to replace it)")
+    run = _output_run(spec)
+    try:
+        existing = registry.get(f"{run}@{spec.name}")
+    except NotFoundError:
+        existing = None
+    except CkptregError:
+        existing = None
+    if existing is not None and not overwrite:
+        raise DuplicateError(f"{run}@{spec.name} is already registered (id {existing.id}); "
+                             "use --overwrite or another --name")
+
+
+def _recipe(spec, method, w, p, space, rank, out_dtype, plan_) -> dict:
+    return {
+        "ckptreg": 1, "name": spec.name, "method": method, "params": p, "space": space, "rank": rank,
+        "out_dtype": None if out_dtype is None else str(out_dtype).replace("torch.", ""),
+        "inputs": [{"id": c.id, "ref": _ref(c), "weight": x, "fingerprint": i.fingerprint}
+                   for c, x, i in zip(spec.inputs, w, plan_.infos)],
+        "base": None if spec.base is None else {"id": spec.base.id, "ref": _ref(spec.base),
+                                                 "fingerprint": plan_.base_info.fingerprint},
+        "selection": spec.selection or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _lineage_params(spec, p, space, rank, out_dtype) -> dict:
+    d = dict(p)
+    d.update({"space": space})
+    if rank is not None:
+        d["rank"] = rank
+    if out_dtype is not None:
+        d["out_dtype"] = str(out_dtype).replace("torch.", "")
+    if spec.selection:
+        d["selection"] = spec.selection
+    return d
+
+
+def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, overwrite):
+    cid = registry.record_merge(path=str(out_path), run=_output_run(spec), name=spec.name, method=method,
+                                params=_lineage_params(spec, p, space, rank, out_dtype),
+                                inputs=[(c.id, float(x)) for c, x in zip(spec.inputs, w)],
+                                base=None if spec.base is None else spec.base.id, replace=overwrite)
+    return registry.get(cid)
+
+
+def _torch_out_dtype(out_dtype):
+    if out_dtype is None:
+        return None
+    from .writer import torch_dtype
+
+    return torch_dtype(_dtype_str(out_dtype))
+
+
+def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None = None, out_dtype=None,
+          overwrite: bool = False, progress: Callable | None = None, out_shard_size: int | None = None,
+          chunk_elems: int | None = None):
+    """Run one merge and register it; returns the new Checkpoint.
+
+    ``progress(done_bytes, total_bytes, tensor_name)`` is called after every chunk (bytes of
+    input data read so far / in all)."""
+    import torch
+
+    method, inputs, w, p = _prepare(registry, spec, overwrite)
+    if space not in ("factors", "delta"):
+        raise ParameterError(f"space must be 'factors' or 'delta', got {space!r}")
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise ParameterError(f"rank must be a positive integer, got {rank!r}")
+    odt_user = _torch_out_dtype(out_dtype)
+    if out_shard_size is not None and out_shard_size <= 0:
+        raise ParameterError(f"out_shard_size must be > 0, got {out_shard_size!r}")
+    chunk = int(chunk_elems or CHUNK_ELEMS)
+
+    base = spec.base
+    if method == "slerp" and base is not None:
+        bid = base.id
+        if bid not in [c.id for c in inputs]:
+            # "first"/"last" resolved against the run: reinterpret as the older/newer input
+            raise ParameterError("slerp base must be one of the two inputs (base first = the older, "
+                                 "last = the newer)")
+        if inputs[1].id == bid:
+            inputs = [inputs[1], inputs[0]]
+            w = [w[1], w[0]]
+            spec = MergeSpec(**{**spec.__dict__, "inputs": inputs, "weights": w})
+        base = None
+    plan_base = base if method in TASK_METHODS else None
+    pl = plan(registry, inputs, plan_base)
+    info0 = pl.infos[0]
+    if space == "delta":
+        if info0.kind != "lora":
+            raise ParameterError("space='delta' needs LoRA adapters; these inputs are full models")
+        if method not in LINEAR_METHODS + ("task_arithmetic", "cart"):
+            raise ParameterError(f"space='delta' supports linear, uniform, mwa, task_arithmetic and cart, not {method}")
+        for i in pl.infos + ([pl.base_info] if pl.base_info else []):
+            if not i.lora:
+                raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")
+    elif rank is not None:
+        raise ParameterError("rank only applies to space='delta'")
+
+    out = Path(spec.out) if spec.out else default_out(spec, info0)
+    out = out.resolve() if not out.is_absolute() else out
+    spec.out = str(out)
+    _check_target(registry, spec, out, overwrite)
+
+    # output entries (delta space may change the LoRA rank)
+    entries_shapes = dict(pl.shapes)
+    adapter_cfg = None
+    delta = None
+    sources = [_Source(i) for i in pl.infos]
+    base_src = _Source(pl.base_info) if pl.base_info is not None else None
+    try:
+        if space == "delta":
+            delta, entries_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user)
+        elif info0.format == "peft":
+            adapter_cfg = _read_cfg(info0)
+        odts = {n: _odt(odt_user, pl.dtypes[n]) for n in pl.names}
+        from .writer import dtype_str
+
+        entries = [(n, dtype_str(odts[n]), entries_shapes[n]) for n in pl.names]
+        recipe = _recipe(spec, method, w, p, space, rank, odt_user, pl)
+        meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
+        target = _Output(out, info0, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
+                         adapter_config=adapter_cfg)
+        try:
+            _run_single(pl, sources, base_src, method, w, p, odts, target, chunk, progress, delta, entries_shapes)
+            target.commit()
+        except BaseException:
+            target.abort()
+            raise
+    finally:
+        for s in sources + ([base_src] if base_src else []):
+            s.close()
+    return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite)
+
+
+def _read_cfg(info):
+    for cf in info.config_files:
+        if Path(cf).name == "adapter_config.json":
+            try:
+                return json.loads(Path(cf).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise FormatError(f"{cf}: not valid JSON") from None
+    return None
+
+
+def _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user):
+    cfgs = [i.lora for i in pl.infos]
+    coeff_sources = list(zip(sources, cfgs))
+    if method == "task_arithmetic":
+        lam = float(p.get("lam", 1.0))
+        coeffs = [lam * x for x in w] + [1.0 - lam * sum(w)]
+        coeff_sources.append((base_src, pl.base_info.lora))
+    else:
+        coeffs = list(w)
+    in_cfg = _read_cfg(pl.infos[0]) or {}
+    r_in = int(pl.infos[0].lora["r"])
+    keep_pattern = rank is None and method != "cart" and bool(in_cfg.get("rank_pattern"))
+
+    def out_rank_for(mod, As):
+        if rank is not None:
+            return int(rank)
+        if method == "cart":
+            return sum(int(a.shape[0]) for a in As)
+        return max(int(a.shape[0]) for a in As)
+
+    def odt_for(name):
+        return _odt(odt_user, pl.dtypes[name])
+
+    cache = _DeltaCache(pl, sources, coeff_sources, coeffs, method, p, rank, out_rank_for, odt_for)
+    shapes = dict(pl.shapes)
+    n_coeff = len(coeff_sources)
+    ranks_seen = set()
+    for mod, d in cache.names.items():
+        if set(d) != {"A", "B"}:
+            continue
+        a_shape = pl.shapes[d["A"]]
+        b_shape = pl.shapes[d["B"]]
+        r_mod = a_shape[0]
+        if rank is not None:
+            ro = int(rank)
+        elif method == "cart":
+            ro = r_mod * n_coeff
+        else:
+            ro = r_mod
+        ranks_seen.add(ro)
+        shapes[d["A"]] = (ro,) + tuple(a_shape[1:])
+        shapes[d["B"]] = tuple(b_shape[:-1]) + (ro,)
+    r_out = rank if rank is not None else (r_in * n_coeff if method == "cart" else r_in)
+    cfg = dict(in_cfg)
+    cfg["r"] = int(r_out)
+    cfg["lora_alpha"] = int(r_out)
+    cfg["use_rslora"] = False
+    cfg.pop("alpha_pattern", None)
+    if keep_pattern:
+        cfg["alpha_pattern"] = dict(in_cfg["rank_pattern"])
+    else:
+        cfg.pop("rank_pattern", None)
+        if len(ranks_seen) > 1:
+            raise ParameterError("inputs use per-module ranks (rank_pattern); pass an explicit rank")
+    return cache, shapes, cfg
+
+
+def _run_single(pl, sources, base_src, method, w, p, odts, target, chunk, progress, delta, out_shapes):
+    import torch
+
+    total = pl.nbytes * (len(sources) + (1 if base_src is not None else 0))
+    done = [0]
+    n_in = len(sources) + (1 if base_src is not None else 0)
+    bufs = _Buffers(min(chunk, max(1, pl.largest)))
+    lin_w = None
+    for name in pl.names:
+        st = pl.dtypes[name]
+        odt = odts[name]
+        itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(st, 1)
+
+        def on_chunk(nel, _is=itemsize):
+            done[0] += nel * _is * n_in
+            _progress(progress, done[0], total, name)
+
+        if delta is not None and delta.is_factor(name):
+            target.write(name, delta.get(name))
+            on_chunk(pl.numel(name))
+            continue
+        views = [_flat(s.tensor(name)) for s in sources]
+        numel = views[0].numel()
+        if numel == 0:
+            target.write(name, torch.empty(tuple(out_shapes[name]), dtype=odt))
+            continue
+        if st not in _FLOAT_ST:
+            v = views[-1]
+            for s in range(0, numel, chunk):
+                target.write_chunk(name, v[s:s + chunk])
+                on_chunk(min(chunk, numel - s))
+            continue
+        if method in LINEAR_METHODS:
+            if lin_w is None:
+                lin_w = torch.tensor([w], dtype=torch.float32)
+            _stream_linear(name, views, lin_w, odt, bufs, chunk, [target], on_chunk)
+        elif method in TASK_METHODS:
+            bv = _flat(base_src.tensor(name)) if base_src is not None else None
+            if delta is not None and bv is None:
+                raise ParameterError("task_arithmetic in delta space needs a base")
+            _stream_task(name, method, views, bv, w, p, odt, bufs, chunk, target, on_chunk)
+        elif method == "slerp":
+            c0, c1 = _slerp_coeffs(views[0], views[1], float(p.get("t", 0.5)), chunk)
+            _stream_linear(name, views, torch.tensor([[c0, c1]], dtype=torch.float32), odt, bufs, chunk,
+                           [target], on_chunk)
+        elif method == "cart":
+            full = [s.tensor(name) for s in sources]
+            res = _cart_tensor(name, full, w, p, odt)
+            target.write(name, res)
+            del res
+            on_chunk(numel)
+        else:  # pragma: no cover
+            raise ParameterError(f"unknown method {method}")
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+
+def _spec_key(method, inputs, w, p, base, space="factors"):
+    return (method, tuple(c.id for c in inputs), tuple(round(float(x), 12) for x in w),
+            json.dumps(p, sort_keys=True, default=str), None if base is None else base.id, space)
+
+
+def dedupe_specs(specs: Sequence[MergeSpec]):
+    """(unique specs, {dropped spec index: index of the kept spec it duplicates}). Duplicates are
+    specs with the same method, inputs, weights (to 1e-12), params and base."""
+    from . import weights as W
+
+    keep: list[MergeSpec] = []
+    seen: dict = {}
+    dropped: dict[int, int] = {}
+    for i, s in enumerate(specs):
+        m = canonical_method(s.method)
+        w = s.weights
+        if w is None:
+            w = [1.0] * len(s.inputs) if m in TASK_METHODS else W.uniform(len(s.inputs))
+        mm = "linear" if m in LINEAR_METHODS else m
+        k = _spec_key(mm, s.inputs, w, s.params or {}, s.base)
+        if k in seen:
+            dropped[i] = seen[k]
+        else:
+            seen[k] = len(keep)
+            keep.append(s)
+    return keep, dropped
+
+
+def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, progress: Callable | None = None,
+          out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None) -> list:
+    """Run many merges; weighted sums (linear/uniform/mwa) over the same kind of inputs are done
+    in ONE pass: every input tensor of the union is read once and ``ops.weighted_sum`` produces
+    all M outputs per chunk, each streamed into its own writer. Other methods run one by one.
+
+    Duplicates (same method, inputs, weights, params, base) are merged once. Returns one
+    Checkpoint per given spec (duplicates share theirs). Every target is validated before any
+    data is read; if the pass fails, none of its outputs is written or registered."""
+    import torch
+
+    specs = list(specs)
+    uniq, dropped = dedupe_specs(specs)
+    names: dict = {}
+    for s in uniq:
+        key = (_output_run(s), s.name)
+        if key in names:
+            raise ParameterError(f"two different merges in the sweep are both named {s.name!r}")
+        names[key] = s
+    odt_user = _torch_out_dtype(out_dtype)
+    chunk = int(chunk_elems or CHUNK_ELEMS)
+
+    prepared = []
+    outs = set()
+    for s in uniq:
+        method, inputs, w, p = _prepare(registry, s, overwrite)
+        prepared.append((s, method, inputs, w, p))
+    linear = [x for x in prepared if x[1] in LINEAR_METHODS]
+    other = [x for x in prepared if x[1] not in LINEAR_METHODS]
+
+    # group the weighted sums by the tensor inventory of their inputs
+    groups: dict = {}
+    for x in linear:
+        info = _inspect(x[2][0])
+        sig = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(info.tensors.items()))
+        groups.setdefault(hash(sig), []).append(x)
+
+    # validate every target before reading anything
+    for s, method, inputs, w, p in prepared:
+        if s.out is None:
+            s.out = str(default_out(s, _inspect(inputs[0])))
+        out = Path(s.out).resolve()
+        s.out = str(out)
+        if out in outs:
+            raise ParameterError(f"two merges in the sweep write to {out}")
+        outs.add(out)
+        _check_target(registry, s, out, overwrite)
+
+    results: dict[int, object] = {}
+    done_all = [0]
+    for members in groups.values():
+        union = sorted({c.id: c for x in members for c in x[2]}.values(),
+                       key=lambda c: (str(c.run), c.step if c.step is not None else -1, c.id))
+        col = {c.id: j for j, c in enumerate(union)}
+        pl = plan(registry, union)
+        sources = [_Source(i) for i in pl.infos]
+        targets = []
+        try:
+            W_ = torch.zeros((len(members), len(union)), dtype=torch.float32)
+            for m, (s, method, inputs, w, p) in enumerate(members):
+                for c, x in zip(inputs, w):
+                    W_[m, col[c.id]] = x
+            odts = {n: _odt(odt_user, pl.dtypes[n]) for n in pl.names}
+            from .writer import dtype_str
+
+            entries = [(n, dtype_str(odts[n]), pl.shapes[n]) for n in pl.names]
+            for s, method, inputs, w, p in members:
+                info0 = pl.infos[col[inputs[0].id]]
+                sub = _SubPlan(pl, [pl.infos[col[c.id]] for c in inputs])
+                recipe = _recipe(s, method, w, p, "factors", None, odt_user, sub)
+                meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
+                targets.append(_Output(Path(s.out), info0, entries, meta, overwrite=overwrite,
+                                       out_shard_size=out_shard_size,
+                                       adapter_config=_read_cfg(info0) if info0.format == "peft" else None))
+            total = pl.nbytes * len(union)
+            bufs = _Buffers(min(chunk, max(1, pl.largest)))
+            for name in pl.names:
+                st = pl.dtypes[name]
+                itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(st, 1)
+
+                def on_chunk(nel, _is=itemsize, _name=name):
+                    done_all[0] += nel * _is * len(union)
+                    _progress(progress, done_all[0], total, _name)
+
+                views = [_flat(s_.tensor(name)) for s_ in sources]
+                numel = views[0].numel()
+                if numel == 0:
+                    for t in targets:
+                        t.write(name, torch.empty(pl.shapes[name], dtype=odts[name]))
+                    continue
+                if st not in _FLOAT_ST:
+                    for (s, method, inputs, w, p), t in zip(members, targets):
+                        v = views[col[inputs[-1].id]]
+                        for a in range(0, numel, chunk):
+                            t.write_chunk(name, v[a:a + chunk])
+                    on_chunk(numel)
+                    continue
+                _stream_linear(name, views, W_, odts[name], bufs, chunk, targets, on_chunk)
+            for t in targets:
+                t.commit()
+        except BaseException:
+            for t in targets:
+                try:
+                    t.abort()
+                except Exception:
+                    pass
+            raise
+        finally:
+            for s_ in sources:
+                s_.close()
+        for s, method, inputs, w, p in members:
+            results[id(s)] = _register(registry, s, Path(s.out), method, p, w, "factors", None, odt_user, overwrite)
+
+    for s, method, inputs, w, p in other:
+        results[id(s)] = merge(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,
+                               out_shard_size=out_shard_size, chunk_elems=chunk_elems)
+
+    out = []
+    for i, s in enumerate(specs):
+        if i in dropped:
+            out.append(results[id(uniq[dropped[i]])])
+        else:
+            out.append(results[id(s)])
+    return out
+
+
+class _SubPlan:
+    def __init__(self, pl, infos):
+        self.infos = infos
+        self.base_info = None
