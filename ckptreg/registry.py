@@ -409,10 +409,15 @@ class Registry:
         deadline = self._deadline()
         while True:
             con = self._connect(True, deadline)
-            if self._schema_ok or self._schema_version(con) >= SCHEMA_VERSION:
+            if self._schema_ok:
+                break
+            have = self._schema_version(con)
+            if have == SCHEMA_VERSION:
                 self._schema_ok = True
                 break
             con.close()
+            if have > SCHEMA_VERSION:
+                raise self._too_new(have)
             with self._writer():  # needs a migration: do it under the lock, then read
                 pass
         try:
@@ -463,10 +468,13 @@ class Registry:
                 con.execute("ROLLBACK")
                 raise
         elif have > SCHEMA_VERSION:
-            raise FormatError(f"registry {self.path} has schema version {have}, newer than this "
-                              f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
+            raise self._too_new(have)
         if con is not None and self.path.exists():
             self._schema_ok = True
+
+    def _too_new(self, have: int) -> FormatError:
+        return FormatError(f"registry {self.path} has schema version {have}, newer than this "
+                           f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
 
     def schema_version(self) -> int:
         with self._reader() as con:
