@@ -127,7 +127,7 @@ def _metric_word(metric: str | None) -> str:
         return "steps"
     if m in ("loss", "train_loss", "training_loss", "train/loss"):
         return "loss"
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", metric).strip("-") or "metric"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", metric).strip("-") or "metric"
 
 
 def paper_name(last, every, scheme, metric, penalty, method=None, base=None) -> str:
@@ -461,6 +461,12 @@ class _Output:
             else:
                 sharded = len(info.files) > 1 or Path(info.files[0]).name != "model.safetensors" or out_shard_size
                 if sharded:
+                    if not out_shard_size and len(info.files) > 1:
+                        # mirror the input's sharding: shards up to its largest shard's data size
+                        from .safetensors_io import read_header
+
+                        out_shard_size = max(sum(t.nbytes for t in read_header(f).tensors.values())
+                                             for f in info.files)
                     self.w = ShardedWriter(self.path, entries, metadata, max_shard_bytes=out_shard_size, into=self.adir)
                 else:
                     self.w = StreamingWriter(self.adir.file("model.safetensors"), entries, metadata, atomic=False)
@@ -813,7 +819,7 @@ def _recipe(spec, method, w, p, space, rank, out_dtype, plan_) -> dict:
         "inputs": [{"id": c.id, "ref": _ref(c), "weight": x, "fingerprint": i.fingerprint}
                    for c, x, i in zip(spec.inputs, w, plan_.infos)],
         "base": None if spec.base is None else {"id": spec.base.id, "ref": _ref(spec.base),
-                                                 "fingerprint": plan_.base_info.fingerprint},
+                                                 "fingerprint": getattr(spec.base, "fingerprint", None)},
         "selection": spec.selection or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
