@@ -156,7 +156,7 @@ def test_scan_trainer_output(cli, db_path, tmp_path):
     res = json.loads(r.stdout)
     assert [a["step"] for a in res["added"]] == [10, 20, 30] and res["skipped"] == []
     c = Registry(db_path).get("hf@20")
-    assert c.metrics == {"loss": pytest.approx(1 / 20), "eval_loss": pytest.approx(2 / 20),
+    assert c.metrics == {"train_loss": pytest.approx(1 / 20), "eval_loss": pytest.approx(2 / 20),
                          "eval_acc": pytest.approx(0.2)}
     _trainer_output(root, [40])
     r = cli("scan", root, "--run", "hf")
@@ -174,7 +174,7 @@ def test_scan_train_loss_just_before_step(cli, db_path, tmp_path):
         {"step": 5, "loss": 0.9}, {"step": 10, "loss": 0.7}, {"step": 15, "loss": 0.1},
         {"step": 12, "eval_loss": 0.8}]}))
     assert cli("scan", root, "--run", "t").exit_code == 0
-    assert Registry(db_path).get("t@12").metrics == {"loss": 0.7, "eval_loss": 0.8}
+    assert Registry(db_path).get("t@12").metrics == {"train_loss": 0.7, "eval_loss": 0.8}
     r = cli("scan", tmp_path, "--run", "t")
     assert r.exit_code == 3 and "no checkpoint-N" in r.stderr
 

@@ -149,7 +149,7 @@ def _metrics_at(history: list[dict], step: int) -> dict[str, float]:
                         and not any(x in k for x in _SKIP_KEYS):
                     out[k] = float(v)
     if train is not None:
-        out["loss"] = train[1]
+        out["train_loss"] = train[1]
     return out
 
 
@@ -194,7 +194,7 @@ def scan_cmd(db, folder, run, allow_pickle, as_json):
         emit_json({"added": added, "skipped": skipped, "trainer_state": state is not None})
         return
     cols = ["id", "ref", "step"] + sorted({k for r in added for k in r} - {"id", "ref", "step"},
-                                          key=lambda k: (k != "loss", k))
+                                          key=lambda k: (k != "train_loss", k))
     if added:
         table(added, cols, title=f"added {len(added)} checkpoint(s) to run {run}")
     else:
