@@ -150,8 +150,7 @@ def test_hf_busy_database_does_not_stop_training(tmp_path):
     Registry(db).checkpoints()  # create the database
     out = tmp_path / "out"
     reg = Registry(db, lock_timeout=0.2)
-    cb = CkptregCallback(run="busy", db=db, strict=True)
-    cb._registry = lambda: Registry(db, lock_timeout=0.2)  # fail fast while the lock is held
+    cb = CkptregCallback(run="busy", db=db, strict=True, lock_timeout=0.2)  # spool fast while locked
     lock = FileLock(str(reg.path) + ".lock")
     with lock:
         trainer = transformers.Trainer(model=_tiny_gpt2(), args=_train_args(out, 8, 4, 4),
@@ -162,6 +161,43 @@ def test_hf_busy_database_does_not_stop_training(tmp_path):
     assert [c.step for c in Registry(db).checkpoints("busy")] == [4, 8]
     hist = _history(out / "checkpoint-8")
     assert Registry(db).get("busy@8").metrics == pytest.approx(_expected(hist, 8), rel=1e-12)
+
+
+def test_hf_registry_errors_warn_not_raise(tmp_path):
+    """A second run under the same name hits DuplicateError at every save: training completes,
+    the errors are kept as warnings; strict=True raises instead."""
+    from ckptreg.errors import DuplicateError
+    from ckptreg.integrations.hf import CkptregCallback
+
+    db = tmp_path / "reg.duckdb"
+
+    def run(out, cb):
+        transformers.Trainer(model=_tiny_gpt2(), args=_train_args(out, 4, 2, None),
+                             train_dataset=TokenDataset(16), callbacks=[cb]).train()
+
+    run(tmp_path / "a", CkptregCallback(run="dup", db=db, strict=True))
+    cb = CkptregCallback(run="dup", db=db)
+    with pytest.warns(RuntimeWarning, match="already registered"):
+        run(tmp_path / "b", cb)
+    assert len(cb.errors) == 2 and all("dup@" in e for e in cb.errors)
+    assert [c.path for c in Registry(db).checkpoints("dup")] == [
+        str((tmp_path / "a" / f"checkpoint-{s}").resolve()) for s in (2, 4)]
+    with pytest.raises(DuplicateError):
+        run(tmp_path / "c", CkptregCallback(run="dup", db=db, strict=True))
+    # replace=True re-points the entries at the new folders
+    run(tmp_path / "d", CkptregCallback(run="dup", db=db, strict=True, replace=True))
+    assert Registry(db).get("dup@4").path == str((tmp_path / "d" / "checkpoint-4").resolve())
+
+
+def test_to_float_metrics():
+    import numpy as np
+
+    from ckptreg.integrations import to_float_metrics
+
+    m = to_float_metrics({"a": torch.tensor(1.5), "b": 2, "c": np.float32(0.25), "d": torch.ones(3),
+                          "e": "text", "f": True, "g": np.array([4.0]), "h": torch.tensor([[7]])})
+    assert m == {"a": 1.5, "b": 2.0, "c": 0.25, "g": 4.0, "h": 7.0}
+    assert all(type(v) is float for v in m.values())
 
 
 # ------------------------------------------------------------------ Lightning

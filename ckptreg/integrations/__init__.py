@@ -41,7 +41,7 @@ class _Reporter:
     ckptreg error is raised when ``strict`` else turned into a warning and kept in ``errors``,
     so a registry problem never stops a training run."""
 
-    def _init_common(self, run, db, tags, strict, replace):
+    def _init_common(self, run, db, tags, strict, replace, lock_timeout=None):
         if not isinstance(run, str) or not run:
             raise ValueError("CkptregCallback: run must be a non-empty string")
         self.run = run
@@ -49,13 +49,16 @@ class _Reporter:
         self.tags = dict(tags or {})
         self.strict = strict
         self.replace = replace
+        self.lock_timeout = lock_timeout   # None: the Registry default; short bounds spool sooner
         self.registered: dict[int, int | None] = {}   # step -> id (None: spooled)
         self.errors: list[str] = []
 
     def _registry(self):
         from ..registry import Registry
 
-        return Registry(self.db)
+        if self.lock_timeout is None:
+            return Registry(self.db)
+        return Registry(self.db, lock_timeout=self.lock_timeout)
 
     def _guard(self, what, fn):
         from ..errors import CkptregError, LockTimeout

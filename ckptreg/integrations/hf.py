@@ -27,8 +27,8 @@ _SPEED = ("_runtime", "_per_second")
 
 class CkptregCallback(_Reporter, TrainerCallback):
     def __init__(self, run: str, db=None, tags: dict | None = None, *, strict: bool = False,
-                 replace: bool = False, keep_speed: bool = False):
-        self._init_common(run, db, tags, strict, replace)
+                 replace: bool = False, keep_speed: bool = False, lock_timeout: float | None = None):
+        self._init_common(run, db, tags, strict, replace, lock_timeout)
         self.keep_speed = keep_speed
 
     # ------------------------------------------------------------------ metrics from log_history

@@ -33,9 +33,9 @@ from . import _Reporter, to_float_metrics
 
 class CkptregCallback(_Reporter, pl.Callback):
     def __init__(self, run: str, db=None, tags: dict | None = None, *, strict: bool = False,
-                 replace: bool = False, include_last: bool = False):
+                 replace: bool = False, include_last: bool = False, lock_timeout: float | None = None):
         super().__init__()
-        self._init_common(run, db, tags, strict, replace)
+        self._init_common(run, db, tags, strict, replace, lock_timeout)
         self.include_last = include_last
         self._pending: list[tuple[str, int, dict]] = []
         self._saved_metrics: dict[int, dict[str, float]] = {}
