@@ -422,8 +422,12 @@ def _layout(info) -> str:
     return "file"
 
 
-def default_out(spec: MergeSpec, info) -> Path:
-    parent = Path(spec.inputs[-1].path).resolve().parent
+def default_out(spec: MergeSpec, info=None, parent=None) -> Path:
+    """Output path for a spec: ``parent`` (default: the folder holding the newest input) / name,
+    with ``.safetensors`` when the inputs are plain files."""
+    if info is None:
+        info = _inspect(spec.inputs[0])
+    parent = Path(parent) if parent is not None else Path(spec.inputs[-1].path).resolve().parent
     if _layout(info) == "file":
         return parent / f"{spec.name}.safetensors"
     return parent / spec.name

@@ -1,0 +1,372 @@
+"""CLI: weights, merge, sweep, leaderboard. Torch is imported only inside command bodies (via the
+engine), so ``ckptreg --help`` and the registry commands stay fast."""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import click
+
+from ..errors import CkptregError, ParameterError, SelectionError, UsageError, WeightError
+from . import _fmt, pass_db
+
+_METHOD_CHOICES = ("uniform", "mwa", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                   "magnitude_prune", "slerp", "cart")
+
+
+def _registry(db):
+    from ..registry import Registry
+
+    return Registry(db)
+
+
+def _method(value: str) -> str:
+    m = value.strip().lower().replace("-", "_")
+    if m not in _METHOD_CHOICES:
+        raise UsageError(f"unknown --method {value!r}; choose from {', '.join(_METHOD_CHOICES)} "
+                         "(dashes or underscores)")
+    return m
+
+
+def _size(text):
+    """'2GB', '500MiB', '1e9', '123456' -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?i?[bB]?)?\s*", str(text))
+    if not m:
+        raise UsageError(f"--out-shard-size {text!r} is not a size (e.g. 2GB, 500MiB, 1000000)")
+    num = float(m.group(1))
+    unit = (m.group(2) or "").lower().rstrip("b")
+    mult = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "t": 1000 ** 4,
+            "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3, "ti": 1024 ** 4}.get(unit)
+    if mult is None or num <= 0:
+        raise UsageError(f"--out-shard-size {text!r} is not a positive size")
+    return int(num * mult)
+
+
+def _split(text, conv, what):
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(conv(part))
+        except ValueError:
+            raise UsageError(f"{what}: {part!r} is not valid") from None
+    if not out:
+        raise UsageError(f"{what}: empty list")
+    return out
+
+
+def _check_weight_params(penalty, power, density):
+    if penalty is not None and (not math.isfinite(penalty) or penalty <= 0):
+        raise WeightError(f"--penalty must be > 0, got {penalty}")
+    if power is not None and (not math.isfinite(power) or power < 1):
+        raise WeightError(f"--power must be >= 1, got {power}")
+    if density is not None and not (0 < density <= 1):
+        raise ParameterError(f"--density must be in (0, 1], got {density}")
+
+
+class _Progress:
+    """A rich progress bar on stderr driven by the engine's progress(done, total, name) calls."""
+
+    def __init__(self, quiet: bool, label: str):
+        self.quiet = quiet
+        self.label = label
+        self.p = None
+        self.task = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), TimeRemainingColumn(),
+                              console=Console(stderr=True), transient=True)
+            self.p.__enter__()
+            self.task = self.p.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done, total, name):
+        if self.p is not None:
+            self.p.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.__exit__(*exc)
+        return False
+
+
+def _resolve_inputs(reg, run, last, every, exclude_final, ckpts):
+    if ckpts and run is not None and last is not None:
+        raise UsageError("give either --run/--last or explicit checkpoints, not both")
+    if ckpts:
+        out = []
+        for c in ckpts:
+            out.append(reg.get(int(c)) if str(c).isdigit() else reg.get(c))
+        return out, None
+    if run is None or last is None:
+        raise UsageError("choose inputs: --run R --last K [--every M], or checkpoints as arguments")
+    return reg.select(run, last, every or 1, exclude_final=exclude_final), {
+        "run": run, "last": last, "every": every or 1, "exclude_final": bool(exclude_final)}
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+@click.command("weights")
+@click.option("--run", required=True, help="Run name.")
+@click.option("--last", "last", type=int, required=True, help="Number of checkpoints K.")
+@click.option("--every", type=int, default=1, show_default=True, help="Take every M-th checkpoint going back.")
+@click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint (the paper's k_last).")
+@click.option("--metric", default=None, help="Metric driving the weights (train_loss, step, ...).")
+@click.option("--penalty", type=float, default=None, help="MWA penalty factor p > 0.")
+@click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2).")
+@click.option("--scheme", type=click.Choice(["uniform", "metric", "mwa"]), default=None,
+              help="Weighting (default: mwa with --penalty, metric with --metric only, else uniform).")
+@click.option("--direction", type=click.Choice(["min", "max"]), default=None,
+              help="Better values: min (loss-like) or max (steps, accuracy). Default from the name.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of the weights.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_db
+def weights_cmd(db, run, last, every, exclude_final, metric, penalty, power, scheme, direction, plot, as_json):
+    """Show the merge weights of the last K checkpoints of a run."""
+    from .. import weights as W
+
+    _check_weight_params(penalty, power, None)
+    reg = _registry(db)
+    scheme = scheme or ("mwa" if penalty is not None else ("metric" if metric else "uniform"))
+    ckpts = reg.select(run, last, every, exclude_final=exclude_final)
+    w = W.for_checkpoints(ckpts, scheme, metric=metric, penalty=penalty, power=power, direction=direction)
+    vals = None
+    pos = [None] * len(ckpts)
+    if metric:
+        vals = [c.step if metric.lower() in W.STEP_METRICS else c.metrics.get(metric) for c in ckpts]
+        if all(v is not None for v in vals):
+            pos = W.positions(vals, [c.step for c in ckpts], direction or W.default_direction(metric))
+    rows = [{"checkpoint": c.ref, "id": c.id, "step": c.step, "metric": None if vals is None else vals[i],
+             "position": pos[i], "weight": w[i]} for i, c in enumerate(ckpts)]
+    if plot:
+        from ..plots import plot_weights
+
+        plot_weights(ckpts, metric or "step", w, plot, run_ckpts=reg.checkpoints(run, merged=False))
+        if not as_json:
+            _fmt.info(f"wrote {plot}")
+    _fmt.table(rows, ["checkpoint", "id", "step", "metric", "position", "weight"], as_json=as_json,
+               title=None if as_json else f"{scheme} weights, {metric or 'uniform'}")
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+def _common_merge_options(f):
+    opts = [
+        click.option("--method", default="linear", show_default=True,
+                     help="uniform|mwa|linear|task_arithmetic|ties|dare_linear|dare_ties|magnitude_prune|slerp|cart"),
+        click.option("--weights", "scheme", type=click.Choice(["uniform", "metric", "mwa"]), default=None,
+                     help="Weighting scheme for any method."),
+        click.option("--metric", default=None, help="Metric for metric/MWA weights ('step' for step weighting)."),
+        click.option("--direction", type=click.Choice(["min", "max"]), default=None,
+                     help="Default: min for loss-like metrics, max for step/accuracy."),
+        click.option("--penalty", type=float, default=None, help="MWA penalty factor p > 0."),
+        click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2)."),
+        click.option("--density", type=float, default=None, help="TIES/DARE/prune density in (0, 1]."),
+        click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election."),
+        click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector (λ)."),
+        click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
+        click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor in [0, 1]."),
+        click.option("--rank-ratio", type=float, default=None, help="CART rank ratio ρ (default 0.08)."),
+        click.option("--base", default=None, help="Base: first, last, or a checkpoint (id or RUN@STEP)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _params(density, sign, lam, seed, t, rank_ratio):
+    return {k: v for k, v in {"density": density, "sign": sign, "lam": lam, "seed": seed, "t": t,
+                              "rank_ratio": rank_ratio}.items() if v is not None}
+
+
+@click.command("merge")
+@click.argument("checkpoints", nargs=-1)
+@click.option("--run", default=None, help="Run to select from.")
+@click.option("--last", "last", type=int, default=None, help="Merge the last K checkpoints.")
+@click.option("--every", type=int, default=None, help="Every M-th checkpoint going back.")
+@click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint (the paper's k_last).")
+@_common_merge_options
+@click.option("--space", type=click.Choice(["factors", "delta"]), default="factors", show_default=True,
+              help="LoRA: merge stored factors, or exactly in update space.")
+@click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta.")
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None)
+@click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")
+@click.option("-o", "--out", "out", type=click.Path(), default=None, help="Output path (default: beside the inputs).")
+@click.option("--name", default=None, help="Registered name (default: the paper's naming).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output and registry entry.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_db
+def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, metric, direction, penalty, power,
+              density, sign, lam, seed, t, rank_ratio, base, space, rank, out_dtype, out_shard_size, out, name,
+              overwrite, quiet, as_json):
+    """Merge checkpoints (last K of a run, or the ones given) and register the result."""
+    from .. import engine
+
+    m = _method(method)
+    _check_weight_params(penalty, power, density)
+    if every is not None and last is None:
+        raise UsageError("--every needs --last")
+    reg = _registry(db)
+    inputs, selection = _resolve_inputs(reg, run, last, every, exclude_final, checkpoints)
+    if m == "mwa" and scheme is None:
+        scheme = "mwa"
+    if scheme == "mwa" and penalty is None:
+        raise ParameterError("MWA weighting needs --penalty")
+    if scheme in ("metric", "mwa") and not metric:
+        raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
+    spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
+                            direction=direction, base=base, params=_params(density, sign, lam, seed, t, rank_ratio),
+                            name=name, out=out, selection=selection)
+    with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
+        c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                         progress=prog, out_shard_size=_size(out_shard_size))
+    data = {"id": c.id, "name": c.name, "ref": c.ref, "path": c.path, "method": spec.method,
+            "inputs": [x.ref for x in spec.inputs], "weights": spec.weights,
+            "base": spec.base.ref if spec.base is not None else None}
+    if as_json:
+        _fmt.emit_json(data)
+    else:
+        click.echo(f"{c.id}\t{c.name}")
+        if not quiet:
+            _fmt.info(f"wrote {c.path}")
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+@click.command("sweep")
+@click.option("--run", required=True, help="Run to select from.")
+@click.option("--last", "last", required=True, help="Comma list of K, e.g. 2,3,4,5,8,10.")
+@click.option("--every", default="1", show_default=True, help="Comma list of M, e.g. 1,3.")
+@click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint.")
+@click.option("--method", default="uniform,mwa", show_default=True, help="Comma list of methods.")
+@click.option("--metric", default="train_loss", show_default=True, help="Comma list of metrics for MWA.")
+@click.option("--penalty", default="0.7", show_default=True, help="Comma list of penalty factors.")
+@click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2).")
+@click.option("--direction", type=click.Choice(["min", "max"]), default=None)
+@click.option("--density", type=float, default=None)
+@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None)
+@click.option("--lambda", "lam", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--t", "t", type=float, default=None)
+@click.option("--rank-ratio", type=float, default=None)
+@click.option("--base", default=None, help="Base for task-vector methods: first, last or a checkpoint.")
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_db
+def sweep_cmd(db, run, last, every, exclude_final, method, metric, penalty, power, direction, density, sign, lam,
+              seed, t, rank_ratio, base, out_dtype, out_dir, overwrite, quiet, as_json):
+    """Plan every combination of K × M × method × metric × penalty, drop duplicates, run the
+    weighted sums in one pass over the inputs, register each result under its paper name."""
+    from pathlib import Path
+
+    from .. import engine
+
+    lasts = _split(last, int, "--last")
+    everys = _split(every, int, "--every")
+    methods = [_method(x) for x in _split(method, str, "--method")]
+    metrics = _split(metric, str, "--metric")
+    penalties = _split(penalty, float, "--penalty")
+    for p in penalties:
+        _check_weight_params(p, power, density)
+    _check_weight_params(None, power, density)
+    reg = _registry(db)
+    specs, skipped = [], []
+    params = _params(density, sign, lam, seed, t, rank_ratio)
+    for k, mm in itertools.product(lasts, everys):
+        try:
+            inputs = reg.select(run, k, mm, exclude_final=exclude_final)
+        except SelectionError as e:
+            skipped.append(f"last {k} every {mm}: {e}")
+            continue
+        sel = {"run": run, "last": k, "every": mm, "exclude_final": bool(exclude_final)}
+        for meth in methods:
+            if meth in ("uniform", "linear"):
+                combos = [("uniform", None, None)]
+            elif meth == "mwa":
+                combos = [("mwa", mt, p) for mt in metrics for p in penalties]
+            else:
+                combos = [(None, None, None)]
+            for scheme, mt, p in combos:
+                if meth == "slerp" and k != 2:
+                    skipped.append(f"slerp last {k}: slerp needs exactly 2 checkpoints")
+                    continue
+                specs.append(engine.make_spec(reg, meth, inputs, scheme=scheme, metric=mt, penalty=p, power=power,
+                                              direction=direction, base=base, params=params, selection=dict(sel)))
+    if not specs:
+        raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
+    uniq, dropped = engine.dedupe_specs(specs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in uniq:
+        s.out = str(engine.default_out(s, parent=out_dir))
+    if not quiet and not as_json:
+        for msg in skipped:
+            _fmt.info(f"skipped {msg}")
+        if dropped:
+            _fmt.info(f"dropped {len(dropped)} duplicate combination(s): "
+                      + ", ".join(sorted({specs[i].name for i in dropped})))
+    with _Progress(quiet or as_json, f"sweep: {len(uniq)} merges") as prog:
+        res = engine.sweep(reg, uniq, overwrite=overwrite, progress=prog, out_dtype=out_dtype)
+    rows = [{"name": c.name, "id": c.id, "method": s.method,
+             "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in s.weights],
+             "path": c.path} for s, c in zip(uniq, res)]
+    _fmt.table(rows, ["name", "inputs", "weights", "id"], as_json=as_json,
+               title=None if as_json else f"sweep of run {run}: {len(rows)} merges")
+
+
+# ----------------------------------------------------------------------------------------- leaderboard
+
+@click.command("leaderboard")
+@click.option("--run", required=True)
+@click.option("--score", required=True, help="Metric weights, e.g. gsm8k=0.3,gsmplus=0.7 (or one metric).")
+@click.option("--base", default=None, help="Base model checkpoint (id or ref) for the % change column.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of the scores.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_db
+def leaderboard_cmd(db, run, score, base, plot, as_json):
+    """Rank merged and plain checkpoints of a run by a weighted score (Table 2 of the paper)."""
+    from ..leaderboard import leaderboard, parse_score
+
+    weights = parse_score(score)
+    reg = _registry(db)
+    rows = leaderboard(reg, run, weights, base=base)
+    if plot:
+        from ..plots import plot_leaderboard
+
+        plot_leaderboard(rows, plot, title=f"{run}: " + " + ".join(f"{w:g}·{k}" for k, w in weights.items()))
+        if not as_json:
+            _fmt.info(f"wrote {plot}")
+    if as_json:
+        _fmt.emit_json(rows)
+        return
+    cols = ["rank", "ref", "role"] + list(weights) + ["score", "vs_last_merging", "vs_final"]
+    if base is not None:
+        cols.append("vs_base")
+    shown = []
+    for r in rows:
+        d = dict(r)
+        for k in ("vs_last_merging", "vs_final", "vs_base"):
+            d[k] = None if r.get(k) is None else f"{r[k]:+.2f}%"
+        if r["score"] is None:
+            d["role"] = (d["role"] + "," if d["role"] else "") + "unscored (missing " + ",".join(r["missing"]) + ")"
+        shown.append(d)
+    _fmt.table(shown, cols, title=f"leaderboard of run {run}", right=["vs_last_merging", "vs_final", "vs_base"])
+
+
+COMMANDS = [weights_cmd, merge_cmd, sweep_cmd, leaderboard_cmd]
+_ = CkptregError
