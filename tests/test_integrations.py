@@ -51,7 +51,7 @@ def _expected(history, step):
     loss = [e["loss"] for e in history if "loss" in e and e["step"] <= step][-1]
     ev = {k: v for e in history if e["step"] == step for k, v in e.items()
           if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
-    return {"loss": loss, **ev}
+    return {"train_loss": loss, **ev}
 
 
 def test_imports_stay_light():
@@ -90,8 +90,18 @@ def test_hf_trainer_full_model(tmp_path):
     assert "eval_loss" in reg.get("gpt2-tiny@12").metrics
     assert "eval_loss" not in reg.get("gpt2-tiny@6").metrics
     # losses decreased: the tiny model learned something, the numbers are real
-    assert ck[-1].metrics["loss"] < ck[0].metrics["loss"]
+    assert ck[-1].metrics["train_loss"] < ck[0].metrics["train_loss"]
     assert cb.errors == []
+    # `ckptreg scan` of the same output folder records the same steps and metrics
+    from click.testing import CliRunner
+
+    from ckptreg.cli import main
+
+    db2 = tmp_path / "scan.duckdb"
+    r = CliRunner().invoke(main, ["--db", str(db2), "scan", str(out), "--run", "gpt2-tiny"])
+    assert r.exit_code == 0, r.output
+    scanned = {c.step: c.metrics for c in Registry(db2).checkpoints("gpt2-tiny")}
+    assert scanned == {c.step: c.metrics for c in ck}
 
 
 def test_hf_eval_after_save_is_attached_late(tmp_path):
@@ -110,7 +120,7 @@ def test_hf_eval_after_save_is_attached_late(tmp_path):
     res = trainer.evaluate()
     m = reg.get("r@8").metrics
     assert m["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-12)
-    assert m["loss"] == pytest.approx(_expected(_history(out / "checkpoint-8"), 8)["loss"])
+    assert m["train_loss"] == pytest.approx(_expected(_history(out / "checkpoint-8"), 8)["train_loss"])
 
 
 def test_hf_peft_lora(tmp_path):

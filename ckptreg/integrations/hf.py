@@ -5,7 +5,8 @@
 On ``on_save`` (main process only) the folder ``{output_dir}/checkpoint-{global_step}`` is
 registered with ``step = global_step`` and metrics:
 
-* ``loss``: the training loss of the last ``log_history`` entry with a ``loss`` at or before the step;
+* ``train_loss``: the ``loss`` of the last ``log_history`` entry with one at or before the step
+  (the name ``ckptreg scan`` and the README use);
 * every ``eval_*`` value logged at that step (speed counters ``*_runtime``/``*_per_second`` are
   left out unless ``keep_speed=True``).
 
@@ -50,7 +51,7 @@ class CkptregCallback(_Reporter, TrainerCallback):
                 for k, v in to_float_metrics({k: v for k, v in e.items() if self._eval_ok(k)}).items():
                     out[k] = v
         if loss is not None:
-            out = {"loss": float(loss), **out}
+            out = {"train_loss": float(loss), **out}
         return out
 
     # ------------------------------------------------------------------ hooks
