@@ -113,8 +113,9 @@ def big_registry(tmp_path_factory):
             '{{}}', '{{"r": 8}}', false, '[]', '[]'
         FROM range({N_BIG}) t(i)""")
     con.execute(f"""
-        INSERT INTO metrics SELECT row_number() OVER (), c.id, m.name,
-            CASE WHEN c.id % 997 = 0 THEN 'nan'::DOUBLE ELSE random() END, c.step, now()
+        INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest)
+        SELECT row_number() OVER (), c.id, m.name,
+            CASE WHEN c.id % 997 = 0 THEN 'nan'::DOUBLE ELSE random() END, c.step, now(), true
         FROM checkpoints c, (VALUES ('loss'), ('acc')) m(name)""")
     con.execute("COMMIT")
     n = con.execute("SELECT count(*) FROM checkpoints").fetchone()[0]

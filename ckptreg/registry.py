@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Migration steps: (version, [statements]). Applied in order, all pending ones in one transaction.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -111,6 +111,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             position INTEGER NOT NULL,
             weight DOUBLE)""",
         "CREATE INDEX merge_inputs_merge ON merge_inputs(merge_id)",
+    ]),
+    # 2: a `latest` flag per (checkpoint, metric name) so "best by metric" and metric loading are
+    # plain filtered scans instead of an arg_max aggregation over the whole history.
+    (2, [
+        "DROP INDEX metrics_checkpoint",  # DuckDB cannot ALTER a table that has indexes
+        "ALTER TABLE metrics ADD COLUMN latest BOOLEAN DEFAULT true",
+        """UPDATE metrics SET latest = (seq = (SELECT max(m2.seq) FROM metrics m2
+            WHERE m2.checkpoint_id = metrics.checkpoint_id AND m2.name = metrics.name))""",
+        "CREATE INDEX metrics_checkpoint ON metrics(checkpoint_id)",
     ]),
 ]
 
@@ -636,14 +645,18 @@ class Registry:
                 [cid, [t.name for t in ts], [list(t.shape) for t in ts], [t.dtype for t in ts],
                  [str(t.file) for t in ts], [int(t.offset) for t in ts], [int(t.nbytes) for t in ts]])
         if metrics:
-            self._insert_metrics(con, cid, metrics, step, created)
+            self._insert_metrics(con, cid, metrics, step, created, fresh=True)
         return cid
 
     @staticmethod
-    def _insert_metrics(con, cid, metrics: dict, step, logged) -> None:
+    def _insert_metrics(con, cid, metrics: dict, step, logged, fresh: bool = False) -> None:
         names = list(metrics)
+        if not fresh:
+            con.execute("UPDATE metrics SET latest = false WHERE checkpoint_id = $1 AND latest "
+                        "AND list_contains($2::VARCHAR[], name)", [cid, names])
         con.execute(
-            "INSERT INTO metrics SELECT nextval('metric_seq'), $1, n, v, $4, $5 "
+            "INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest) "
+            "SELECT nextval('metric_seq'), $1, n, v, $4, $5, true "
             "FROM (SELECT unnest($2::VARCHAR[]) AS n, unnest($3::DOUBLE[]) AS v)",
             [cid, names, [float(metrics[k]) for k in names], step, logged])
 
@@ -773,13 +786,12 @@ class Registry:
         if not ids:
             return {}
         if len(ids) == 1:
-            q = ("SELECT checkpoint_id, name, arg_max(value, seq) FROM metrics WHERE checkpoint_id = ? "
-                 "GROUP BY ALL ORDER BY name")
+            q = "SELECT checkpoint_id, name, value FROM metrics WHERE checkpoint_id = ? AND latest ORDER BY name"
             params = [int(ids[0])]
         else:
-            q = ("SELECT m.checkpoint_id, m.name, arg_max(m.value, m.seq) FROM metrics m "
+            q = ("SELECT m.checkpoint_id, m.name, m.value FROM metrics m "
                  "SEMI JOIN (SELECT unnest(?::BIGINT[]) AS id) i ON m.checkpoint_id = i.id "
-                 "GROUP BY ALL ORDER BY m.name")
+                 "WHERE m.latest ORDER BY m.name")
             params = [[int(i) for i in ids]]
         out: dict[int, dict[str, float]] = {}
         for cid, name, value in con.execute(q, params).fetchall():
@@ -933,10 +945,9 @@ class Registry:
         order = "DESC" if maximize else "ASC"
         with self._reader() as con:
             row = con.execute(
-                "WITH m AS (SELECT checkpoint_id, arg_max(value, seq) AS v FROM metrics WHERE name = ? "
-                "GROUP BY checkpoint_id) "
-                f"SELECT c.id FROM checkpoints c JOIN m ON m.checkpoint_id = c.id "
-                f"WHERE c.run = ? AND NOT isnan(m.v) ORDER BY m.v {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1",
+                "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
+                "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
+                f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1",
                 [metric, run]).fetchone()
             if row is None:
                 n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from ckptreg.cli import main
-from ckptreg.registry import Registry
+from ckptreg.registry import SCHEMA_VERSION, Registry
 from helpers_files import raw_safetensors, write_peft_adapter
 
 
@@ -129,7 +129,7 @@ def test_runs_best_sql_verify_doctor(cli, db_path, tmp_path):
     for s in (str(db_path), "schema_version", "duckdb", "python", "spool_pending"):
         assert s in r.stdout
     d = json.loads(cli("doctor", "--json").stdout)
-    assert d["schema_version"] == 1 and d["checkpoints"] == 4 and d["spool_rejected"] == 0
+    assert d["schema_version"] == SCHEMA_VERSION and d["checkpoints"] == 4 and d["spool_rejected"] == 0
 
 
 def test_show_merged_lineage(cli, db_path, tmp_path):

@@ -286,11 +286,11 @@ def test_sql_read_only(registry, tmp_path):
 def test_schema_versioned(registry, tmp_path):
     registry.add(write_peft_adapter(tmp_path / "checkpoint-1", 1), "r")
     assert registry.schema_version() == SCHEMA_VERSION
-    _, rows = registry.sql("SELECT version FROM schema_version")
-    assert rows == [(SCHEMA_VERSION,)]
+    _, rows = registry.sql("SELECT version FROM schema_version ORDER BY 1")
+    assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     reg2 = Registry(registry.path)
     assert reg2.get("r@1").step == 1
-    assert reg2.sql("SELECT count(*) FROM schema_version")[1] == [(1,)]  # not re-applied
+    assert reg2.sql("SELECT count(*) FROM schema_version")[1] == [(SCHEMA_VERSION,)]  # not re-applied
     import duckdb
 
     con = duckdb.connect(str(registry.path))
@@ -298,6 +298,33 @@ def test_schema_versioned(registry, tmp_path):
     con.close()
     with pytest.raises(FormatError, match="newer"):
         Registry(registry.path).get("r@1")
+
+
+def test_migration_from_v1_keeps_data(db_path, tmp_path):
+    """A database at schema version 1 (metric history, no `latest` flag) is migrated in place by
+    the next opener, in one transaction, and reads the same."""
+    import duckdb
+
+    from ckptreg.registry import MIGRATIONS
+
+    con = duckdb.connect(str(db_path))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TIMESTAMP NOT NULL)")
+    for stmt in MIGRATIONS[0][1]:
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.execute("INSERT INTO runs VALUES ('r', now(), NULL, NULL)")
+    con.execute("INSERT INTO checkpoints VALUES (1, 'r', 10, NULL, '/x', 'peft', 'lora', NULL, 1, 4, 16, 'fp', "
+                "now(), '{}', NULL, false, '[]', '[]')")
+    con.execute("INSERT INTO metrics VALUES (1, 1, 'loss', 0.9, 10, now()), (2, 1, 'loss', 0.5, 10, now()), "
+                "(3, 1, 'acc', 'nan', 10, now())")
+    con.close()
+    reg = Registry(db_path)
+    c = reg.get("r@10")
+    assert c.metrics["loss"] == 0.5 and math.isnan(c.metrics["acc"])
+    assert reg.schema_version() == SCHEMA_VERSION
+    assert reg.sql("SELECT seq, latest FROM metrics ORDER BY seq")[1] == [(1, False), (2, True), (3, True)]
+    reg.log("r@10", {"loss": 0.25})
+    assert reg.get("r@10").metrics["loss"] == 0.25
 
 
 def test_db_path_precedence(tmp_path, monkeypatch):
