@@ -239,7 +239,9 @@ class SafeFile:
     """An open safetensors file: one read-only-in-practice mmap, tensors as views of it.
 
     Use as a context manager. Views stay valid after ``close()`` (the map is released when the
-    last view is garbage collected). Never write into a view: with ``ACCESS_COPY`` a write would
+    last view is garbage collected). As with any mmap, truncating the file in place while views
+    are alive makes reads of the lost pages fail (SIGBUS); ckptreg's writer replaces files by
+    rename, which leaves open maps intact. Never write into a view: with ``ACCESS_COPY`` a write would
     only change this process's private copy, but callers should treat views as read-only.
     """
 

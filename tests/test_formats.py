@@ -303,6 +303,15 @@ class _Custom:
     pass
 
 
+def test_legacy_pickle_format(tmp_path):
+    p = tmp_path / "old.bin"
+    sd = {"w": torch.randn(3, 2), "b": torch.zeros(2, dtype=torch.float16)}
+    torch.save(sd, p, _use_new_zipfile_serialization=False)  # not mmap-able: plain load
+    info = inspect(p, allow_pickle=True)
+    assert {k: (t.dtype, t.shape) for k, t in info.tensors.items()} == {"b": ("F16", (2,)), "w": ("F32", (3, 2))}
+    assert torch.equal(load_pickle_state(p)["w"], sd["w"])
+
+
 # ------------------------------------------------------------------ steps
 
 
