@@ -132,7 +132,7 @@ def test_lora_delta_merge_batched_matches_per_layer():
     assert rel(Bo @ Ao, Bt @ At) < 1e-5
     for layer in range(5):
         dense = ref_lora_delta([b[layer] for b in Bs], [a[layer] for a in As], scales, coeffs)
-        assert rel(Bo[layer] @ Ao[layer], ref_best_rank(dense, 6)) < 2e-6
+        assert rel(Bo[layer] @ Ao[layer], ref_best_rank(dense, 6)) < 1e-5  # ops kernels: all float32
 
 
 def test_lora_delta_merge_uses_ops_when_present():

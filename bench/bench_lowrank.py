@@ -1,0 +1,136 @@
+"""Delta-space (factored) LoRA merging and CART vs the dense SVD route.
+
+Run:  python -m pytest bench/bench_lowrank.py -s -p no:cacheprovider --benchmark-columns=min,mean,rounds
+
+Scenario (METHODS.md "LoRA adapters: two spaces"): n = 4 adapters of a 4096×4096 layer, rank 16,
+PEFT shapes (lora_B [4096, 16], lora_A [16, 4096]). The limit measured in the same run is the dense
+route a user would otherwise take: form the merged update ΔW = Σ c_i s_i B_i A_i (4096×4096) and
+``torch.linalg.svd`` it (one dense SVD, ~10-20 s on 2 cores). Reported: speed ratio dense/factored
+and the max relative singular-value error (|S_fact − S_dense| / S_dense[0]) over the top n·r values.
+
+CART is benchmarked the same way at 1024×1024 (dense CART needs one SVD per adapter: four 4096²
+SVDs would take a minute on 2 cores), plus the factored CART alone at 4096².
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ckptreg import lowrank as L
+
+N, D, K, R = 4, 4096, 4096, 16
+SCALES = [2.0, 2.0, 1.0, 0.5]
+COEFFS = [0.1, 0.2, 0.3, 0.4]
+RESULTS: dict = {}
+
+
+def _adapters(d, k, r=R, n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(d, r, generator=g) * 0.02 for _ in range(n)]
+    As = [torch.randn(r, k, generator=g) * 0.02 for _ in range(n)]
+    return Bs, As
+
+
+def _dense_update(Bs, As, scales, coeffs):
+    W = torch.zeros(Bs[0].shape[0], As[0].shape[1])
+    for b, a, s, c in zip(Bs, As, scales, coeffs):
+        W.addmm_(b, a, alpha=s * c)
+    return W
+
+
+@pytest.fixture(scope="module")
+def big():
+    return _adapters(D, K)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _adapters(1024, 1024, seed=1)
+
+
+# --------------------------------------------------------------------------- 4096² delta merge
+
+
+def test_dense_svd_route(benchmark, big):
+    Bs, As = big
+
+    def run():
+        W = _dense_update(Bs, As, SCALES, COEFFS)
+        return torch.linalg.svd(W, full_matrices=False)
+
+    U, S, Vh = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    RESULTS["dense_s"] = S[: N * R].double()
+    RESULTS["dense_time"] = benchmark.stats.stats.min
+
+
+def test_factored_delta_merge(benchmark, big):
+    Bs, As = big
+    out = benchmark.pedantic(lambda: L.lora_delta_merge(Bs, As, SCALES, COEFFS, rank=R),
+                             rounds=20, iterations=1, warmup_rounds=2)
+    RESULTS["fact_time"] = benchmark.stats.stats.min
+    # singular values of the whole merged update (rank N*R) from the factored SVD
+    B = torch.cat(Bs, 1)
+    A = torch.cat(As, 0)
+    diag = torch.tensor([s * c for s, c in zip(SCALES, COEFFS) for _ in range(R)])
+    _, S, _ = L.factored_svd(B, diag, A)
+    RESULTS["fact_s"] = S.double()
+    assert out[0].shape == (D, R) and out[1].shape == (R, K)
+
+
+def test_report_delta(benchmark):
+    if "dense_s" not in RESULTS or "fact_s" not in RESULTS:
+        pytest.skip("needs both sides")
+    ds, fs = RESULTS["dense_s"], RESULTS["fact_s"]
+    err = ((fs - ds).abs().max() / ds[0]).item()
+    ratio = RESULTS["dense_time"] / RESULTS["fact_time"]
+    benchmark.extra_info.update(speed_ratio=ratio, max_rel_sv_err=err)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n[delta merge 4096x4096, n={N}, r={R}] dense SVD route {RESULTS['dense_time']:.2f} s, "
+          f"factored {RESULTS['fact_time'] * 1e3:.2f} ms, speed ratio {ratio:,.0f}x, "
+          f"max rel singular-value error {err:.2e}")
+    assert err < 1e-5
+    assert ratio > 10
+
+
+# --------------------------------------------------------------------------- CART
+
+
+@pytest.mark.parametrize("rho", [0.01, 0.08])
+def test_cart_1024_dense_vs_factored(benchmark, small, rho):
+    Bs, As = small
+    ups = [_dense_update([b], [a], [s], [1.0]) for b, a, s in zip(Bs, As, SCALES)]
+    t0 = time.perf_counter()
+    dense = L.cart_dense(ups, None, rho, 1.5)   # N exact 1024² SVDs
+    t_dense = time.perf_counter() - t0
+    got = benchmark.pedantic(lambda: L.cart_lowrank(Bs, As, SCALES, None, rho, 1.5),
+                             rounds=10, iterations=1, warmup_rounds=1)
+    t_fact = benchmark.stats.stats.min
+    # accuracy against the float64 dense CART (the float32 dense route itself is only ~1e-5 accurate)
+    dense64 = L.cart_dense([u.double() for u in ups], None, rho, 1.5)
+    err = ((got[0].double() @ got[1].double() - dense64).abs().max() / dense64.abs().max()).item()
+    err32 = ((dense.double() - dense64).abs().max() / dense64.abs().max()).item()
+    s_d = torch.linalg.svdvals(dense64)[: N * R]
+    s_f = torch.linalg.svdvals(got[0].double() @ got[1].double())[: N * R]
+    sv_err = ((s_f - s_d).abs().max() / s_d[0]).item()
+    ratio = t_dense / t_fact
+    benchmark.extra_info.update(speed_ratio=ratio, max_rel_err=err, max_rel_sv_err=sv_err, dense_s=t_dense,
+                                dense_fp32_rel_err=err32)
+    print(f"\n[CART 1024x1024, n={N}, r={R}, rho={rho}, k={L.cart_rank(1024, 1024, rho)}] dense {t_dense:.3f} s, "
+          f"factored {t_fact * 1e3:.2f} ms, speed ratio {ratio:,.0f}x, max rel err vs fp64 dense {err:.2e} "
+          f"(fp32 dense route: {err32:.2e}), "
+          f"max rel singular-value error {sv_err:.2e}")
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("rho", [0.002, 0.08])
+def test_cart_4096_factored(benchmark, big, rho):
+    Bs, As = big
+    out = benchmark.pedantic(lambda: L.cart_lowrank(Bs, As, SCALES, None, rho, 1.5, out_rank=R),
+                             rounds=10, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.min
+    print(f"\n[CART 4096x4096, n={N}, r={R}, rho={rho}, k={L.cart_rank(D, K, rho)}] factored {t * 1e3:.2f} ms"
+          + (f" (dense route >= {N} x {RESULTS['dense_time']:.1f} s SVDs: ratio >= "
+             f"{N * RESULTS['dense_time'] / t:,.0f}x)" if "dense_time" in RESULTS else ""))
+    assert out[0].shape == (D, R)
