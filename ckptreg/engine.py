@@ -82,8 +82,10 @@ _ALIASES = {"soup": "linear", "average": "linear", "mean": "linear", "unweighted
             "task": "task_arithmetic", "ta": "task_arithmetic", "dare": "dare_linear",
             "prune": "magnitude_prune", "magnitude": "magnitude_prune"}
 
-#: elements per chunk inside huge tensors (16 MiB of float32 per output buffer)
-CHUNK_ELEMS = 1 << 22
+#: elements per chunk inside huge tensors (8 MiB of float32 per output buffer)
+CHUNK_ELEMS = 1 << 21
+#: output chunk buffers of a sweep (M outputs at once) stay under this; more rows go in blocks
+SWEEP_BUFFER_BYTES = 256 << 20
 _EMBED_RE = re.compile(r"(embed|wte|wpe)", re.I)
 _FLOAT_ST = ("F32", "F16", "BF16", "F64")
 
@@ -561,19 +563,34 @@ def _progress(cb, done, total, name):
 
 
 def _stream_linear(name, views, W, odt, bufs, chunk, writers, on_chunk):
-    """Weighted sums with weight matrix W [M, N] of flat ``views``; rows go to ``writers``."""
+    """Weighted sums with weight matrix W [M, N] of flat ``views``; row m goes to ``writers[m]``.
+
+    Chunk boundaries are the same whatever M (a sweep's outputs are then bitwise equal to the
+    same merges run one by one, even where a kernel's rounding depends on the position within a
+    call); when M chunk buffers would exceed ``SWEEP_BUFFER_BYTES`` the rows are done in blocks
+    over the same (cached) input chunk."""
     from . import ops
 
     numel = views[0].numel()
     M = W.shape[0]
-    step = max(1, chunk // max(1, M)) if M > 1 else chunk
-    for s in range(0, numel, step):
-        e = min(numel, s + step)
-        buf = bufs.get(odt, M, e - s)
-        ops.weighted_sum([v[s:e] for v in views], W, out_dtype=odt, out=buf)
-        for m, w in enumerate(writers):
-            w.write_chunk(name, buf[m])
+    item = _itemsize(odt)
+    mb = max(1, min(M, SWEEP_BUFFER_BYTES // max(1, chunk * item)))
+    for s in range(0, numel, chunk):
+        e = min(numel, s + chunk)
+        xs = [v[s:e] for v in views]
+        for m0 in range(0, M, mb):
+            m1 = min(M, m0 + mb)
+            buf = bufs.get(odt, m1 - m0, e - s)
+            ops.weighted_sum(xs, W[m0:m1], out_dtype=odt, out=buf)
+            for m in range(m0, m1):
+                writers[m].write_chunk(name, buf[m - m0])
         on_chunk(e - s)
+
+
+def _itemsize(dt) -> int:
+    import torch
+
+    return torch.empty((), dtype=dt).element_size()
 
 
 def _thresholds(views, base_view, density):
