@@ -128,6 +128,12 @@ _CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_p
 
 _READ_ONLY_KINDS = {"SELECT", "EXPLAIN"}
 
+#: DuckDB connect errors that mean "someone else holds the file right now": retried with jitter.
+#: (another process holds it; another thread of this process holds it with another config; two
+#: threads of this process attaching it at the same moment.)
+_BUSY_MARKERS = ("Could not set lock", "Conflicting lock", "different configuration",
+                 "already attached", "Resource In Use", "lock on file")
+
 
 # --------------------------------------------------------------------------- data
 
@@ -361,10 +367,10 @@ class Registry:
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
-            except (duckdb.IOException, duckdb.ConnectionException) as e:
+            except duckdb.Error as e:
                 msg = str(e)
-                busy = ("lock" in msg.lower() or "different configuration" in msg
-                        or "Conflicting" in msg)
+                busy = (isinstance(e, getattr(duckdb, "ResourceInUseException", ()))
+                        or any(k in msg for k in _BUSY_MARKERS))
                 if not busy:
                     raise FormatError(f"cannot open registry {self.path}: {msg}") from e
                 if time.monotonic() >= deadline:
@@ -822,7 +828,7 @@ class Registry:
             raise UsageError(f"not a checkpoint reference: {ref!r}")
         ref = ref.strip()
         if "@" not in ref:
-            p = os.path.abspath(ref)
+            p = os.path.realpath(ref)
             got = self._query(con, "path = ?", [p]) if os.path.exists(p) else []
             if len(got) == 1:
                 return got[0]

@@ -89,3 +89,34 @@ def test_concurrent_writers_short_timeout_spool_then_ingest(tmp_path):
     assert sum(r["ids"] + r["spooled"] for r in results) == N_PROCS * N_ADDS
     assert total_spooled > 0, results  # with a 5 ms bound and 4 writers, some must have spooled
     _check_all_present(db)
+
+
+def test_threads_in_one_process(tmp_path):
+    """Threads share DuckDB's per-process instance cache: writers and readers must still serialise."""
+    import threading
+
+    db = tmp_path / "threads.duckdb"
+    p = tmp_path / "w.safetensors"
+    raw_safetensors(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    errors, spooled = [], []
+
+    def work(t):
+        reg = Registry(db, lock_timeout=60)
+        try:
+            for i in range(15):
+                if reg.add(p, "t", step=t * 1000 + i, metrics={"loss": i}) is None:
+                    spooled.append(1)
+                reg.checkpoints("t")
+                reg.get(f"t@{t * 1000}")
+        except Exception as e:  # noqa: BLE001 - the assertion below reports it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    reg = Registry(db)
+    reg.ingest()
+    assert sorted(c.step for c in reg.checkpoints("t")) == sorted(t * 1000 + i for t in range(4) for i in range(15))
