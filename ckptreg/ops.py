@@ -241,7 +241,7 @@ def weighted_sum(inputs, weights, out_dtype=None, out=None) -> torch.Tensor:
     if _route(ref.device, "weighted_sum") == "compiled":
         if out is not None and out.is_contiguous():
             target = out.view(full_shape) if single else out
-            torch.ops.ckptreg.weighted_sum.out(xs, w, odt, out=target)
+            torch.ops.ckptreg.weighted_sum_out(xs, w, odt, target)
             return out
         res = torch.ops.ckptreg.weighted_sum(xs, w, odt)
     else:
@@ -358,7 +358,7 @@ def task_merge(
     if _route(ref.device, "task_merge") == "compiled":
         args = (b, xs, wl, method, density, thr, kl, sign, lam, offset, odt)
         if out is not None and out.is_contiguous():
-            torch.ops.ckptreg.task_merge.out(*args, out=out)
+            torch.ops.ckptreg.task_merge_out(*args, out)
             return out
         res = torch.ops.ckptreg.task_merge(*args)
     else:
@@ -524,6 +524,10 @@ def _register_fakes() -> None:
             dt = out_dtype if out_dtype is not None else x.dtype
             return x.new_empty((weights.shape[0], *x.shape), dtype=dt)
 
+        @lib.register_fake("ckptreg::weighted_sum_out")
+        def _ws_out_fake(inputs, weights, out_dtype, out):
+            return None
+
     if _has("task_merge"):
 
         @lib.register_fake("ckptreg::task_merge")
@@ -531,6 +535,10 @@ def _register_fakes() -> None:
             x = inputs[0]
             dt = out_dtype if out_dtype is not None else x.dtype
             return x.new_empty(x.shape, dtype=dt)
+
+        @lib.register_fake("ckptreg::task_merge_out")
+        def _tm_out_fake(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out):
+            return None
 
     if _has("kth_largest_abs"):
 

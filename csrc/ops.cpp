@@ -6,15 +6,16 @@
 TORCH_LIBRARY(ckptreg, m) {
   // out[m] = sum_n weights[m, n] * inputs[n]; weights float32 [M, N] on the inputs' device
   m.def("weighted_sum(Tensor[] inputs, Tensor weights, ScalarType? out_dtype=None) -> Tensor");
-  m.def("weighted_sum.out(Tensor[] inputs, Tensor weights, ScalarType? out_dtype=None, *, "
-        "Tensor(a!) out) -> Tensor(a!)");
+  // in-place variant writing into `out` (returns nothing: mutable custom ops must not return
+  // an alias, so torch.compile can functionalise them)
+  m.def("weighted_sum_out(Tensor[] inputs, Tensor weights, ScalarType? out_dtype, Tensor(a!) out) -> ()");
   // fused TIES / DARE / magnitude prune / task arithmetic (semantics: ckptreg/ops.py)
   m.def("task_merge(Tensor? base, Tensor[] inputs, float[] weights, str method, float density, "
         "float[]? thresholds, int[]? keys, str sign, float lam, int offset, "
         "ScalarType? out_dtype=None) -> Tensor");
-  m.def("task_merge.out(Tensor? base, Tensor[] inputs, float[] weights, str method, float density, "
+  m.def("task_merge_out(Tensor? base, Tensor[] inputs, float[] weights, str method, float density, "
         "float[]? thresholds, int[]? keys, str sign, float lam, int offset, "
-        "ScalarType? out_dtype=None, *, Tensor(a!) out) -> Tensor(a!)");
+        "ScalarType? out_dtype, Tensor(a!) out) -> ()");
   // exact k-th largest |x - base| as a 0-dim float32 (float64 for float64 x) tensor
   m.def("kth_largest_abs(Tensor x, int k, Tensor? base=None) -> Tensor");
   // exact thin SVD of B[l] @ core[l] @ A[l] via QR, batched over layers

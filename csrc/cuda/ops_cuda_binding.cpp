@@ -67,6 +67,11 @@ at::Tensor& weighted_sum_out_cuda(at::TensorList inputs, const at::Tensor& weigh
   return out;
 }
 
+void weighted_sum_out_cuda_op(at::TensorList inputs, const at::Tensor& weights,
+                            c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  weighted_sum_out_cuda(inputs, weights, out_dtype, out);
+}
+
 at::Tensor weighted_sum_cuda(at::TensorList inputs, const at::Tensor& weights,
                              c10::optional<at::ScalarType> out_dtype) {
   check_inputs(inputs, c10::DeviceType::CUDA);
@@ -117,6 +122,16 @@ at::Tensor& task_merge_out_cuda(const c10::optional<at::Tensor>& base, at::Tenso
   return out;
 }
 
+void task_merge_out_cuda_op(const c10::optional<at::Tensor>& base, at::TensorList inputs,
+                          at::ArrayRef<double> weights, c10::string_view method, double density,
+                          c10::optional<at::ArrayRef<double>> thresholds,
+                          c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
+                          double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
+                          at::Tensor& out) {
+  task_merge_out_cuda(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
+                      out_dtype, out);
+}
+
 at::Tensor task_merge_cuda(const c10::optional<at::Tensor>& base, at::TensorList inputs,
                            at::ArrayRef<double> weights, c10::string_view method, double density,
                            c10::optional<at::ArrayRef<double>> thresholds,
@@ -157,9 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cuda(
 
 TORCH_LIBRARY_IMPL(ckptreg, CUDA, m) {
   m.impl("weighted_sum", &weighted_sum_cuda);
-  m.impl("weighted_sum.out", &weighted_sum_out_cuda);
+  m.impl("weighted_sum_out", &weighted_sum_out_cuda_op);
   m.impl("task_merge", &task_merge_cuda);
-  m.impl("task_merge.out", &task_merge_out_cuda);
+  m.impl("task_merge_out", &task_merge_out_cuda_op);
   m.impl("kth_largest_abs", &kth_largest_abs_cuda);
   m.impl("factored_svd_batched", &factored_svd_batched_cuda);
 }
