@@ -784,7 +784,16 @@ def _check_params(method: str, p: dict, n: int) -> dict:
     return {k: v for k, v in p.items() if v is not None}
 
 
-def _prepare(registry, spec: MergeSpec, overwrite: bool, seen_names=None):
+def _batch(registry):
+    """One registry connection for a burst of small operations (validation, registration); never
+    held while tensors stream, so trainers registering checkpoints are not blocked for long."""
+    import contextlib
+
+    b = getattr(registry, "batch", None)
+    return b() if b is not None else contextlib.nullcontext()
+
+
+def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None):
     """Validation shared by merge and sweep (nothing is read or written here)."""
     method = canonical_method(spec.method)
     inputs = list(spec.inputs)
@@ -810,7 +819,11 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, seen_names=None):
     if not spec.name:
         raise ParameterError("a merge needs a name")
     for c in inputs + ([spec.base] if spec.base is not None else []):
+        if checked is not None and c.id in checked:
+            continue
         registry.check_unchanged(c)
+        if checked is not None:
+            checked.add(c.id)
     return method, inputs, w, p
 
 
@@ -883,7 +896,8 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
     input data read so far / in all)."""
     import torch
 
-    method, inputs, w, p = _prepare(registry, spec, overwrite)
+    with _batch(registry):
+        method, inputs, w, p = _prepare(registry, spec, overwrite)
     if space not in ("factors", "delta"):
         raise ParameterError(f"space must be 'factors' or 'delta', got {space!r}")
     if rank is not None and (int(rank) != rank or rank < 1):
@@ -922,7 +936,8 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
     out = Path(spec.out) if spec.out else default_out(spec, info0)
     out = out.resolve() if not out.is_absolute() else out
     spec.out = str(out)
-    _check_target(registry, spec, out, overwrite)
+    with _batch(registry):
+        _check_target(registry, spec, out, overwrite)
 
     # output entries (delta space may change the LoRA rank)
     entries_shapes = dict(pl.shapes)
@@ -952,7 +967,8 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
     finally:
         for s in sources + ([base_src] if base_src else []):
             s.close()
-    return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite)
+    with _batch(registry):
+        return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite)
 
 
 def _read_cfg(info):
@@ -1132,9 +1148,11 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
 
     prepared = []
     outs = set()
-    for s in uniq:
-        method, inputs, w, p = _prepare(registry, s, overwrite)
-        prepared.append((s, method, inputs, w, p))
+    checked: set = set()
+    with _batch(registry):
+        for s in uniq:
+            method, inputs, w, p = _prepare(registry, s, overwrite, checked)
+            prepared.append((s, method, inputs, w, p))
     linear = [x for x in prepared if x[1] in LINEAR_METHODS]
     other = [x for x in prepared if x[1] not in LINEAR_METHODS]
 
@@ -1146,15 +1164,16 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
         groups.setdefault(hash(sig), []).append(x)
 
     # validate every target before reading anything
-    for s, method, inputs, w, p in prepared:
-        if s.out is None:
-            s.out = str(default_out(s, _inspect(inputs[0])))
-        out = Path(s.out).resolve()
-        s.out = str(out)
-        if out in outs:
-            raise ParameterError(f"two merges in the sweep write to {out}")
-        outs.add(out)
-        _check_target(registry, s, out, overwrite)
+    with _batch(registry):
+        for s, method, inputs, w, p in prepared:
+            if s.out is None:
+                s.out = str(default_out(s, _inspect(inputs[0])))
+            out = Path(s.out).resolve()
+            s.out = str(out)
+            if out in outs:
+                raise ParameterError(f"two merges in the sweep write to {out}")
+            outs.add(out)
+            _check_target(registry, s, out, overwrite)
 
     results: dict[int, object] = {}
     done_all = [0]
@@ -1218,8 +1237,10 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
         finally:
             for s_ in sources:
                 s_.close()
-        for s, method, inputs, w, p in members:
-            results[id(s)] = _register(registry, s, Path(s.out), method, p, w, "factors", None, odt_user, overwrite)
+        with _batch(registry):
+            for s, method, inputs, w, p in members:
+                results[id(s)] = _register(registry, s, Path(s.out), method, p, w, "factors", None, odt_user,
+                                           overwrite)
 
     for s, method, inputs, w, p in other:
         results[id(s)] = merge(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,
