@@ -552,12 +552,12 @@ def pretrain_base(model: TinyLM, tok: Tokenizer, corpus: Sequence[str], steps: i
 
 
 def finetune_lora(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], steps: int, seed: int,
-                  *, batch_size: int = 32, lr: float = 2e-3, save_every: int | None = None,
+                  *, batch_size: int = 32, lr: float = 2e-3, save_at: Sequence[int] = (),
                   on_save: Callable[[int, float], None] | None = None,
                   log: Callable[[str], None] | None = None) -> list[float]:
     """LoRA fine-tuning (only lora_A/lora_B train) with AdamW: linear warm-up, then a cosine that
     ends at 30% of the peak rate, so the loss is still noisy and decreasing at the end (where
-    checkpoint merging helps). Every ``save_every`` steps and at the last step, ``on_save(step,
+    checkpoint merging helps). At every step in ``save_at`` and at the last step, ``on_save(step,
     train_loss)`` gets the mean training loss since the previous save."""
     g = torch.Generator().manual_seed(seed + 1)
     params = lora_parameters(model)
@@ -566,6 +566,7 @@ def finetune_lora(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]
     model.train()
     losses: list[float] = []
     since_save: list[float] = []
+    save_at = set(save_at) | {steps}
     for step in range(1, steps + 1):
         idx = torch.randint(len(pairs), (batch_size,), generator=g).tolist()
         x, y = qa_batch([pairs[i] for i in idx])
@@ -577,7 +578,7 @@ def finetune_lora(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]
         sched.step()
         losses.append(loss.item())
         since_save.append(losses[-1])
-        if on_save and ((save_every and step % save_every == 0) or step == steps):
+        if on_save and step in save_at:
             model.eval()
             on_save(step, sum(since_save) / len(since_save))
             model.train()
@@ -621,6 +622,13 @@ class DemoPlan:
     def save_every(self) -> int:
         """Interval so that n_checkpoints land on it and the final step falls off it."""
         return max(1, self.steps // (self.n_checkpoints + 1))
+
+    @property
+    def save_steps(self) -> list[int]:
+        """The checkpoint steps: n_checkpoints on the interval, then the final step (off it, like
+        the paper's runs: 1000, 2000, ..., 17000, then 17814)."""
+        return [s for s in (self.save_every * i for i in range(1, self.n_checkpoints + 1))
+                if s < self.steps] + [self.steps]
 
 
 SCORE = "heldout_acc"
@@ -738,7 +746,7 @@ def run_demo(db=None, out="ckptreg-demo", *, steps: int | None = None, seed: int
         say(f"  step {step:>5}  train_loss {train_loss:.4f}  -> registered {run}@{step}")
 
     finetune_lora(model, train_pairs, plan.steps, seed, batch_size=plan.batch_size, lr=plan.lr,
-                  save_every=every, on_save=on_save)
+                  save_at=plan.save_steps, on_save=on_save)
     timings["finetune_s"] = time.time() - t0
 
     # 3. evaluate the plain checkpoints ----------------------------------------------------
@@ -866,7 +874,7 @@ def run_demo(db=None, out="ckptreg-demo", *, steps: int | None = None, seed: int
     def brief(c):
         return {"ref": c.ref, "name": c.name, "step": c.step, **scores[c.id]}
 
-    return {
+    summary = {
         "seed": seed, "run": run, "db": str(reg.path), "out": str(run_dir), "steps": plan.steps,
         "save_every": every, "n_checkpoints": len(plain), "n_merges": len(all_merged),
         "base": {"ref": f"{base_run}@{plan.pretrain_steps}", "id": base_id, **base_metrics},
@@ -879,3 +887,5 @@ def run_demo(db=None, out="ckptreg-demo", *, steps: int | None = None, seed: int
         "leaderboard": rows, "plots": plots_out, "timings": timings,
         "merged_paths": [c.path for c in all_merged],
     }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

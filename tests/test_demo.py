@@ -1,0 +1,288 @@
+"""The end-to-end demo: task generator, LoRA/PEFT format, and a shortened `ckptreg demo` run
+through the CLI in-process (registry contents, lineage, PEFT loading, leaderboard, plots)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ckptreg import demo as D  # noqa: E402
+
+
+# ------------------------------------------------------------------ task and tokenizer
+
+def test_task_split_is_disjoint_and_correct():
+    t = D.make_task(3, n_train=2000, n_heldout=200)
+    train_texts = {p.text for p in t.train}
+    assert not train_texts & {p.text for p in t.heldout}
+    # whole facts are held out, in both operand orders of an addition
+    def unordered(f):
+        a, op, b = f
+        return (min(a, b), op, max(a, b)) if op == "+" else f
+    train_facts = {unordered(p.fact) for p in t.train}
+    held_facts = {unordered(p.fact) for p in t.heldout}
+    assert held_facts and not train_facts & held_facts
+    assert len({p.text for p in t.heldout}) == len(t.heldout) == 200
+    for p in t.train + t.heldout:
+        a, op, b = p.fact
+        assert int(p.answer) == (a + b if op == "+" else a - b) >= 0
+        lhs, rhs = p.solution.split(" = ")
+        assert rhs == p.answer and eval(lhs) == int(p.answer)  # noqa: S307 (digits and +/- only)
+        # the numbers of the solution appear in the problem text
+        x, _op, y = lhs.split()
+        assert f" {x} " in f" {p.text} " and f" {y} " in f" {p.text} "
+    # no pretraining sentence contains a question or a worked answer to a story
+    assert not any("?" in s for s in t.pretrain)
+
+
+def test_task_is_seeded():
+    a, b, c = D.make_task(7, n_train=300, n_heldout=50), D.make_task(7, n_train=300, n_heldout=50), \
+        D.make_task(8, n_train=300, n_heldout=50)
+    assert [p.text for p in a.train] == [p.text for p in b.train]
+    assert [p.text for p in a.heldout] == [p.text for p in b.heldout]
+    assert [p.text for p in a.train] != [p.text for p in c.train]
+
+
+def test_tokenizer_round_trip():
+    tok = D.Tokenizer()
+    t = D.make_task(0, n_train=50, n_heldout=20)
+    for p in t.train + t.heldout:
+        assert tok.decode(tok.encode(p.text)) == p.text
+        assert tok.decode(tok.encode(p.solution)) == p.solution
+    with pytest.raises(ValueError):
+        tok.encode("tom has a unicorn")
+
+
+# ------------------------------------------------------------------ LoRA and the PEFT format
+
+def _base(seed=0):
+    torch.manual_seed(seed)
+    tok = D.Tokenizer()
+    return D.TinyLM(D.ModelConfig(vocab_size=len(tok))).eval(), tok
+
+
+def test_lora_with_zero_B_equals_the_base_model():
+    base, tok = _base()
+    m = copy.deepcopy(base)
+    wrapped = D.inject_lora(m)
+    assert len(wrapped) == 6 * base.config.n_layers
+    assert all(p.requires_grad == (".lora_" in n) for n, p in m.named_parameters())
+    x = torch.randint(3, len(tok), (5, 17))
+    with torch.no_grad():
+        assert torch.equal(m(x), base(x))  # fresh adapter: B = 0 (PEFT init)
+        for n, p in m.named_parameters():
+            if ".lora_B." in n:
+                p.normal_()
+        assert not torch.allclose(m(x), base(x))
+        D.zero_adapter(m)
+        assert torch.equal(m(x), base(x))
+
+
+def test_adapter_folder_is_peft_format(tmp_path):
+    from ckptreg import formats
+
+    base, _tok = _base()
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    D.save_adapter(m, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert cfg["task_type"] is None and cfg["use_rslora"] is False
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    tensors = D.read_adapter(tmp_path / "a")
+    d = base.config.d_model
+    assert tensors["base_model.model.layers.0.attn.q_proj.lora_A.weight"].shape == (8, d)
+    assert tensors["base_model.model.layers.0.attn.q_proj.lora_B.weight"].shape == (d, 8)
+    assert tensors["base_model.model.layers.1.mlp.up_proj.lora_B.weight"].shape == (base.config.d_mlp, 8)
+    info = formats.inspect(tmp_path / "a")
+    assert (info.format, info.kind) == ("peft", "lora")
+    assert info.lora["r"] == 8 and info.lora["lora_alpha"] == 16
+    assert len(info.tensors) == 2 * 6 * base.config.n_layers
+
+
+def _peft_matches_own_lora(base, adapter_dir, x):
+    """PeftModel.from_pretrained on the plain-torch model gives our LoRA forward's outputs."""
+    peft = pytest.importorskip("peft")
+    own = copy.deepcopy(base)
+    D.inject_lora(own)
+    D.load_adapter_state(own, D.read_adapter(adapter_dir))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+    with torch.no_grad():
+        a, b, c = own(x), pm(input_ids=x), base(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    return (a - c).abs().max().item()
+
+
+def test_peft_loads_our_adapter_with_the_same_outputs(tmp_path):
+    pytest.importorskip("peft")
+    base, tok = _base(1)
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    D.save_adapter(m, tmp_path / "a")
+    x = torch.randint(3, len(tok), (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), D.TinyLM.forward(m, x))
+    assert _peft_matches_own_lora(base, tmp_path / "a", x) > 1e-3  # the adapter does something
+
+
+def test_load_adapter_state_rejects_a_wrong_adapter(tmp_path):
+    base, _ = _base()
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    good = D.adapter_state(m)
+    bad = dict(good)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(ValueError, match="lacks"):
+        D.load_adapter_state(m, bad)
+    k = next(iter(good))
+    with pytest.raises(ValueError, match="shape"):
+        D.load_adapter_state(m, {**good, k: torch.zeros(3, 3)})
+
+
+def test_lora_finetuning_learns_the_training_problems():
+    """A few LoRA steps on a tiny random base: the training loss goes down and only LoRA moves."""
+    base, tok = _base(2)
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if ".lora_" not in n}
+    pairs = D.encode_problems(tok, D.make_task(2, n_train=64, n_heldout=10).train)
+    saved = []
+    losses = D.finetune_lora(m, pairs, 40, 0, batch_size=16, lr=3e-3, save_at=[10, 20, 30],
+                             on_save=lambda s, l: saved.append((s, l)))
+    assert [s for s, _ in saved] == [10, 20, 30, 40]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    for n, p in m.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+# ------------------------------------------------------------------ the demo end to end
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from click.testing import CliRunner
+    from ckptreg.cli import main
+
+    tmp = tmp_path_factory.mktemp("demo")
+    db, out = tmp / "reg.duckdb", tmp / "out"
+    res = CliRunner().invoke(main, ["--db", str(db), "demo", "--quick", "--steps", "60", "--seed", "5",
+                                    "--out", str(out), "--threads", "1"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return db, out, res.output
+
+
+def test_demo_prints_results(demo_run):
+    _db, _out, output = demo_run
+    assert "seed:" in output and " 5" in output.split("seed:")[1].splitlines()[0]
+    for s in ("base model alone:", "final checkpoint:", "last merging checkpoint:", "best merge:",
+              "MWA vs uniform soup:", "leaderboard of run demo-seed5", "vs final"):
+        assert s in output, s
+
+
+def test_demo_registered_checkpoints_with_train_loss(demo_run):
+    from ckptreg import Registry
+
+    db, out, _ = demo_run
+    reg = Registry(db)
+    plain = reg.checkpoints("demo-seed5", merged=False)
+    plan = D.DemoPlan.quick(60)
+    assert [c.step for c in plain] == plan.save_steps == [6 * i for i in range(1, 9)] + [60]
+    for c in plain:
+        assert c.format == "peft" and c.kind == "lora"
+        assert math.isfinite(c.metrics["train_loss"]) and c.metrics["train_loss"] > 0
+        assert 0.0 <= c.metrics["heldout_acc"] <= 1.0 and c.metrics["heldout_loss"] > 0
+        assert Path(c.path).parent == out / "demo-seed5"
+    # the base model is registered in its own run with its held-out scores
+    base = reg.checkpoints("demo-seed5-base")
+    assert len(base) == 1 and base[0].kind == "full"
+    assert "heldout_acc" in base[0].metrics
+    # training really learned: the final adapter is better than the base model alone
+    final = reg.final("demo-seed5")
+    assert final.metrics["heldout_loss"] < base[0].metrics["heldout_loss"]
+
+
+def test_demo_merges_have_lineage_and_scores(demo_run):
+    from ckptreg import Registry, formats, weights
+
+    db, _out, _ = demo_run
+    reg = Registry(db)
+    merged = reg.checkpoints("demo-seed5", merged=True)
+    names = {c.name for c in merged}
+    for n in ("last_2_unweighted", "last_3_unweighted", "last_5_unweighted", "last_3_2_unweighted",
+              "ties_last_3_base_first", "ties_last_3_base_last", "dare_ties_last_3_base_first",
+              "dare_ties_last_3_base_last", "slerp_last_2_base_first", "slerp_last_2_base_last"):
+        assert n in names, (n, sorted(names))
+    mwa = [c for c in merged if "_pf-" in c.name]
+    assert {c.name.split("_pf-")[1] for c in mwa} == {"0_7", "1_0"}
+    assert any("_loss_pf-" in c.name for c in mwa) and any("_steps_pf-" in c.name for c in mwa)
+    final = reg.final("demo-seed5")
+    for c in merged:
+        assert "heldout_acc" in c.metrics and "heldout_loss" in c.metrics, c.name
+        lin = reg.lineage(c.id)
+        assert lin and lin["inputs"], c.name
+        steps = [reg.get(i["id"]).step for i in lin["inputs"]]
+        assert final.step not in steps or c.name.endswith("base_last")  # k_last excludes the final
+        info = formats.inspect(c.path)
+        assert (info.format, info.kind) == ("peft", "lora")
+    # a loss-weighted merge used MWA weights of the registered training losses
+    c = next(c for c in mwa if c.name.endswith("loss_pf-0_7"))
+    lin = reg.lineage(c.id)
+    ins = [reg.get(i["id"]) for i in lin["inputs"]]
+    want = weights.mwa([x.metrics["train_loss"] for x in ins], [x.step for x in ins], penalty=0.7)
+    assert [i["weight"] for i in lin["inputs"]] == pytest.approx(want, rel=1e-9)
+    # soups and MWA merges are Σ w_i θ_i of the input adapters, tensor by tensor
+    tensors = [D.read_adapter(x.path) for x in ins]
+    got = D.read_adapter(c.path)
+    for k, v in got.items():
+        ref = sum(w * t[k].double() for w, t in zip(want, tensors))
+        torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_demo_merged_adapter_loads_in_peft(demo_run):
+    from ckptreg import Registry
+
+    db, out, _ = demo_run
+    reg = Registry(db)
+    base, tok = D.load_base(out / "demo-seed5" / "base")
+    c = reg.get("demo-seed5@last_3_2_unweighted")
+    x = torch.tensor([[D.BOS] + tok.encode("tom has 3 apples and buys 4 more . how many apples does tom have ?")])
+    assert _peft_matches_own_lora(base, c.path, x) > 0
+
+
+def test_demo_leaderboard_and_plots(demo_run):
+    from ckptreg import Registry, leaderboard
+
+    db, out, _ = demo_run
+    rows = leaderboard.leaderboard(Registry(db), "demo-seed5", "heldout_acc")
+    assert rows and all(r["score"] is not None for r in rows)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert any(r["kind"] == "merged" and r["vs_final"] is not None for r in rows)
+    assert sum("final" in r["role"].split(",") for r in rows) == 1
+    for name in ("loss_weights.png", "leaderboard.png"):
+        p = out / "demo-seed5" / name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        mpl = pytest.importorskip("matplotlib.image")
+        img = mpl.imread(str(p))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    summary = json.loads((out / "demo-seed5" / "summary.json").read_text())
+    assert summary["seed"] == 5 and summary["run"] == "demo-seed5"
+
+
+def test_demo_again_in_the_same_registry_takes_a_new_run(demo_run):
+    from ckptreg import Registry
+    from click.testing import CliRunner
+    from ckptreg.cli import main
+
+    db, out, _ = demo_run
+    res = CliRunner().invoke(main, ["--db", str(db), "demo", "--run", "demo-seed5", "--quick", "--out", str(out)])
+    assert res.exit_code != 0 and "already exists" in res.output
+    assert len(Registry(db).checkpoints("demo-seed5", merged=False)) == D.DemoPlan.quick(60).n_checkpoints + 1
