@@ -290,7 +290,10 @@ def _ref(c) -> str:
 def _inspect(c):
     from . import formats
 
-    return formats.inspect(c.path, allow_pickle=(getattr(c, "format", None) == "pickle"))
+    # a checkpoint registered from a pickle was trusted at registration (allow_pickle there)
+    pickled = getattr(c, "format", None) == "pickle" or any(
+        str(f).lower().endswith(formats.PICKLE_SUFFIXES) for f in (getattr(c, "files", None) or []))
+    return formats.inspect(c.path, allow_pickle=pickled)
 
 
 def plan(registry, inputs, base=None) -> Plan:
@@ -465,7 +468,7 @@ class _Output:
                     self.adir.write_text("adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
                 self.w = StreamingWriter(self.adir.file("adapter_model.safetensors"), entries, metadata, atomic=False)
             else:
-                sharded = len(info.files) > 1 or Path(info.files[0]).name != "model.safetensors" or out_shard_size
+                sharded = len(info.files) > 1 or bool(out_shard_size)
                 if sharded:
                     if not out_shard_size and len(info.files) > 1:
                         # mirror the input's sharding: shards up to its largest shard's data size
