@@ -304,3 +304,13 @@ def test_other_parameter_errors():
         M.task_arithmetic(base, [torch.zeros(11)], [1])
     with pytest.raises(ParameterError, match="floating"):
         M.linear([torch.zeros(3, dtype=torch.int64)], [1])
+
+
+def test_methods_is_independent_of_ops():
+    """methods.py is the oracle the compiled ops are tested against: it must not use them."""
+    import re
+    import pathlib
+
+    src = pathlib.Path(M.__file__).read_text()
+    assert not re.search(r"^\s*(from\s+\.\s+import\s+ops|from\s+\.ops\s+import|import\s+ckptreg\.ops|from\s+ckptreg(\.ops|\s+import\s+ops))",
+                         src, re.M)
