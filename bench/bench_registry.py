@@ -62,7 +62,7 @@ def _report(name, median_s, target_s, floor_s=None, floor_name=None):
 
 def _ckptreg_cmd():
     exe = os.path.join(os.path.dirname(sys.executable), "ckptreg")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "ckptreg.cli"]
+    return [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from ckptreg.cli import main; sys.exit(main())"]
 
 
 def test_cli_add_wall(benchmark, tmp_path):
