@@ -459,7 +459,10 @@ class Registry:
 
     @contextmanager
     def batch(self):
-        """Hold the lock and one connection for many operations (bulk imports); others wait."""
+        """Hold the writer lock and one read-write connection for a burst of operations (bulk
+        imports, merge validation/registration): every Registry call on this object inside the
+        ``with`` reuses it. Other processes wait (or spool), so keep bursts short; the object must
+        not be shared between threads while a batch is open. LockTimeout if it cannot be had."""
         if self._held is not None:
             yield self
             return
