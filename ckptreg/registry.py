@@ -811,14 +811,17 @@ class Registry:
     def _latest_metrics(con, ids) -> dict[int, dict[str, float]]:
         if not ids:
             return {}
+        ids = [int(i) for i in ids]
         if len(ids) == 1:
             q = "SELECT checkpoint_id, name, value FROM metrics WHERE checkpoint_id = ? AND latest ORDER BY name"
-            params = [int(ids[0])]
+            params = [ids[0]]
         else:
-            q = ("SELECT m.checkpoint_id, m.name, m.value FROM metrics m "
-                 "SEMI JOIN (SELECT unnest(?::BIGINT[]) AS id) i ON m.checkpoint_id = i.id "
-                 "WHERE m.latest ORDER BY m.name")
-            params = [[int(i) for i in ids]]
+            # the (redundant) BETWEEN lets DuckDB skip row groups by their min/max: metrics are
+            # appended in checkpoint order, so a run's recent checkpoints sit in few row groups
+            q = ("SELECT checkpoint_id, name, value FROM metrics WHERE latest "
+                 "AND checkpoint_id BETWEEN $2 AND $3 AND list_contains($1::BIGINT[], checkpoint_id) "
+                 "ORDER BY name")
+            params = [ids, min(ids), max(ids)]
         out: dict[int, dict[str, float]] = {}
         for cid, name, value in con.execute(q, params).fetchall():
             out.setdefault(int(cid), {})[name] = float("nan") if value is None else value
@@ -950,7 +953,11 @@ class Registry:
         need = (last - 1) * every + 1
         skip = 1 if exclude_final else 0
         with self._reader() as con:
-            n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ? AND NOT merged", [run]).fetchone()[0]
+            rows = con.execute(
+                f"SELECT {_CK_COLS}, (SELECT count(*) FROM checkpoints WHERE run = $1 AND NOT merged) "
+                f"FROM checkpoints WHERE run = $1 AND NOT merged ORDER BY step DESC LIMIT {need + skip}",
+                [run]).fetchall()
+            n = rows[0][-1] if rows else 0
             if n == 0:
                 raise SelectionError(f"run {run!r} has no plain checkpoints"
                                      + self._candidates(con, f"{run}@0", run))
@@ -961,8 +968,7 @@ class Registry:
                     f"run {run!r} has {n} checkpoint{'s' if n != 1 else ''}"
                     + (f" ({avail} without the final one)" if skip else "")
                     + f"; {sel} needs {need}")
-            got = self._query(con, "run = ? AND NOT merged", [run], order="step DESC", limit=need + skip)
-        got = got[skip:][::every][:last]
+            got = self._rows_to_ckpts(con, [r[:-1] for r in rows][skip:][::every][:last])
         return sorted(got, key=lambda c: c.step)
 
     def best(self, run, metric: str, maximize: bool = False) -> Checkpoint:
@@ -971,9 +977,10 @@ class Registry:
         order = "DESC" if maximize else "ASC"
         with self._reader() as con:
             row = con.execute(
+                f"SELECT {_CK_COLS} FROM checkpoints WHERE id = ("
                 "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
                 "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
-                f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1",
+                f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1)",
                 [metric, run]).fetchone()
             if row is None:
                 n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]
@@ -984,7 +991,7 @@ class Registry:
                     "WHERE c.run = ? ORDER BY 1", [run]).fetchall()]
                 raise NotFoundError(f"no checkpoint of run {run!r} has a (non-NaN) value for metric {metric!r}"
                                     + (f"; metrics logged: {', '.join(names)}" if names else "; no metrics logged"))
-            return self._query(con, "id = ?", [row[0]])[0]
+            return self._rows_to_ckpts(con, [row])[0]
 
     def ls(self, run=None, sort=None, last=None, *, merged: bool | None = None,
            maximize: bool = False) -> list[Checkpoint]:
