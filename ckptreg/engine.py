@@ -1185,6 +1185,7 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
                        key=lambda c: (str(c.run), c.step if c.step is not None else -1, c.id))
         col = {c.id: j for j, c in enumerate(union)}
         pl = plan(registry, union)
+        done_all[0] = 0   # progress is reported per one-pass group
         sources = [_Source(i) for i in pl.infos]
         targets = []
         try:
