@@ -652,17 +652,18 @@ class Registry:
             if not replace:
                 raise DuplicateError(f"{what} is already registered (id {row[0]}); "
                                      f"pass replace=True / --replace to replace it")
-            cid = int(row[0])
+            cid = int(row[0])  # replace keeps the id: lineage that names it stays valid
             self._delete_rows(con, cid)
         else:
-            cid = int(con.execute("SELECT nextval('checkpoint_id_seq')").fetchone()[0])
+            cid = None
         con.execute("INSERT INTO runs (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING", [run, created])
-        con.execute(
-            f"INSERT INTO checkpoints ({_CK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        cid = con.execute(
+            f"INSERT INTO checkpoints ({_CK_COLS}) VALUES "
+            "(coalesce(?, nextval('checkpoint_id_seq')),?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             [cid, run, step, name, str(info.path), info.format, info.kind, info.base_model,
              len(info.tensors), int(info.n_params), int(info.nbytes), info.fingerprint, created,
              _jdumps(tags or {}), _jdumps(info.lora), bool(merged), _jdumps(_file_stats(info.files)),
-             _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])])])
+             _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])])]).fetchone()[0]
         ts = list(info.tensors.values())
         if ts:
             con.execute(
