@@ -42,7 +42,7 @@ def _ext_modules():
     use_cuda = has_cuda and not no_cuda
 
     sources = _rel([os.path.join(HERE, "csrc", "ops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if sys.platform == "darwin":
         cxx = ["-O3", "-Xpreprocessor", "-fopenmp"]
     link = ["-fopenmp"] if sys.platform != "darwin" else []

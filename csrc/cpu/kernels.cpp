@@ -1,11 +1,16 @@
-// CPU kernels (torch-free). The bodies in kernels_impl.inc are compiled twice: for AVX2+FMA+F16C
-// and for the baseline ISA; the entry points pick one at run time with __builtin_cpu_supports,
+// CPU kernels (torch-free). The bodies in kernels_impl.inc are compiled three times: for AVX-512
+// (F/BW/VL/DQ), for AVX2+FMA+F16C and for the baseline ISA; the entry points pick one at run time
+// with __builtin_cpu_supports (CKPTREG_CPU_ISA=avx2|baseline caps the choice),
 // so the build needs no -march flag and runs on any x86-64 (and non-x86 builds use baseline).
 #include "kernels.h"
 
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <type_traits>
@@ -47,6 +52,33 @@ double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t
 #pragma GCC pop_options
 #endif
 
+#if CKPTREG_HAVE_AVX2_CLONE
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace avx512 {
+#include "kernels_impl.inc"
+
+void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
+                      void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
+                             static_cast<TO*>(out), numel, nthreads)));
+}
+void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
+                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
+  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
+      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
+                           n, a, static_cast<TO*>(out), numel, nthreads)));
+}
+double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
+  double r = 0.0;
+  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
+  return r;
+}
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
 namespace base {
 #include "kernels_impl.inc"
 
@@ -69,6 +101,22 @@ double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t
 }
 }  // namespace base
 
+static bool use_avx512() {
+#if CKPTREG_HAVE_AVX2_CLONE
+  static const bool ok = [] {
+    const char* env = getenv("CKPTREG_CPU_ISA");
+    if (env && (strcmp(env, "baseline") == 0 || strcmp(env, "avx2") == 0)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 static bool use_avx2() {
 #if CKPTREG_HAVE_AVX2_CLONE
   static const bool ok = [] {
@@ -85,13 +133,17 @@ static bool use_avx2() {
 
 static bool valid(DType d) { return d == kF32 || d == kF16 || d == kBF16 || d == kF64; }
 
-const char* isa() { return use_avx2() ? "avx2" : "baseline"; }
+const char* isa() { return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "baseline"); }
 
 bool weighted_sum(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
                   void* out, DType out_dt, int64_t numel, int nthreads) {
   if (!valid(in_dt) || !valid(out_dt) || n < 1 || m < 0 || numel < 0) return false;
   if (nthreads < 1) nthreads = 1;
 #if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx512()) {
+    avx512::weighted_sum_any(inputs, n, in_dt, w, m, out, out_dt, numel, nthreads);
+    return true;
+  }
   if (use_avx2()) {
     avx2::weighted_sum_any(inputs, n, in_dt, w, m, out, out_dt, numel, nthreads);
     return true;
@@ -112,6 +164,10 @@ bool task_merge(const void* basep, const void* const* inputs, int64_t n, DType i
   if (!a.weights) return false;
   if (nthreads < 1) nthreads = 1;
 #if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx512()) {
+    avx512::task_merge_any(basep, inputs, n, in_dt, a, out, out_dt, numel, nthreads);
+    return true;
+  }
   if (use_avx2()) {
     avx2::task_merge_any(basep, inputs, n, in_dt, a, out, out_dt, numel, nthreads);
     return true;
@@ -126,6 +182,7 @@ double kth_largest_abs(const void* x, const void* basep, DType dt, int64_t numel
   if (!valid(dt) || k < 1 || k > numel) return -1.0;
   if (nthreads < 1) nthreads = 1;
 #if CKPTREG_HAVE_AVX2_CLONE
+  if (use_avx512()) return avx512::kth_any(x, basep, dt, numel, k, nthreads);
   if (use_avx2()) return avx2::kth_any(x, basep, dt, numel, k, nthreads);
 #endif
   return base::kth_any(x, basep, dt, numel, k, nthreads);
