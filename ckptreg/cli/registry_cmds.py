@@ -92,7 +92,11 @@ def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle):
     reg = _registry(db)
     cid = reg.add(path, run, step=step, metrics=m, tags=t, replace=replace, allow_pickle=allow_pickle)
     if cid is None:
-        info(f"spooled: {path} as {run}@{step if step is not None else '?'} "
+        if step is None:
+            from ..formats import infer_step
+
+            step = infer_step(path)
+        info(f"spooled: {path} as {run}@{step} "
              f"(registry busy; ingested by the next writer, see {reg.spool_dir})")
         return
     click.echo(cid)
