@@ -433,6 +433,7 @@ class Registry:
         if not self.path.exists():
             con = _duckdb().connect(":memory:")
             try:
+                self._schema_ok = False  # the file is gone (or never was): the cache means nothing
                 self._migrate(con)
                 yield con
             finally:
