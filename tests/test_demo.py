@@ -14,6 +14,15 @@ torch = pytest.importorskip("torch")
 from ckptreg import demo as D  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast and does not collapse when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ task and tokenizer
 
 def test_task_split_is_disjoint_and_correct():
@@ -286,3 +295,19 @@ def test_demo_again_in_the_same_registry_takes_a_new_run(demo_run):
     res = CliRunner().invoke(main, ["--db", str(db), "demo", "--run", "demo-seed5", "--quick", "--out", str(out)])
     assert res.exit_code != 0 and "already exists" in res.output
     assert len(Registry(db).checkpoints("demo-seed5", merged=False)) == D.DemoPlan.quick(60).n_checkpoints + 1
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding():
+    """evaluate()'s one-pass exact match is the greedy-decoding exact match, on a model that gets
+    some problems right and some wrong."""
+    base, tok = _base(4)
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    task = D.make_task(4, n_train=200, n_heldout=40)
+    pairs = D.encode_problems(tok, task.train[:60])
+    D.finetune_lora(m, D.encode_problems(tok, task.train), 150, 0, batch_size=32, lr=1e-2)
+    got = D.evaluate(m, pairs)
+    dec = D.greedy_decode(m, [p for p, _a in pairs], max_new_tokens=8)
+    want = sum(d == a for d, (_p, a) in zip(dec, pairs)) / len(pairs)
+    assert got["heldout_acc"] == pytest.approx(want)
+    assert 0 < want < 1, want  # both cases occur

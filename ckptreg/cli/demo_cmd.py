@@ -16,7 +16,7 @@ def _acc(v):
     return "" if v is None else f"{v:.4f}"
 
 
-def _leaderboard_rows(rows, top):
+def _leaderboard_rows(rows, top, base=None):
     """Top merged rows plus the reference rows (final, last merging, base), like the paper's Table 2."""
     merged = [r for r in rows if r["kind"] == "merged" and r["score"] is not None][:top]
     refs = [r for r in rows if r["kind"] != "merged" and r.get("role")
@@ -31,6 +31,10 @@ def _leaderboard_rows(rows, top):
             "vs last merging": _pct(r.get("vs_last_merging")), "vs final": _pct(r.get("vs_final")),
             "vs base": _pct(r.get("vs_base")),
         })
+    if base is not None:  # the base model lives in its own run: show it as the paper's last row
+        out.append({"rank": None, "checkpoint": base["ref"], "role": "base (no adapter)",
+                    "heldout_acc": _acc(base["heldout_acc"]), "heldout_loss": f"{base['heldout_loss']:.4f}",
+                    "vs last merging": "", "vs final": "", "vs base": ""})
     return out
 
 
@@ -42,7 +46,8 @@ def _leaderboard_rows(rows, top):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, model and training.")
 @click.option("--quick", is_flag=True, help="Shortened demo (tiny base pretraining, fewer merges): seconds, for tests.")
 @click.option("--run", "run", default=None, help="Run name (default demo-seed<S>, suffixed when taken).")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: 2, or 1 when the cores are already busy).")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Merged rows to print.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines; only the results.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -58,7 +63,7 @@ def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
     if as_json:
         emit_json({k: v for k, v in summary.items() if k != "merged_paths"})
         return
-    table(_leaderboard_rows(summary["leaderboard"], top),
+    table(_leaderboard_rows(summary["leaderboard"], top, summary["base"]),
           title=f"leaderboard of run {summary['run']} (held-out exact match; % vs last merging / final / base)")
     b, f, lm, best = summary["base"], summary["final"], summary["last_merging"], summary["best"]
     e = click.echo
@@ -81,7 +86,9 @@ def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
     e(f"time: {t['total_s']:.0f} s (pretrain {t['pretrain_s']:.0f}, fine-tune {t['finetune_s']:.0f}, "
       f"evaluate {t['eval_plain_s']:.0f}, merge+evaluate {t['merge_eval_s']:.0f}, report {t['report_s']:.0f}); "
       f"{summary['n_checkpoints']} checkpoints, {summary['n_merges']} merges")
-    e(f"registry: {summary['db']}  (try: ckptreg --db {summary['db']} ls --run {summary['run']})")
+    e(f"registry: {summary['db']}")
+    e(f"next: ckptreg --db {summary['db']} leaderboard --run {summary['run']} --score heldout_acc "
+      f"--base {summary['base']['ref']}")
 
 
 COMMANDS = [demo]
