@@ -617,8 +617,8 @@ class DemoPlan:
     lr: float = 4e-3                 # LoRA peak learning rate
 
     @classmethod
-    def quick(cls, steps: int = 60) -> "DemoPlan":
-        return cls(steps=steps, pretrain_steps=150, n_checkpoints=8, n_train=1500, n_heldout=100,
+    def quick(cls, steps: int = 150) -> "DemoPlan":
+        return cls(steps=steps, pretrain_steps=500, n_checkpoints=8, n_train=1500, n_heldout=100,
                    soup_sizes=(2, 3, 5), intervals=(2,), shortlist=1, penalties=(0.7, 1.0),
                    mwa_metrics=("train_loss", "step"), baseline_sizes=(3,))
 
@@ -720,7 +720,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
     t_start = time.time()
     timings: dict[str, float] = {}
     if plan is None:
-        plan = DemoPlan.quick(steps or 60) if quick else DemoPlan(**({"steps": steps} if steps else {}))
+        plan = DemoPlan.quick(steps or 150) if quick else DemoPlan(**({"steps": steps} if steps else {}))
     out = Path(out).expanduser().absolute()
     reg = Registry(db)
     run = _fresh_run(reg, run, seed, out)

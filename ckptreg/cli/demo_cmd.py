@@ -42,7 +42,7 @@ def _leaderboard_rows(rows, top, base=None):
 @click.option("--out", "out", default="ckptreg-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the base model, adapters, merges, plots and summary.json.")
 @click.option("--steps", type=click.IntRange(min=10), default=None,
-              help="LoRA fine-tuning steps (default 640; 60 with --quick).")
+              help="LoRA fine-tuning steps (default 640; 150 with --quick).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, model and training.")
 @click.option("--quick", is_flag=True, help="Shortened demo (tiny base pretraining, fewer merges): seconds, for tests.")
 @click.option("--run", "run", default=None, help="Run name (default demo-seed<S>, suffixed when taken).")
