@@ -5,12 +5,14 @@ procedure (MWA paper §5.1) runs through the library.
 Everything is generated in code with a seeded RNG: no downloads, no pretrained weights.
 
 1. Task: word problems such as ``tom has 3 apples and buys 4 more . how many apples does tom
-   have ?`` -> ``7``. The held-out split holds *arithmetic facts* (a, op, b) that never occur in
-   the fine-tuning split, so held-out accuracy measures reading the problem, not recall of a
-   string seen in training.
+   have ?``; the model answers with the worked equation ``3 + 4 = 7`` (word-level tokens, every
+   number one token) and is scored by exact match of its greedy answer. The held-out split
+   holds *arithmetic facts* (a, op, b) that never occur in the fine-tuning split, so held-out
+   accuracy measures reading the problem, not recall of a string seen in training.
 2. Base model: a decoder-only transformer (plain PyTorch) "pretrained" with full-parameter
-   training on symbolic arithmetic (``3 + 4 = 7``) and on the stories without questions, so it
-   knows the numbers and the words but has never answered a question.
+   training on symbolic arithmetic (``3 + 4 = 7``, alone or after an unrelated story) and on the
+   stories without questions, so it knows the numbers, the words and the sums but has never
+   answered a question (its held-out accuracy is ~0).
 3. LoRA (rank 8, alpha 16, q/k/v/o and the MLP linears), implemented here with PEFT's module and
    key names: the saved adapters are PEFT adapter folders that ``peft.PeftModel.from_pretrained``
    loads onto :class:`TinyLM`.
@@ -29,7 +31,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -35,6 +35,9 @@ def _leaderboard_rows(rows, top, base=None):
         out.append({"rank": None, "checkpoint": base["ref"], "role": "base (no adapter)",
                     "heldout_acc": _acc(base["heldout_acc"]), "heldout_loss": f"{base['heldout_loss']:.4f}",
                     "vs last merging": "", "vs final": "", "vs base": ""})
+    if not any(r["vs base"] for r in out):  # base accuracy 0: a % change is undefined
+        for r in out:
+            del r["vs base"]
     return out
 
 
@@ -44,7 +47,7 @@ def _leaderboard_rows(rows, top, base=None):
 @click.option("--steps", type=click.IntRange(min=10), default=None,
               help="LoRA fine-tuning steps (default 640; 150 with --quick).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, model and training.")
-@click.option("--quick", is_flag=True, help="Shortened demo (tiny base pretraining, fewer merges): seconds, for tests.")
+@click.option("--quick", is_flag=True, help="Shortened demo (short base pretraining, 8+1 checkpoints, 15 merges; ~30 s), for tests.")
 @click.option("--run", "run", default=None, help="Run name (default demo-seed<S>, suffixed when taken).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: 2, or 1 when the cores are already busy).")
