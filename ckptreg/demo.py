@@ -658,10 +658,6 @@ class Evaluator:
         return evaluate(self.model, self.pairs)
 
 
-def _pct(a, b):
-    return None if a is None or b in (None, 0) else (a - b) / abs(b) * 100.0
-
-
 def _fresh_run(reg, wanted: str | None, seed: int, out: Path) -> str:
     """A run name that is new both in the registry and under ``out`` (nothing is overwritten)."""
     from .errors import DuplicateError, OutputExistsError
@@ -898,7 +894,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         bm = min(mine, key=rank_key)
         mwa_vs_uniform.append({"window": c.name, "uniform_acc": scores[c.id][SCORE],
                                "best_mwa": bm.name, "best_mwa_acc": scores[bm.id][SCORE],
-                               "pct": _pct(scores[bm.id][SCORE], scores[c.id][SCORE])})
+                               "pct": lb.pct_change(scores[bm.id][SCORE], scores[c.id][SCORE])})
 
     def brief(c):
         return {"ref": c.ref, "name": c.name, "step": c.step, **scores[c.id]}
@@ -908,8 +904,8 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         "save_every": every, "n_checkpoints": len(plain), "n_merges": len(all_merged),
         "base": {"ref": f"{base_run}@{plan.pretrain_steps}", "id": base_id, **base_metrics},
         "final": brief(final), "last_merging": brief(last_merging),
-        "best": {**brief(best), "vs_last_merging": _pct(scores[best.id][SCORE], scores[last_merging.id][SCORE]),
-                 "vs_final": _pct(scores[best.id][SCORE], scores[final.id][SCORE])},
+        "best": {**brief(best), "vs_last_merging": lb.pct_change(scores[best.id][SCORE], scores[last_merging.id][SCORE]),
+                 "vs_final": lb.pct_change(scores[best.id][SCORE], scores[final.id][SCORE])},
         "best_mwa": brief(best_mwa) if best_mwa else None,
         "shortlist": [c.name for c in shortlist],
         "mwa_vs_uniform": mwa_vs_uniform,

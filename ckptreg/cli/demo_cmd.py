@@ -70,7 +70,8 @@ def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
           title=f"leaderboard of run {summary['run']} (held-out exact match; % vs last merging / final / base)")
     b, f, lm, best = summary["base"], summary["final"], summary["last_merging"], summary["best"]
     e = click.echo
-    e(f"seed:                     {summary['seed']}")
+    e(f"seed:                     {summary['seed']}  ({summary['threads']} torch thread(s); same seed and "
+      f"threads give the same numbers)")
     e(f"base model alone:         accuracy {b['heldout_acc']:.4f}  loss {b['heldout_loss']:.4f}")
     e(f"final checkpoint:         accuracy {f['heldout_acc']:.4f}  loss {f['heldout_loss']:.4f}  ({f['ref']})")
     e(f"last merging checkpoint:  accuracy {lm['heldout_acc']:.4f}  loss {lm['heldout_loss']:.4f}  ({lm['ref']})")
@@ -89,7 +90,7 @@ def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
     e(f"time: {t['total_s']:.0f} s (pretrain {t['pretrain_s']:.0f}, fine-tune {t['finetune_s']:.0f}, "
       f"evaluate {t['eval_plain_s']:.0f}, merge+evaluate {t['merge_eval_s']:.0f}, report {t['report_s']:.0f}); "
       f"{summary['n_checkpoints']} checkpoints, {summary['n_merges']} merges")
-    e(f"registry: {summary['db']}")
+    e(f"registry: {summary['db']}   summary: {summary['out']}/summary.json")
     e(f"next: ckptreg --db {summary['db']} leaderboard --run {summary['run']} --score heldout_acc "
       f"--base {summary['base']['ref']}")
 
