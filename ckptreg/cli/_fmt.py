@@ -60,9 +60,13 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, title: 
         numeric = c in right or (rows and all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
                                  and any(r.get(c) is not None for r in rows))
         t.add_column(c, justify="right" if numeric else "left", no_wrap=True, overflow="fold")
-    for r in rows:
-        t.add_row(*[_cell(r.get(c)) for c in columns])
-    Console(width=max(160, _term_width()), soft_wrap=True).print(t)
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    for row in cells:
+        t.add_row(*row)
+    # Size the console to the content so columns are never truncated or folded: a wide table
+    # scrolls in a terminal and stays one line per row in a file or pipe.
+    need = sum(max([len(c)] + [len(row[i]) for row in cells]) + 3 for i, c in enumerate(columns))
+    Console(width=max(need, _term_width()), soft_wrap=True).print(t)
 
 
 def _term_width() -> int:
