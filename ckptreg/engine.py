@@ -661,8 +661,10 @@ def _cart_tensor(name, views_full, weights, p, odt):
     from . import lowrank
 
     lowrank_step = len(views_full[0].shape) == 2 and not _EMBED_RE.search(name)
+    # METHODS.md: dense checkpoints use randomized truncated SVD; exact only where asked.
     res = lowrank.cart_dense(list(views_full), weights, rank_ratio=float(p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
-                             lam=float(p.get("lam", 1.0)), lowrank=lowrank_step)
+                             lam=float(p.get("lam", 1.0)), lowrank=lowrank_step,
+                             svd=str(p.get("svd", "randomized")), seed=int(p.get("seed", 0)))
     return res.to(odt)
 
 

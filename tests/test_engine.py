@@ -111,7 +111,8 @@ def test_slerp_and_base_picks_endpoint(lora):
 def test_cart_full_model_matches_reference(tmp_path):
     reg = make_full_run(tmp_path, d=16)
     ins = reg.select("full", 4)
-    spec = engine.make_spec(reg, "cart", ins, params={"rank_ratio": 0.25, "lam": 1.5}, selection={"last": 4})
+    spec = engine.make_spec(reg, "cart", ins, params={"rank_ratio": 0.25, "lam": 1.5, "svd": "exact"},
+                            selection={"last": 4})
     c = engine.merge(reg, spec)
     out, srcs = load_any(c.path), _srcs(ins)
     for k in out:
@@ -121,6 +122,28 @@ def test_cart_full_model_matches_reference(tmp_path):
         else:
             r = ref_linear(ts, [0.25] * 4)
         assert max_rel(out[k], r) < 2e-5, (k, max_rel(out[k], r))
+
+
+def test_cart_dense_defaults_to_randomized_svd(tmp_path):
+    """METHODS.md: dense CART uses randomized truncated SVD unless exact is asked for. With centred
+    matrices of rank 8 < the sketch width (k + oversampling), the randomized range is exact, so the
+    result must equal the exact float64 reference."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    common = torch.randn(48, 40, generator=g)
+    reg = Registry(tmp_path / "r.duckdb")
+    for i in range(4):
+        u, v = torch.randn(48, 2, generator=g), torch.randn(2, 40, generator=g)
+        f = tmp_path / f"c{i}.safetensors"
+        save_file({"w": common + u @ v, "b": torch.randn(40, generator=g)}, str(f))
+        reg.add(f, run="lr", step=(i + 1) * 10)
+    ins = reg.select("lr", 4)
+    spec = engine.make_spec(reg, "cart", ins, params={"rank_ratio": 0.1, "lam": 1.5}, selection={"last": 4})
+    assert "svd" not in spec.params
+    out, srcs = load_any(engine.merge(reg, spec).path), _srcs(ins)
+    assert max_rel(out["w"], ref_cart_dense([s["w"] for s in srcs], rank_ratio=0.1, lam=1.5)) < 1e-4
+    assert max_rel(out["b"], ref_linear([s["b"] for s in srcs], [0.25] * 4)) < 1e-6
 
 
 def test_delta_space_linear_and_config(tmp_path):

@@ -200,6 +200,8 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--space", type=click.Choice(["factors", "delta"]), default="factors", show_default=True,
               help="LoRA: merge stored factors, or exactly in update space.")
 @click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta.")
+@click.option("--exact-svd", is_flag=True,
+              help="CART on dense matrices: exact SVD instead of randomized truncated SVD.")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None)
 @click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")
 @click.option("-o", "--out", "out", type=click.Path(), default=None, help="Output path (default: beside the inputs).")
@@ -209,8 +211,8 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
 def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, metric, direction, penalty, power,
-              density, sign, lam, seed, t, rank_ratio, base, space, rank, out_dtype, out_shard_size, out, name,
-              overwrite, quiet, as_json):
+              density, sign, lam, seed, t, rank_ratio, base, space, rank, exact_svd, out_dtype, out_shard_size, out,
+              name, overwrite, quiet, as_json):
     """Merge checkpoints (last K of a run, or the ones given) and register the result."""
     from .. import engine
 
@@ -226,9 +228,11 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, 
         raise ParameterError("MWA weighting needs --penalty")
     if scheme in ("metric", "mwa") and not metric:
         raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
+    params = _params(density, sign, lam, seed, t, rank_ratio)
+    if exact_svd:
+        params["svd"] = "exact"
     spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
-                            direction=direction, base=base, params=_params(density, sign, lam, seed, t, rank_ratio),
-                            name=name, out=out, selection=selection)
+                            direction=direction, base=base, params=params, name=name, out=out, selection=selection)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
         c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
                          progress=prog, out_shard_size=_size(out_shard_size))
