@@ -461,8 +461,10 @@ def _kth_largest_abs_py(x, k, base):
 # --------------------------------------------------------------------------------------------
 def factored_svd_batched(B, core, A, rank=None):
     """Exact thin SVD of ``B[l] @ core[l] @ A[l]`` for a batch of L layers without forming the
-    d×k products: thin QR of B and Aᵀ, SVD of the small R_B·core·R_Aᵀ, U = Q_B·U_c,
-    Vh = Vh_c·Q_Aᵀ. Shapes B [L, d, R], core [L, R, R], A [L, R, k]; returns
+    d×k products: float64 Gram matrices BᵀB and AAᵀ (one batched matmul each), their R×R factors
+    W (B = Q_B·W_B, Aᵀ = Q_A·W_A), the SVD of the small W_B·core·W_Aᵀ, U = Q_B·U_c,
+    Vh = V_cᵀ·Q_Aᵀ. Rank-deficient factors (a zero LoRA B) give exact zero singular values (their
+    U/Vh columns may be zero rather than orthonormal), never NaN. Shapes B [L, d, R], core [L, R, R], A [L, R, k]; returns
     U [L, d, r], S [L, r], Vh [L, r, k] with r = min(rank, d, k, R) (all of them when rank is None),
     in float32 (float64 for float64 input), singular values descending."""
     for nm, t in (("B", B), ("core", core), ("A", A)):
@@ -491,18 +493,45 @@ def factored_svd_batched(B, core, A, rank=None):
     return _factored_svd_py(B, core, A, rank)
 
 
+def _gram_factor_py(G: torch.Tensor):
+    """G = W^T W (float64, [L, R, R] PSD): returns W and P with X P orthonormal (zero columns
+    for directions X does not span) when G = X^T X. Eigendecomposition; eigenvalues below
+    64·R·eps·λ_max are dropped (rank-deficient factors, e.g. a LoRA B that is still zero)."""
+    lam, V = torch.linalg.eigh(G)
+    n = G.shape[-1]
+    lmax = lam.amax(dim=-1, keepdim=True).clamp_min(0.0)
+    keep = lam > 64.0 * n * torch.finfo(torch.float64).eps * lmax
+    sq = torch.where(keep, lam.clamp_min(0.0).sqrt(), torch.zeros_like(lam))
+    inv = torch.where(keep, 1.0 / torch.where(keep, sq, torch.ones_like(sq)), torch.zeros_like(lam))
+    W = sq[..., :, None] * V.mT          # diag(sqrt λ) Vᵀ
+    P = V * inv[..., None, :]            # V diag(1/sqrt λ)
+    return W, P
+
+
 def _factored_svd_py(B, core, A, rank):
+    # Same math as the compiled kernel: Gram matrices in float64 (G_B = BᵀB, G_A = AAᵀ), factors
+    # B = Q_B W_B, Aᵀ = Q_A W_A with Q = X·P orthonormal (rank-deficient directions dropped), the
+    # SVD of the small W_B·core·W_Aᵀ, then U = B·(P_B U_c), Vh = (P_A V_c)ᵀ·A. Thin BLAS-3 on the
+    # tall factors plus R×R work; the kernel uses Cholesky where well conditioned and Jacobi
+    # eigen/SVD solvers for the R×R steps (same numbers to rounding).
     dt = _acc_dtype(B.dtype)
-    B, core, A = B.to(dt), core.to(dt), A.to(dt)
-    qb, rb = torch.linalg.qr(B, mode="reduced")
-    qa, ra = torch.linalg.qr(A.mT, mode="reduced")
-    small = rb @ core @ ra.mT
-    uc, s, vhc = torch.linalg.svd(small, full_matrices=False)
-    U = qb @ uc
-    Vh = vhc @ qa.mT
-    if rank is not None and rank < s.shape[-1]:
-        U, s, Vh = U[..., :rank], s[..., :rank], Vh[..., :rank, :]
-    return U.contiguous(), s.contiguous(), Vh.contiguous()
+    L, d, R = B.shape
+    k = A.shape[2]
+    r = min(d, k, R) if rank is None else min(d, k, R, rank)
+    if L == 0 or R == 0 or d == 0 or k == 0:
+        z = B.new_zeros
+        return z((L, d, r), dtype=dt), z((L, r), dtype=dt), z((L, r, k), dtype=dt)
+    st = torch.float64 if dt == torch.float64 else torch.float32
+    Bs, As = B.to(st), A.to(st)
+    Bd, Ad, Cd = B.to(torch.float64), A.to(torch.float64), core.to(torch.float64)
+    WB, PB = _gram_factor_py(Bd.mT @ Bd)
+    WA, PA = _gram_factor_py(Ad @ Ad.mT)
+    uc, s, vhc = torch.linalg.svd(WB @ Cd @ WA.mT, full_matrices=False)
+    PBr = (PB @ uc)[..., :r]
+    PAr = (PA @ vhc.mT)[..., :r]
+    U = Bs @ PBr.to(st)
+    Vh = PAr.mT.to(st) @ As
+    return U.contiguous(), s[..., :r].to(dt).contiguous(), Vh.contiguous()
 
 
 # --------------------------------------------------------------------------------------------

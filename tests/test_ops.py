@@ -502,6 +502,38 @@ def test_factored_svd_batched_vs_dense(use, backend, dtype):
                           rtol=tol, atol=tol * 100)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_svd_rank_deficient(use, backend, dtype):
+    """LoRA B starts at zero: zero columns, B = 0 entirely, duplicated columns -> exact zeros, no NaN."""
+    use(backend)
+    g = gen(23)
+    L, d, R, k = 4, 96, 12, 80
+    B = randn((L, d, R), dtype, g)
+    C = randn((L, R, R), dtype, g)
+    A = randn((L, R, k), dtype, g)
+    B[0, :, 3:7] = 0            # zero columns
+    B[1] = 0                    # B = 0 entirely
+    B[2, :, 1] = 2 * B[2, :, 0]  # duplicated direction
+    A[3, 5:] = 0                # A rank-deficient too
+    U, S, Vh = ops.factored_svd_batched(B, C, A)
+    assert not (torch.isnan(U).any() or torch.isnan(S).any() or torch.isnan(Vh).any())
+    dense = B.double() @ C.double() @ A.double()
+    ref = torch.linalg.svdvals(dense)[:, :R]
+    smax = ref[:, :1].clamp_min(1e-300)
+    big = ref >= 1e-5 * smax
+    rel = ((S.double() - ref).abs() / ref.clamp_min(1e-300))[big]
+    assert float(rel.max()) <= 1e-5
+    assert float(((S.double() - ref).abs() / smax)[~big].max()) <= 1e-5
+    assert torch.all(S[1] == 0)
+    recon = (U.double() * S.double()[:, None, :]) @ Vh.double()
+    fro = (recon - dense).norm(dim=(1, 2))
+    nrm = dense.norm(dim=(1, 2))
+    assert float(fro[1]) == 0.0
+    keep = nrm > 0
+    assert float((fro[keep] / nrm[keep]).max()) <= 1e-5
+
+
 @needs_cpp
 def test_factored_svd_compiled_matches_fallback(use):
     g = gen(22)
