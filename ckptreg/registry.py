@@ -759,7 +759,10 @@ class Registry:
             self._delete_rows(con, cid)
         else:
             cid = None
-        con.execute("INSERT INTO runs (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING", [run, created])
+        # NOT EXISTS rather than ON CONFLICT DO NOTHING: same effect (writers are serialised), but
+        # ~1 ms instead of ~3 ms per add in DuckDB
+        con.execute("INSERT INTO runs (name, created) SELECT $1, $2 "
+                    "WHERE NOT EXISTS (SELECT 1 FROM runs WHERE name = $1)", [run, created])
         cid = con.execute(
             f"INSERT INTO checkpoints ({_CK_COLS}) VALUES "
             "(coalesce(?, nextval('checkpoint_id_seq')),?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
