@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from .errors import MismatchError, ParameterError
+from .methods import check_lam as _check_lam, finite_floats
 
 __all__ = [
     "lora_scale",
@@ -90,25 +91,7 @@ def _check_ratio(rank_ratio) -> float:
 
 
 def _check_finite_list(vals, n: int, what: str) -> list[float]:
-    if isinstance(vals, torch.Tensor):
-        vals = vals.detach().reshape(-1).tolist()
-    out = [float(v) for v in vals]
-    if len(out) != n:
-        raise ParameterError(f"{n} adapters but {len(out)} {what}")
-    for i, v in enumerate(out):
-        if not math.isfinite(v):
-            raise ParameterError(f"{what} {i} is {v!r}; must be finite")
-    return out
-
-
-def _check_lam(lam) -> float:
-    try:
-        x = float(lam)
-    except (TypeError, ValueError):
-        raise ParameterError(f"lambda must be a finite number, got {lam!r}") from None
-    if not math.isfinite(x):
-        raise ParameterError(f"lambda must be finite, got {x!r}")
-    return x
+    return finite_floats(vals, n, what, items="adapters")
 
 
 def _check_rank(rank, what="rank") -> int:

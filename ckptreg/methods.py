@@ -85,16 +85,21 @@ def _check_tensors(tensors, base=None) -> list[torch.Tensor]:
     return tensors
 
 
-def _check_weights(weights, n: int) -> list[float]:
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().reshape(-1).tolist()
-    w = [float(x) for x in weights]
-    if len(w) != n:
-        raise ParameterError(f"{n} input tensors but {len(w)} weights")
-    for i, x in enumerate(w):
+def finite_floats(vals, n: int, what: str = "weights", items: str = "input tensors") -> list[float]:
+    """``vals`` (a sequence or tensor) as n finite floats, else ParameterError naming ``what``."""
+    if isinstance(vals, torch.Tensor):
+        vals = vals.detach().reshape(-1).tolist()
+    out = [float(x) for x in vals]
+    if len(out) != n:
+        raise ParameterError(f"{n} {items} but {len(out)} {what}")
+    for i, x in enumerate(out):
         if not math.isfinite(x):
-            raise ParameterError(f"weight {i} is {x!r}; weights must be finite")
-    return w
+            raise ParameterError(f"{what} {i} is {x!r}; {what} must be finite")
+    return out
+
+
+def _check_weights(weights, n: int) -> list[float]:
+    return finite_floats(weights, n)
 
 
 def _check_density(density) -> float:
@@ -107,7 +112,7 @@ def _check_density(density) -> float:
     return d
 
 
-def _check_lam(lam) -> float:
+def check_lam(lam) -> float:
     try:
         x = float(lam)
     except (TypeError, ValueError):
@@ -240,7 +245,7 @@ def task_arithmetic(base: torch.Tensor, tensors, weights, lam: float = 1.0) -> t
     """``theta_0 + lam * sum_i w_i (theta_i - theta_0)``."""
     tensors = _check_tensors(tensors, base)
     w = _check_weights(weights, len(tensors))
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     dt = _compute_dtype(base, *tensors)
     b, taus = _task_vectors(base, tensors, dt)
     return _out(b + lam * _weighted_sum(taus, w))
@@ -256,7 +261,7 @@ def ties(base, tensors, weights, density: float, sign: str = "total", lam: float
     w = _check_weights(weights, len(tensors))
     density = _check_density(density)
     sign = _check_sign(sign)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     th = _check_thresholds(thresholds, len(tensors))
     dt = _compute_dtype(base, *tensors)
     b, taus = _task_vectors(base, tensors, dt)
@@ -270,7 +275,7 @@ def dare_linear(base, tensors, weights, density: float, seed: int, name: str, la
     tensors = _check_tensors(tensors, base)
     w = _check_weights(weights, len(tensors))
     density = _check_density(density)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     _check_offset(offset)
     dt = _compute_dtype(base, *tensors)
     b, taus = _task_vectors(base, tensors, dt)
@@ -284,7 +289,7 @@ def dare_ties(base, tensors, weights, density: float, seed: int, name: str, sign
     w = _check_weights(weights, len(tensors))
     density = _check_density(density)
     sign = _check_sign(sign)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     _check_offset(offset)
     dt = _compute_dtype(base, *tensors)
     b, taus = _task_vectors(base, tensors, dt)
@@ -296,7 +301,7 @@ def magnitude_prune(base, tensors, weights, density: float, lam: float = 1.0, th
     tensors = _check_tensors(tensors, base)
     w = _check_weights(weights, len(tensors))
     density = _check_density(density)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     th = _check_thresholds(thresholds, len(tensors))
     dt = _compute_dtype(base, *tensors)
     b, taus = _task_vectors(base, tensors, dt)
