@@ -828,11 +828,20 @@ class Registry:
              _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])])]).fetchone()[0]
         ts = list(info.tensors.values())
         if ts:
+            # dtype and file are dictionary-encoded (a few distinct values): passing a Python list
+            # as a parameter costs ~1-2 us an element, so two small lists of distinct values plus
+            # two integer index lists (~1.3 ms less for 500 tensors than two string lists).
+            dtypes: dict[str, int] = {}
+            files: dict[str, int] = {}
+            di = [dtypes.setdefault(t.dtype, len(dtypes) + 1) for t in ts]
+            fi = [files.setdefault(str(t.file), len(files) + 1) for t in ts]
             con.execute(
-                "INSERT INTO tensors SELECT $1, unnest($2::VARCHAR[]), unnest($3::BIGINT[][]), "
-                "unnest($4::VARCHAR[]), unnest($5::VARCHAR[]), unnest($6::BIGINT[]), unnest($7::BIGINT[])",
-                [cid, [t.name for t in ts], [list(t.shape) for t in ts], [t.dtype for t in ts],
-                 [str(t.file) for t in ts], [int(t.offset) for t in ts], [int(t.nbytes) for t in ts]])
+                "INSERT INTO tensors SELECT $1, n, s, list_extract($8::VARCHAR[], d), "
+                "list_extract($9::VARCHAR[], f), o, b FROM (SELECT unnest($2::VARCHAR[]) AS n, "
+                "unnest($3::BIGINT[][]) AS s, unnest($4::INTEGER[]) AS d, unnest($5::INTEGER[]) AS f, "
+                "unnest($6::BIGINT[]) AS o, unnest($7::BIGINT[]) AS b)",
+                [cid, [t.name for t in ts], [list(t.shape) for t in ts], di, fi,
+                 [int(t.offset) for t in ts], [int(t.nbytes) for t in ts], list(dtypes), list(files)])
         if metrics:
             self._insert_metrics(con, cid, metrics, step, created, fresh=True)
         return cid
