@@ -801,24 +801,28 @@ class Registry:
             raise
 
     def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created) -> int:
-        if step is not None:
-            row = con.execute("SELECT id FROM checkpoints WHERE run = ? AND step = ?", [run, step]).fetchone()
-            what = f"{run}@{step}"
-        else:
-            row = con.execute("SELECT id FROM checkpoints WHERE run = ? AND name = ?", [run, name]).fetchone()
-            what = f"{run}@{name}"
-        if row is not None:
+        # One query answers both "is RUN@STEP taken?" and "does the run exist?": the run row is
+        # inserted only for a new run (writers are serialised, so check-then-insert is safe),
+        # which spares an add to an existing run a statement (~1 ms in DuckDB).
+        # (UNION ALL of two point lookups: ~0.3 ms faster than scalar subqueries in DuckDB.)
+        col, key, what = ("step", step, f"{run}@{step}") if step is not None else ("name", name, f"{run}@{name}")
+        old, have_run = None, False
+        for tag, i in con.execute(f"SELECT 0, id FROM checkpoints WHERE run = $1 AND {col} = $2 "
+                                  "UNION ALL SELECT 1, NULL FROM runs WHERE name = $1", [run, key]).fetchall():
+            if tag == 0:
+                old = i
+            else:
+                have_run = True
+        if old is not None:
             if not replace:
-                raise DuplicateError(f"{what} is already registered (id {row[0]}); "
+                raise DuplicateError(f"{what} is already registered (id {old}); "
                                      f"pass replace=True / --replace to replace it")
-            cid = int(row[0])  # replace keeps the id: lineage that names it stays valid
+            cid = int(old)  # replace keeps the id: lineage that names it stays valid
             self._delete_rows(con, cid)
         else:
             cid = None
-        # NOT EXISTS rather than ON CONFLICT DO NOTHING: same effect (writers are serialised), but
-        # ~1 ms instead of ~3 ms per add in DuckDB
-        con.execute("INSERT INTO runs (name, created) SELECT $1, $2 "
-                    "WHERE NOT EXISTS (SELECT 1 FROM runs WHERE name = $1)", [run, created])
+        if not have_run:
+            con.execute("INSERT INTO runs (name, created) VALUES (?, ?)", [run, created])
         cid = con.execute(
             f"INSERT INTO checkpoints ({_CK_COLS}) VALUES "
             "(coalesce(?, nextval('checkpoint_id_seq')),?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
