@@ -137,8 +137,9 @@ inline at::ScalarType acc_type(at::ScalarType st) {
 }
 
 // Exact thin SVD of B @ core @ A for a batch of layers (see ckptreg/ops.py).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched(
-    const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_, c10::optional<int64_t> rank) {
+// Argument checks of factored_svd_batched, shared by the CPU and CUDA routes.
+inline void check_factored_svd_args(const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_,
+                                    c10::optional<int64_t> rank) {
   TORCH_CHECK_VALUE(B_.dim() == 3 && core_.dim() == 3 && A_.dim() == 3,
                     "ckptreg: factored_svd_batched wants B[L,d,R], core[L,R,R], A[L,R,k]");
   const int64_t L = B_.size(0), R = B_.size(2);
@@ -151,6 +152,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched(
   TORCH_CHECK_VALUE(B_.device() == core_.device() && B_.device() == A_.device(),
                     "ckptreg: B, core and A must be on one device");
   if (rank.has_value()) TORCH_CHECK_VALUE(*rank >= 1, "ckptreg: rank must be >= 1, got ", *rank);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched(
+    const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_, c10::optional<int64_t> rank) {
+  check_factored_svd_args(B_, core_, A_, rank);
   const auto dt = acc_type(to_dtype(B_.scalar_type(), "B") == kF64 ? at::kDouble : at::kFloat);
   at::Tensor B = B_.to(dt), core = core_.to(dt), A = A_.to(dt);
   auto qrb = at::linalg_qr(B, "reduced");

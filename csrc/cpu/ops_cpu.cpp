@@ -392,18 +392,8 @@ void fsvd_dispatch(const double* gb, const double* ga, const T* C, int64_t L0, i
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cpu(
     const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_, c10::optional<int64_t> rank) {
-  TORCH_CHECK_VALUE(B_.dim() == 3 && core_.dim() == 3 && A_.dim() == 3,
-                    "ckptreg: factored_svd_batched wants B[L,d,R], core[L,R,R], A[L,R,k]");
+  check_factored_svd_args(B_, core_, A_, rank);
   const int64_t L = B_.size(0), d = B_.size(1), R = B_.size(2), k = A_.size(2);
-  TORCH_CHECK_VALUE(core_.size(0) == L && core_.size(1) == R && core_.size(2) == R,
-                    "ckptreg: core must be [", L, ", ", R, ", ", R, "], got ", core_.sizes());
-  TORCH_CHECK_VALUE(A_.size(0) == L && A_.size(1) == R, "ckptreg: A must be [", L, ", ", R,
-                    ", k], got ", A_.sizes());
-  TORCH_CHECK_TYPE(B_.scalar_type() == core_.scalar_type() && B_.scalar_type() == A_.scalar_type(),
-                   "ckptreg: B, core and A must share a dtype");
-  TORCH_CHECK_VALUE(B_.device() == core_.device() && B_.device() == A_.device(),
-                    "ckptreg: B, core and A must be on one device");
-  if (rank.has_value()) TORCH_CHECK_VALUE(*rank >= 1, "ckptreg: rank must be >= 1, got ", *rank);
   const auto dt = acc_type(B_.scalar_type());
   int64_t r = std::min(std::min(d, k), R);
   if (rank.has_value()) r = std::min(r, *rank);
