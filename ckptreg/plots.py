@@ -64,13 +64,9 @@ def plot_weights(ckpts, metric: str, weights, path, run_ckpts=None, title: str |
             axw.bar(steps, ws, width=width, color="C1")
         axw.set_ylabel("weight")
         axw.set_xlabel("step")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_leaderboard(rows, path, title: str | None = None, top: int | None = 30) -> Path:
@@ -105,10 +101,15 @@ def plot_leaderboard(rows, path, title: str | None = None, top: int | None = 30)
         ax.set_title(title or "leaderboard")
         if drawn:
             ax.legend(loc="lower right", fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig, path) -> Path:
+    """Write a figure as PNG, creating the folder; the caller closes the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     return path
