@@ -534,6 +534,46 @@ def test_factored_svd_rank_deficient(use, backend, dtype):
     assert float((fro[keep] / nrm[keep]).max()) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L,d,R,k", [(19, 50, 20, 33), (17, 64, 8, 100), (3, 90, 70, 80), (9, 16, 5, 7)])
+def test_factored_svd_lane_groups(use, backend, dtype, L, d, R, k):
+    """The kernel runs 2/4/8 layers per SIMD lane group: layer counts that leave a partial group,
+    ranks that are not multiples of the vector width, R > 64 (one layer at a time), R > min(d, k),
+    and within one group layers whose factors are rank deficient next to full-rank ones."""
+    use(backend)
+    g = gen(L * 1000 + R)
+    B = randn((L, d, R), dtype, g)
+    C = randn((L, R, R), dtype, g)
+    A = randn((L, R, k), dtype, g)
+    B[1, :, : R // 2] = 0                 # half the columns of B zero
+    A[2] = 0                              # A = 0: an all-zero update
+    B[L - 1, :, 1] = -3 * B[L - 1, :, 0]  # dependent columns, in the last (partial) group
+    C[min(4, L - 1)] = torch.diag_embed(torch.linspace(2.0, 0.5, R, dtype=torch.float64)).to(dtype)  # diagonal core
+    U, S, Vh = ops.factored_svd_batched(B, C, A)
+    r = min(d, k, R)
+    assert U.shape == (L, d, r) and S.shape == (L, r) and Vh.shape == (L, r, k)
+    dense = B.double() @ C.double() @ A.double()
+    ref = torch.linalg.svdvals(dense)[:, :r]
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    smax = ref[:, :1].clamp_min(1e-300)
+    assert float(((S.double() - ref).abs() / smax).max()) <= tol
+    assert torch.all(S[:, :-1] >= S[:, 1:])          # descending
+    assert torch.all(S[2] == 0)
+    recon = (U.double() * S.double()[:, None, :]) @ Vh.double()
+    nrm = dense.norm(dim=(1, 2))
+    keep = nrm > 0
+    assert float(((recon - dense).norm(dim=(1, 2))[keep] / nrm[keep]).max()) <= 10 * tol
+    # U columns with a non-zero singular value are orthonormal
+    for layer in range(L):
+        nz = S[layer] > 1e-6 * S[layer, :1].clamp_min(1e-30)
+        if not nz.any():
+            continue
+        u = U[layer].double()[:, nz]
+        eye = torch.eye(int(nz.sum()), dtype=torch.float64)
+        assert float((u.mT @ u - eye).abs().max()) <= 100 * tol
+
+
 @needs_cpp
 def test_factored_svd_compiled_matches_fallback(use):
     g = gen(22)

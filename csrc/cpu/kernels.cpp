@@ -134,6 +134,7 @@ static bool use_avx2() {
 static bool valid(DType d) { return d == kF32 || d == kF16 || d == kBF16 || d == kF64; }
 
 const char* isa() { return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "baseline"); }
+int isa_level() { return use_avx512() ? 2 : (use_avx2() ? 1 : 0); }
 
 bool weighted_sum(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
                   void* out, DType out_dt, int64_t numel, int nthreads) {

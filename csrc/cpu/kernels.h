@@ -37,8 +37,18 @@ bool task_merge(const void* base, const void* const* inputs, int64_t n_inputs, D
 double kth_largest_abs(const void* x, const void* base, DType dtype, int64_t numel, int64_t k,
                        int nthreads);
 
-// Which instruction set the kernels dispatch to on this machine ("avx2" or "baseline").
+// Factored-SVD core step for L layers (see fsvd_impl.inc): from B_l (d x n), C_l (n x n) and A_l
+// (n x k), all row-major kF32 or kF64, writes pb[l], pa[l] (n x n, float64) and s[l] (n, descending)
+// with B_l C_l A_l = (B_l pb_l) diag(s_l) (A_l^T pa_l)^T, B_l pb_l and A_l^T pa_l orthonormal (zero
+// columns where a factor is rank deficient). The Gram matrices are formed in float64.
+// Returns false on an unsupported dtype or size.
+bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype, int64_t L, int64_t d, int n,
+                        int64_t k, double* pb, double* pa, double* s, int nthreads);
+
+// Which instruction set the kernels dispatch to on this machine ("avx512", "avx2" or "baseline"),
+// and the same as a level: 2, 1, 0.
 const char* isa();
+int isa_level();
 
 }  // namespace cpu
 }  // namespace ckptreg

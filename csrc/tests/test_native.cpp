@@ -171,6 +171,70 @@ static void test_kth() {
   EXPECT(cpu::kth_largest_abs(z.data(), nullptr, kF64, 100, 3, 2) == 0.0, "kth zero");
 }
 
+// factored_svd_cores: (B pb) diag(s) (A^T pa)^T reconstructs B C A (float64 reference product),
+// B pb has orthonormal columns, s is descending, and results do not depend on the thread count;
+// sizes cover partial lane groups, ranks off the vector width and R > 64 (per-layer path).
+static void test_factored_svd(int64_t L, int64_t d, int n, int64_t k) {
+  std::mt19937_64 g(L * 7919 + n);
+  std::normal_distribution<double> nd;
+  std::vector<float> B(L * d * n), C(L * n * n), A(L * n * k);
+  for (auto& x : B) x = (float)nd(g);
+  for (auto& x : C) x = (float)nd(g);
+  for (auto& x : A) x = (float)nd(g);
+  if (L > 1)
+    for (int64_t i = 0; i < d; ++i) B[(1 * d + i) * n + 0] = 0.f;  // layer 1: one zero column
+  std::vector<double> pb(L * n * n), pa(L * n * n), s(L * n), pb2(L * n * n), pa2(L * n * n), s2(L * n);
+  EXPECT(cpu::factored_svd_cores(B.data(), C.data(), A.data(), kF32, L, d, n, k, pb.data(), pa.data(), s.data(), 2),
+         "factored_svd_cores returned false");
+  cpu::factored_svd_cores(B.data(), C.data(), A.data(), kF32, L, d, n, k, pb2.data(), pa2.data(), s2.data(), 1);
+  EXPECT(pb == pb2 && pa == pa2 && s == s2, "factored_svd_cores depends on the thread count (L=%lld n=%d)",
+         (long long)L, n);
+  double worst_rec = 0, worst_orth = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const float* b = B.data() + l * d * n;
+    const float* c = C.data() + l * n * n;
+    const float* a = A.data() + l * n * k;
+    const double* P = pb.data() + l * n * n;
+    const double* Q = pa.data() + l * n * n;
+    const double* sl = s.data() + l * n;
+    for (int j = 0; j + 1 < n; ++j) EXPECT(sl[j] >= sl[j + 1], "singular values not descending");
+    std::vector<double> U(d * n, 0.0), V(k * n, 0.0), BC(d * n, 0.0);
+    for (int64_t i = 0; i < d; ++i)
+      for (int j = 0; j < n; ++j)
+        for (int q = 0; q < n; ++q) {
+          U[i * n + j] += (double)b[i * n + q] * P[q * n + j];
+          BC[i * n + j] += (double)b[i * n + q] * c[q * n + j];
+        }
+    for (int64_t i = 0; i < k; ++i)
+      for (int j = 0; j < n; ++j)
+        for (int q = 0; q < n; ++q) V[i * n + j] += (double)a[q * k + i] * Q[q * n + j];
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t m = 0; m < k; ++m) {
+        double ref = 0, rec = 0;
+        for (int q = 0; q < n; ++q) {
+          ref += BC[i * n + q] * a[q * k + m];
+          rec += U[i * n + q] * sl[q] * V[m * n + q];
+        }
+        num += (rec - ref) * (rec - ref);
+        den += ref * ref;
+      }
+    worst_rec = std::max(worst_rec, sqrt(num / std::max(den, 1e-300)));
+    for (int p = 0; p < n; ++p) {
+      if (!(sl[p] > 1e-6 * sl[0])) continue;
+      for (int q = p; q < n; ++q) {
+        if (!(sl[q] > 1e-6 * sl[0])) continue;
+        double dot = 0;
+        for (int64_t i = 0; i < d; ++i) dot += U[i * n + p] * U[i * n + q];
+        worst_orth = std::max(worst_orth, fabs(dot - (p == q ? 1.0 : 0.0)));
+      }
+    }
+  }
+  EXPECT(worst_rec <= 1e-9, "factored_svd_cores L=%lld d=%lld n=%d k=%lld: relative reconstruction error %g",
+         (long long)L, (long long)d, n, (long long)k, worst_rec);
+  EXPECT(worst_orth <= 1e-7, "factored_svd_cores L=%lld n=%d: U not orthonormal (%g)", (long long)L, n, worst_orth);
+}
+
 int main() {
   test_rng();
   test_conversions();
@@ -185,6 +249,9 @@ int main() {
   }
   test_task_merge_invariance();
   test_kth();
+  test_factored_svd(19, 40, 16, 33);
+  test_factored_svd(5, 30, 7, 29);
+  test_factored_svd(3, 80, 70, 75);
   printf("native tests (%s): %s\n", cpu::isa(), failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
