@@ -461,7 +461,7 @@ def _kth_largest_abs_py(x, k, base):
 # --------------------------------------------------------------------------------------------
 def factored_svd_batched(B, core, A, rank=None):
     """Exact thin SVD of ``B[l] @ core[l] @ A[l]`` for a batch of L layers without forming the
-    d×k products: float64 Gram matrices BᵀB and AAᵀ (one batched matmul each), their R×R factors
+    d×k products: float64 Gram matrices BᵀB and AAᵀ, their R×R factors
     W (B = Q_B·W_B, Aᵀ = Q_A·W_A), the SVD of the small W_B·core·W_Aᵀ, U = Q_B·U_c,
     Vh = V_cᵀ·Q_Aᵀ. Rank-deficient factors (a zero LoRA B) give exact zero singular values (their
     U/Vh columns may be zero rather than orthonormal), never NaN. Shapes B [L, d, R], core [L, R, R], A [L, R, k]; returns
