@@ -704,6 +704,7 @@ class _DeltaCache:
         self.out_rank_for = out_rank_for
         self.odt_for = odt_for
         self.cache: dict = {}
+        self.done: set = set()   # modules whose factors were both handed out
         self.names = {}
         for n in plan.names:
             pr = _lora_pair(n)
@@ -714,36 +715,85 @@ class _DeltaCache:
         pr = _lora_pair(name)
         return pr is not None and set(self.names.get(pr[0], {})) == {"A", "B"}
 
+    # same-shape modules merged together in one batched factored SVD (ckptreg.ops when built):
+    # at most this many layers, and at most this many bytes of stacked float32 input factors
+    GROUP_LAYERS = 64
+    GROUP_BYTES = 64 << 20
+
+    def _factors(self, mod):
+        """Each coefficient source's (A, B) of a module (memory-mapped views) and its LoRA scale."""
+        from . import lowrank
+
+        an, bn = self.names[mod]["A"], self.names[mod]["B"]
+        out = []
+        for src, cfg in self.coeff_sources:
+            a, b = src.tensor(an), src.tensor(bn)
+            r = a.shape[0]
+            out.append((a, b, lowrank.lora_scale(_module_alpha(cfg, mod, r), r, bool(cfg.get("use_rslora", False)))))
+        return out
+
+    @staticmethod
+    def _key(fs, r_out):
+        import torch
+
+        return (tuple((tuple(a.shape), tuple(b.shape), a.dtype == torch.float64, sc) for a, b, sc in fs), r_out)
+
     def get(self, name):
         import torch
 
         from . import lowrank
 
+        def widen(t):
+            return t.to(torch.float32) if t.dtype != torch.float64 else t
+
         mod, tag = _lora_pair(name)
         if mod not in self.cache:
-            an, bn = self.names[mod]["A"], self.names[mod]["B"]
-            As, Bs, scales = [], [], []
-            for src, cfg in self.coeff_sources:
-                a = src.tensor(an)
-                b = src.tensor(bn)
-                if "lora_embedding" in an:   # embeddings store A [r, vocab], B [d, r]: same algebra
-                    pass
-                r = a.shape[0]
-                As.append(a.to(torch.float32) if a.dtype != torch.float64 else a)
-                Bs.append(b.to(torch.float32) if b.dtype != torch.float64 else b)
-                scales.append(lowrank.lora_scale(_module_alpha(cfg, mod, r), r, bool(cfg.get("use_rslora", False))))
+            fs = self._factors(mod)
+            As = [widen(a) for a, _, _ in fs]
+            Bs = [widen(b) for _, b, _ in fs]
+            scales = [sc for _, _, sc in fs]
             r_out = self.out_rank_for(mod, As)
             if self.method == "cart":
                 B, A = lowrank.cart_lowrank(Bs, As, scales, self.coeffs,
                                             rank_ratio=float(self.p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
                                             lam=float(self.p.get("lam", 1.0)), out_rank=r_out, out_scale=1.0)
+                self.cache[mod] = {"A": A, "B": B}
             else:
-                B, A = lowrank.lora_delta_merge(Bs, As, scales, self.coeffs, r_out, out_scale=1.0)
-            self.cache[mod] = {"A": A, "B": B}
+                self._merge_group(mod, fs, r_out, widen)
         t = self.cache[mod].pop(tag)
         if not self.cache[mod]:
             del self.cache[mod]
+        self.done.add(mod)
         return t.to(self.odt_for(name)).contiguous()
+
+    def _merge_group(self, mod, fs, r_out, widen):
+        """Delta-space merge of ``mod`` and of the later not yet merged modules with the same
+        factor shapes, dtypes, scales and output rank, as one batched factored SVD."""
+        import torch
+
+        from . import lowrank
+
+        key = self._key(fs, r_out)
+        per_layer = sum(4 * (a.numel() + b.numel()) for a, b, _ in fs)
+        group, members = [mod], [fs]
+        mods = list(self.names)
+        for other in mods[mods.index(mod) + 1:]:
+            if len(group) >= self.GROUP_LAYERS or (len(group) + 1) * per_layer > self.GROUP_BYTES:
+                break
+            if other in self.cache or other in self.done or set(self.names[other]) != {"A", "B"}:
+                continue
+            ofs = self._factors(other)
+            if self._key(ofs, self.out_rank_for(other, [a for a, _, _ in ofs])) != key:
+                continue
+            group.append(other)
+            members.append(ofs)
+        n = len(fs)
+        Bs = [torch.stack([widen(m[i][1]) for m in members]) for i in range(n)]   # [L, d, r_i]
+        As = [torch.stack([widen(m[i][0]) for m in members]) for i in range(n)]   # [L, r_i, k]
+        B, A = lowrank.lora_delta_merge(Bs, As, [sc for _, _, sc in fs], self.coeffs, r_out, out_scale=1.0,
+                                        use_ops=None)
+        for layer, m in enumerate(group):
+            self.cache[m] = {"A": A[layer], "B": B[layer]}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -176,6 +176,45 @@ def test_delta_space_linear_and_config(tmp_path):
     assert close(out2[kb].double() @ out2[k].double(), best4, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_delta_space_groups_same_shape_modules(tmp_path, monkeypatch, backend):
+    """Delta-space merges run same-shape modules through one batched factored SVD: modules of two
+    shapes, one module with its own alpha (another scale), groups cut at GROUP_LAYERS; every
+    module's update equals the float64 reference, with the Python and the compiled route."""
+    monkeypatch.setenv("CKPTREG_BACKEND", backend)
+    monkeypatch.setattr(engine._DeltaCache, "GROUP_LAYERS", 3)
+    r, d = 4, 20
+    reg = Registry(tmp_path / "reg.duckdb")
+    for i, step in enumerate((10, 20, 30)):
+        g = torch.Generator().manual_seed(50 + i)
+        t = {}
+        for layer in range(5):
+            for m, (dout, din) in {"q_proj": (d, d), "up_proj": (2 * d + 3, d)}.items():
+                pre = f"base_model.model.model.layers.{layer}.mlp.{m}"
+                t[f"{pre}.lora_A.weight"] = torch.randn(r, din, generator=g) / din ** 0.5
+                t[f"{pre}.lora_B.weight"] = torch.randn(dout, r, generator=g) * 0.1
+        folder = write_peft_adapter(tmp_path / "run" / f"checkpoint-{step}", t, r=r, alpha=8,
+                                    target_modules=["q_proj", "up_proj"], d=d,
+                                    extra_config={"alpha_pattern": {"layers.2.mlp.up_proj": 2}})
+        reg.add(folder, run="run", step=step, metrics={"train_loss": 1.0 / (1 + i)})
+    ins = reg.select("run", 3)
+    spec = engine.make_spec(reg, "linear", ins, selection={"last": 3}, name=f"grouped_{backend}")
+    c = engine.merge(reg, spec, space="delta", rank=3 * r)
+    out, srcs = load_any(c.path), _srcs(ins)
+    n_checked = 0
+    for k in out:
+        if ".lora_A." not in k:
+            continue
+        kb = k.replace("lora_A", "lora_B")
+        alpha = 2 if "layers.2.mlp.up_proj" in k else 8
+        got = out[kb].double() @ out[k].double()   # output config: lora_alpha == r
+        ref = ref_lora_delta([s[kb] for s in srcs], [s[k] for s in srcs], [alpha / r] * 3, spec.weights)
+        assert got.shape == ref.shape
+        assert close(got, ref, rtol=1e-5, atol=1e-6), k
+        n_checked += 1
+    assert n_checked == 10
+
+
 def test_delta_space_cart_and_task_arithmetic(tmp_path):
     reg = make_lora_run(tmp_path, r=4, alpha=4, use_rslora=True)
     ins = reg.select("sft", 3)
