@@ -464,7 +464,9 @@ def factored_svd_batched(B, core, A, rank=None):
     d×k products: float64 Gram matrices BᵀB and AAᵀ, their R×R factors
     W (B = Q_B·W_B, Aᵀ = Q_A·W_A), the SVD of the small W_B·core·W_Aᵀ, U = Q_B·U_c,
     Vh = V_cᵀ·Q_Aᵀ. Rank-deficient factors (a zero LoRA B) give exact zero singular values (their
-    U/Vh columns may be zero rather than orthonormal), never NaN. Shapes B [L, d, R], core [L, R, R], A [L, R, k]; returns
+    U/Vh columns may be zero rather than orthonormal), never NaN; a layer with NaN or inf in its
+    factors or core has NaN U, S and Vh (as a dense SVD of the product would), the others are
+    unaffected. Shapes B [L, d, R], core [L, R, R], A [L, R, k]; returns
     U [L, d, r], S [L, r], Vh [L, r, k] with r = min(rank, d, k, R) (all of them when rank is None),
     in float32 (float64 for float64 input), singular values descending."""
     for nm, t in (("B", B), ("core", core), ("A", A)):
@@ -525,11 +527,23 @@ def _factored_svd_py(B, core, A, rank):
     st = torch.float64 if dt == torch.float64 else torch.float32
     Bs, As = B.to(st), A.to(st)
     Bd, Ad, Cd = B.to(torch.float64), A.to(torch.float64), core.to(torch.float64)
-    WB, PB = _gram_factor_py(Bd.mT @ Bd)
-    WA, PA = _gram_factor_py(Ad @ Ad.mT)
+    GB, GA = Bd.mT @ Bd, Ad @ Ad.mT
+    # layers with NaN/inf in their Grams or core get NaN outputs (solved on the identity meanwhile)
+    bad = ~(torch.isfinite(GB).flatten(1).all(1) & torch.isfinite(GA).flatten(1).all(1)
+            & torch.isfinite(Cd).flatten(1).all(1))
+    if bool(bad.any()):
+        eye = torch.eye(R, dtype=torch.float64)
+        sel = bad[:, None, None]
+        GB, GA, Cd = torch.where(sel, eye, GB), torch.where(sel, eye, GA), torch.where(sel, eye, Cd)
+    WB, PB = _gram_factor_py(GB)
+    WA, PA = _gram_factor_py(GA)
     uc, s, vhc = torch.linalg.svd(WB @ Cd @ WA.mT, full_matrices=False)
     PBr = (PB @ uc)[..., :r]
     PAr = (PA @ vhc.mT)[..., :r]
+    if bool(bad.any()):
+        nan = float("nan")
+        PBr, PAr = PBr.masked_fill(bad[:, None, None], nan), PAr.masked_fill(bad[:, None, None], nan)
+        s = s.masked_fill(bad[:, None], nan)
     U = Bs @ PBr.to(st)
     Vh = PAr.mT.to(st) @ As
     return U.contiguous(), s[..., :r].to(dt).contiguous(), Vh.contiguous()

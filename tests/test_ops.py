@@ -574,6 +574,27 @@ def test_factored_svd_lane_groups(use, backend, dtype, L, d, R, k):
         assert float((u.mT @ u - eye).abs().max()) <= 100 * tol
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("R", [16, 70])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_factored_svd_non_finite_layer(use, backend, R, bad):
+    """NaN/inf in one layer's B, A or core gives that layer NaN outputs (no silent finite answer,
+    no error), and leaves the other layers of its lane group exactly as without it."""
+    use(backend)
+    g = gen(31)
+    L, d, k = 11, 40, 50
+    B, C, A = randn((L, d, R), torch.float32, g), randn((L, R, R), torch.float32, g), randn((L, R, k), torch.float32, g)
+    U0, S0, Vh0 = ops.factored_svd_batched(B, C, A)
+    B[3, 5, 2] = bad
+    A[6, 1, 7] = bad
+    C[9, 0, 0] = bad
+    U, S, Vh = ops.factored_svd_batched(B, C, A)
+    for layer in (3, 6, 9):
+        assert torch.isnan(S[layer]).all() and torch.isnan(U[layer]).all() and torch.isnan(Vh[layer]).all()
+    good = [x for x in range(L) if x not in (3, 6, 9)]
+    assert torch.equal(S[good], S0[good]) and torch.equal(U[good], U0[good]) and torch.equal(Vh[good], Vh0[good])
+
+
 @needs_cpp
 def test_factored_svd_compiled_matches_fallback(use):
     g = gen(22)
