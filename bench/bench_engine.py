@@ -6,6 +6,9 @@
    cache for both (warm), so the limit is memory bandwidth + the write path.
 2. A sweep of 24 outputs (K = 2,3,4,5,8,10 × {uniform, MWA p = 0.5, 0.7, 0.9}) in one pass vs the
    same 24 merges run one by one.
+3. A delta-space LoRA merge (3 adapters, 32 layers × 4 modules, d = 1024, r = 16) with same-shape
+   modules batched into one factored SVD per group vs one module at a time (group size 1: each
+   module through lowrank's per-layer torch route, as the engine did before grouping).
 
 Run: ``pytest bench/bench_engine.py -s --benchmark-only`` (sizes: CKPTREG_BENCH_MIB per
 checkpoint, default 256 for the N=8 merge). The machine may be shared: the summary prints the
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ckptreg import engine, ops  # noqa: E402
 from ckptreg.registry import Registry  # noqa: E402
 from ckptreg.writer import StreamingWriter  # noqa: E402
+from helpers_files import write_peft_adapter  # noqa: E402
 
 MiB = 1 << 20
 SIZE_MIB = int(os.environ.get("CKPTREG_BENCH_MIB", "256"))
@@ -160,6 +164,50 @@ def test_sweep24_vs_separate(benchmark, run12):
     RESULTS["sweep"] = (t_sw, t_sep)
 
 
+@pytest.fixture(scope="module")
+def lora3(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_delta")
+    reg = Registry(d / "reg.duckdb")
+    r, dim, layers = 16, 1024, 32
+    mods = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for i, step in enumerate((10, 20, 30)):
+        g = torch.Generator().manual_seed(i)
+        t = {}
+        for layer in range(layers):
+            for m in mods:
+                pre = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+                t[f"{pre}.lora_A.weight"] = torch.randn(r, dim, generator=g) / dim ** 0.5
+                t[f"{pre}.lora_B.weight"] = torch.randn(dim, r, generator=g) * 0.01
+        folder = write_peft_adapter(d / "run" / f"checkpoint-{step}", t, r=r, alpha=32, target_modules=mods, d=dim)
+        reg.add(folder, run="lora", step=step, metrics={"train_loss": 1.0 / (1 + i)})
+    yield d, reg
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_delta_grouped_vs_per_module(benchmark, lora3, monkeypatch):
+    d, reg = lora3
+    ins = reg.select("lora", 3)
+    k = [0]
+
+    def run():
+        k[0] += 1
+        spec = engine.make_spec(reg, "linear", ins, selection={"last": 3}, name=f"delta_{k[0]}",
+                                out=str(d / f"delta_{k[0]}"))
+        t0 = time.perf_counter()
+        engine.merge(reg, spec, space="delta")
+        t = time.perf_counter() - t0
+        shutil.rmtree(spec.out)
+        return t
+
+    monkeypatch.setattr(engine._DeltaCache, "GROUP_LAYERS", 1)
+    t_one = min(run() for _ in range(3))
+    monkeypatch.undo()
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    t_grp = benchmark.stats.stats.min
+    benchmark.extra_info.update({"per_module_s": t_one, "speedup": t_one / t_grp})
+    RESULTS["delta"] = (t_grp, t_one)
+
+
 def teardown_module(module):
     load = os.getloadavg()
     lines = [f"\nckptreg engine benchmarks (backend {ops.backend()}, {os.cpu_count()} cpus, "
@@ -172,4 +220,8 @@ def teardown_module(module):
         t_sw, t_sep = RESULTS["sweep"]
         lines.append(f"  sweep of 24 outputs: {t_sw:.2f} s vs 24 separate merges {t_sep:.2f} s "
                      f"= {t_sep / t_sw:.2f}x faster")
+    if "delta" in RESULTS:
+        t_g, t_1 = RESULTS["delta"]
+        lines.append(f"  delta-space merge, 128 LoRA modules x 3 adapters: {t_g:.3f} s grouped vs {t_1:.3f} s "
+                     f"one module at a time = {t_1 / t_g:.2f}x faster")
     sys.stdout.write("\n".join(lines) + "\n")

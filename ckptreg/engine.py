@@ -788,6 +788,11 @@ class _DeltaCache:
             group.append(other)
             members.append(ofs)
         n = len(fs)
+        if len(group) == 1:   # a lone module: the per-layer torch route (LAPACK QR/SVD) is faster
+            B, A = lowrank.lora_delta_merge([widen(b) for _, b, _ in fs], [widen(a) for a, _, _ in fs],
+                                            [sc for _, _, sc in fs], self.coeffs, r_out, out_scale=1.0)
+            self.cache[mod] = {"A": A, "B": B}
+            return
         Bs = [torch.stack([widen(m[i][1]) for m in members]) for i in range(n)]   # [L, d, r_i]
         As = [torch.stack([widen(m[i][0]) for m in members]) for i in range(n)]   # [L, r_i, k]
         B, A = lowrank.lora_delta_merge(Bs, As, [sc for _, _, sc in fs], self.coeffs, r_out, out_scale=1.0,

@@ -672,6 +672,9 @@ def test_opcheck():
     opc(torch.ops.ckptreg.kth_largest_abs.default, (xs[0].double(), 1, None))
     B, C, A = randn((2, 20, 4), torch.float32, g), randn((2, 4, 4), torch.float32, g), randn((2, 4, 9), torch.float32, g)
     opc(torch.ops.ckptreg.factored_svd_batched.default, (B, C, A, 3))
+    # R > 64: the LAPACK route for the R x R steps
+    B, C, A = randn((2, 90, 65), torch.float32, g), randn((2, 65, 65), torch.float32, g), randn((2, 65, 80), torch.float32, g)
+    opc(torch.ops.ckptreg.factored_svd_batched.default, (B, C, A, None))
 
 
 @needs_cpp

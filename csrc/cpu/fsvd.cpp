@@ -28,6 +28,15 @@ namespace cpu {
     else                                                                                              \
       fsvd_t<float>(static_cast<const float*>(B), static_cast<const float*>(C),                       \
                     static_cast<const float*>(A), L, d, n, k, pb, pa, s, nthreads);                   \
+  }                                                                                                   \
+  void grams_any(const void* B, const void* A, bool f64, int64_t L, int64_t d, int n, int64_t k,      \
+                 double* gb, double* ga, int nthreads) {                                              \
+    if (f64)                                                                                          \
+      grams_t<double>(static_cast<const double*>(B), static_cast<const double*>(A), L, d, n, k, gb,   \
+                      ga, nthreads);                                                                  \
+    else                                                                                              \
+      grams_t<float>(static_cast<const float*>(B), static_cast<const float*>(A), L, d, n, k, gb, ga,  \
+                     nthreads);                                                                       \
   }
 
 #if CKPTREG_HAVE_AVX2_CLONE
@@ -70,6 +79,20 @@ bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype
   if (level == 1) return fsvd_avx2::fsvd_any(B, C, A, f64, L, d, n, k, pb, pa, s, nthreads), true;
 #endif
   fsvd_base::fsvd_any(B, C, A, f64, L, d, n, k, pb, pa, s, nthreads);
+  return true;
+}
+
+bool factored_svd_grams(const void* B, const void* A, DType dtype, int64_t L, int64_t d, int n, int64_t k,
+                        double* gb, double* ga, int nthreads) {
+  if ((dtype != kF32 && dtype != kF64) || L < 0 || d < 1 || n < 1 || k < 1) return false;
+  const bool f64 = dtype == kF64;
+  nthreads = std::max(1, nthreads);
+#if CKPTREG_HAVE_AVX2_CLONE
+  const int level = isa_level();
+  if (level >= 2) return fsvd_avx512::grams_any(B, A, f64, L, d, n, k, gb, ga, nthreads), true;
+  if (level == 1) return fsvd_avx2::grams_any(B, A, f64, L, d, n, k, gb, ga, nthreads), true;
+#endif
+  fsvd_base::grams_any(B, A, f64, L, d, n, k, gb, ga, nthreads);
   return true;
 }
 

@@ -45,6 +45,10 @@ double kth_largest_abs(const void* x, const void* base, DType dtype, int64_t num
 bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype, int64_t L, int64_t d, int n,
                         int64_t k, double* pb, double* pa, double* s, int nthreads);
 
+// Only the float64 Grams gb[l] = B_l^T B_l and ga[l] = A_l A_l^T (n x n) of factored_svd_cores.
+bool factored_svd_grams(const void* B, const void* A, DType dtype, int64_t L, int64_t d, int n, int64_t k,
+                        double* gb, double* ga, int nthreads);
+
 // Which instruction set the kernels dispatch to on this machine ("avx512", "avx2" or "baseline"),
 // and the same as a level: 2, 1, 0.
 const char* isa();
