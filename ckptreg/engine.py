@@ -749,12 +749,10 @@ class _DeltaCache:
         mod, tag = _lora_pair(name)
         if mod not in self.cache:
             fs = self._factors(mod)
-            As = [widen(a) for a, _, _ in fs]
-            Bs = [widen(b) for _, b, _ in fs]
-            scales = [sc for _, _, sc in fs]
-            r_out = self.out_rank_for(mod, As)
+            r_out = self.out_rank_for(mod, [a for a, _, _ in fs])   # shapes only
             if self.method == "cart":
-                B, A = lowrank.cart_lowrank(Bs, As, scales, self.coeffs,
+                As, Bs = [widen(a) for a, _, _ in fs], [widen(b) for _, b, _ in fs]
+                B, A = lowrank.cart_lowrank(Bs, As, [sc for _, _, sc in fs], self.coeffs,
                                             rank_ratio=float(self.p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
                                             lam=float(self.p.get("lam", 1.0)), out_rank=r_out, out_scale=1.0)
                 self.cache[mod] = {"A": A, "B": B}
