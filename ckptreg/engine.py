@@ -419,6 +419,17 @@ def _clean_stale(out: Path) -> None:
                 pass
 
 
+def _refuse_nan(name, t) -> None:
+    """A merged float tensor with NaN means an input holds NaN there (a diverged run); stop before
+    writing it (the caller aborts every output, so nothing is left and nothing is registered).
+    inf is let through: some checkpoints store -inf mask buffers on purpose."""
+    import torch
+
+    if t.is_floating_point() and bool(torch.isnan(t).any()):
+        raise FormatError(f"merged tensor {name!r} has NaN values: an input checkpoint holds NaN in it "
+                          "(a diverged run?); nothing was written")
+
+
 def _layout(info) -> str:
     if info.format == "peft":
         return "peft"
@@ -484,9 +495,11 @@ class _Output:
             raise
 
     def write(self, name, t):
+        _refuse_nan(name, t)
         self.w.write(name, t)
 
     def write_chunk(self, name, t):
+        _refuse_nan(name, t)
         self.w.write_chunk(name, t)
 
     def commit(self) -> Path:

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from ckptreg.cli import main
-from ckptreg.errors import (ChangedError, MismatchError, OutputExistsError, ParameterError, SelectionError,
+from ckptreg.errors import (ChangedError, FormatError, MismatchError, OutputExistsError, ParameterError, SelectionError,
                             WeightError)
 from ckptreg.registry import Registry
 from helpers_engine import close, load_any, make_lora_run
-from helpers_files import random_full_state, write_hf_model
+from helpers_files import random_full_state, random_lora_state, write_hf_model, write_peft_adapter
 from helpers_ref import ref_linear, ref_mwa_weights, ref_ties
 
 STEPS = tuple(range(10, 130, 10))
@@ -31,6 +31,28 @@ def env(tmp_path):
         return res
 
     return reg, run, tmp_path
+
+
+@pytest.mark.parametrize("space", ["factors", "delta"])
+def test_merge_nan_checkpoint_is_refused(tmp_path, space):
+    """An adapter with a NaN weight (a diverged run) stops the merge: a clear error naming the
+    tensor, FormatError's exit code, no output folder, the registry as it was."""
+    db = tmp_path / "reg.duckdb"
+    reg = Registry(db)
+    for i, step in enumerate((10, 20, 30)):
+        t = random_lora_state(i, n_layers=2, d=24, r=4)
+        if i == 1:
+            bad = sorted(k for k in t if "lora_B" in k)[0]
+            t[bad][3, 1] = float("nan")
+        reg.add(write_peft_adapter(tmp_path / f"checkpoint-{step}", t, r=4, alpha=8, d=24), run="r", step=step)
+    before = reg.dump()
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["--db", str(db), "merge", "--run", "r", "--last", 3, "--space", space,
+                                    "-o", str(out), "-q"])
+    assert res.exit_code == FormatError.exit_code, res.output
+    assert "NaN" in res.output and bad.replace(".lora_B.weight", "") in res.output
+    assert not out.exists()
+    assert Registry(db).dump() == before
 
 
 def test_weights_command(env):
