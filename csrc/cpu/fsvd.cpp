@@ -19,26 +19,6 @@
 namespace ckptreg {
 namespace cpu {
 
-#define CKPTREG_FSVD_ENTRY                                                                            \
-  void fsvd_any(const void* B, const void* C, const void* A, bool f64, int64_t L, int64_t d, int n, int64_t k, \
-                double* pb, double* pa, double* s, int nthreads) {                                    \
-    if (f64)                                                                                          \
-      fsvd_t<double>(static_cast<const double*>(B), static_cast<const double*>(C),                    \
-                     static_cast<const double*>(A), L, d, n, k, pb, pa, s, nthreads);                 \
-    else                                                                                              \
-      fsvd_t<float>(static_cast<const float*>(B), static_cast<const float*>(C),                       \
-                    static_cast<const float*>(A), L, d, n, k, pb, pa, s, nthreads);                   \
-  }                                                                                                   \
-  void grams_any(const void* B, const void* A, bool f64, int64_t L, int64_t d, int n, int64_t k,      \
-                 double* gb, double* ga, int nthreads) {                                              \
-    if (f64)                                                                                          \
-      grams_t<double>(static_cast<const double*>(B), static_cast<const double*>(A), L, d, n, k, gb,   \
-                      ga, nthreads);                                                                  \
-    else                                                                                              \
-      grams_t<float>(static_cast<const float*>(B), static_cast<const float*>(A), L, d, n, k, gb, ga,  \
-                     nthreads);                                                                       \
-  }
-
 #if CKPTREG_HAVE_AVX2_CLONE
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -46,7 +26,6 @@ namespace fsvd_avx2 {
 #define CKPTREG_FSVD_LANES 4
 #include "fsvd_impl.inc"
 #undef CKPTREG_FSVD_LANES
-CKPTREG_FSVD_ENTRY
 }  // namespace fsvd_avx2
 #pragma GCC pop_options
 
@@ -56,7 +35,6 @@ namespace fsvd_avx512 {
 #define CKPTREG_FSVD_LANES 8
 #include "fsvd_impl.inc"
 #undef CKPTREG_FSVD_LANES
-CKPTREG_FSVD_ENTRY
 }  // namespace fsvd_avx512
 #pragma GCC pop_options
 #endif
@@ -65,7 +43,6 @@ namespace fsvd_base {
 #define CKPTREG_FSVD_LANES 2
 #include "fsvd_impl.inc"
 #undef CKPTREG_FSVD_LANES
-CKPTREG_FSVD_ENTRY
 }  // namespace fsvd_base
 
 bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype, int64_t L, int64_t d, int n,

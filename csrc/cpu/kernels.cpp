@@ -36,24 +36,6 @@ namespace cpu {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "kernels_impl.inc"
-
-void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
-                      void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
-                             static_cast<TO*>(out), numel, nthreads)));
-}
-void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
-                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
-                           n, a, static_cast<TO*>(out), numel, nthreads)));
-}
-double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
-  double r = 0.0;
-  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
-  return r;
-}
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -63,48 +45,12 @@ double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
 #include "kernels_impl.inc"
-
-void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
-                      void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
-                             static_cast<TO*>(out), numel, nthreads)));
-}
-void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
-                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
-                           n, a, static_cast<TO*>(out), numel, nthreads)));
-}
-double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
-  double r = 0.0;
-  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
-  return r;
-}
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
 
 namespace base {
 #include "kernels_impl.inc"
-
-void weighted_sum_any(const void* const* inputs, int64_t n, DType in_dt, const float* w, int64_t m,
-                      void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      weighted_sum_t<TI, TO>(reinterpret_cast<const TI* const*>(inputs), n, w, m,
-                             static_cast<TO*>(out), numel, nthreads)));
-}
-void task_merge_any(const void* base, const void* const* inputs, int64_t n, DType in_dt,
-                    const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
-  CKPTREG_DISPATCH(in_dt, TI, CKPTREG_DISPATCH(out_dt, TO,
-      task_merge_t<TI, TO>(static_cast<const TI*>(base), reinterpret_cast<const TI* const*>(inputs),
-                           n, a, static_cast<TO*>(out), numel, nthreads)));
-}
-double kth_any(const void* x, const void* base, DType dt, int64_t numel, int64_t k, int nthreads) {
-  double r = 0.0;
-  CKPTREG_DISPATCH(dt, TI, r = kth_t<TI>(static_cast<const TI*>(x), static_cast<const TI*>(base), numel, k, nthreads));
-  return r;
-}
 }  // namespace base
 
 static bool use_avx512() {
