@@ -136,6 +136,54 @@ inline at::ScalarType acc_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The functional op and the schema's void out= op of weighted_sum and task_merge, built from a
+// backend's `at::Tensor& ..._out(..., at::Tensor& out)` (which checks everything and fills out).
+using WeightedSumOut = at::Tensor& (*)(at::TensorList, const at::Tensor&, c10::optional<at::ScalarType>,
+                                       at::Tensor&);
+using TaskMergeOut = at::Tensor& (*)(const c10::optional<at::Tensor>&, at::TensorList, at::ArrayRef<double>,
+                                     c10::string_view, double, c10::optional<at::ArrayRef<double>>,
+                                     c10::optional<at::ArrayRef<int64_t>>, c10::string_view, double, int64_t,
+                                     c10::optional<at::ScalarType>, at::Tensor&);
+
+template <WeightedSumOut Out, c10::DeviceType Dev>
+at::Tensor weighted_sum_functional(at::TensorList inputs, const at::Tensor& weights,
+                                   c10::optional<at::ScalarType> out_dtype) {
+  check_inputs(inputs, Dev);
+  const at::Tensor& x0 = inputs[0];
+  check_weights(weights, (int64_t)inputs.size(), x0);
+  at::Tensor out = at::empty(stacked_shape(weights.size(0), x0.sizes()),
+                             x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
+  Out(inputs, weights, out_dtype, out);
+  return out;
+}
+
+template <WeightedSumOut Out>
+void weighted_sum_out_op(at::TensorList inputs, const at::Tensor& weights, c10::optional<at::ScalarType> out_dtype,
+                         at::Tensor& out) {
+  Out(inputs, weights, out_dtype, out);
+}
+
+template <TaskMergeOut Out, c10::DeviceType Dev>
+at::Tensor task_merge_functional(const c10::optional<at::Tensor>& base, at::TensorList inputs,
+                                 at::ArrayRef<double> weights, c10::string_view method, double density,
+                                 c10::optional<at::ArrayRef<double>> thresholds,
+                                 c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign, double lam,
+                                 int64_t offset, c10::optional<at::ScalarType> out_dtype) {
+  check_inputs(inputs, Dev);
+  const at::Tensor& x0 = inputs[0];
+  at::Tensor out = at::empty(x0.sizes(), x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
+  Out(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out);
+  return out;
+}
+
+template <TaskMergeOut Out>
+void task_merge_out_op(const c10::optional<at::Tensor>& base, at::TensorList inputs, at::ArrayRef<double> weights,
+                       c10::string_view method, double density, c10::optional<at::ArrayRef<double>> thresholds,
+                       c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign, double lam,
+                       int64_t offset, c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  Out(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out);
+}
+
 // Exact thin SVD of B @ core @ A for a batch of layers (see ckptreg/ops.py).
 // Argument checks of factored_svd_batched, shared by the CPU and CUDA routes.
 inline void check_factored_svd_args(const at::Tensor& B_, const at::Tensor& core_, const at::Tensor& A_,

@@ -37,22 +37,6 @@ at::Tensor& weighted_sum_out_cpu(at::TensorList inputs, const at::Tensor& weight
   return out;
 }
 
-void weighted_sum_out_cpu_op(at::TensorList inputs, const at::Tensor& weights,
-                            c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
-  weighted_sum_out_cpu(inputs, weights, out_dtype, out);
-}
-
-at::Tensor weighted_sum_cpu(at::TensorList inputs, const at::Tensor& weights,
-                            c10::optional<at::ScalarType> out_dtype) {
-  check_inputs(inputs, c10::DeviceType::CPU);
-  const at::Tensor& x0 = inputs[0];
-  check_weights(weights, (int64_t)inputs.size(), x0);
-  at::Tensor out = at::empty(stacked_shape(weights.size(0), x0.sizes()),
-                             x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
-  weighted_sum_out_cpu(inputs, weights, out_dtype, out);
-  return out;
-}
-
 at::Tensor& task_merge_out_cpu(const c10::optional<at::Tensor>& base, at::TensorList inputs,
                                at::ArrayRef<double> weights, c10::string_view method,
                                double density, c10::optional<at::ArrayRef<double>> thresholds,
@@ -85,29 +69,6 @@ at::Tensor& task_merge_out_cpu(const c10::optional<at::Tensor>& base, at::Tensor
                                   to_dtype(out.scalar_type(), "out"), x0.numel(),
                                   at::get_num_threads());
   TORCH_CHECK(ok, "ckptreg: task_merge kernel rejected its arguments");
-  return out;
-}
-
-void task_merge_out_cpu_op(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                          at::ArrayRef<double> weights, c10::string_view method, double density,
-                          c10::optional<at::ArrayRef<double>> thresholds,
-                          c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                          double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
-                          at::Tensor& out) {
-  task_merge_out_cpu(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
-                      out_dtype, out);
-}
-
-at::Tensor task_merge_cpu(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                          at::ArrayRef<double> weights, c10::string_view method, double density,
-                          c10::optional<at::ArrayRef<double>> thresholds,
-                          c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                          double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype) {
-  check_inputs(inputs, c10::DeviceType::CPU);
-  const at::Tensor& x0 = inputs[0];
-  at::Tensor out = at::empty(x0.sizes(), x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
-  task_merge_out_cpu(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
-                     out_dtype, out);
   return out;
 }
 
@@ -225,10 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckptreg, CPU, m) {
-  m.impl("weighted_sum", &weighted_sum_cpu);
-  m.impl("weighted_sum_out", &weighted_sum_out_cpu_op);
-  m.impl("task_merge", &task_merge_cpu);
-  m.impl("task_merge_out", &task_merge_out_cpu_op);
+  m.impl("weighted_sum", &weighted_sum_functional<&weighted_sum_out_cpu, c10::DeviceType::CPU>);
+  m.impl("weighted_sum_out", &weighted_sum_out_op<&weighted_sum_out_cpu>);
+  m.impl("task_merge", &task_merge_functional<&task_merge_out_cpu, c10::DeviceType::CPU>);
+  m.impl("task_merge_out", &task_merge_out_op<&task_merge_out_cpu>);
   m.impl("kth_largest_abs", &kth_largest_abs_cpu);
   m.impl("factored_svd_batched", &factored_svd_batched_cpu);
 }

@@ -67,22 +67,6 @@ at::Tensor& weighted_sum_out_cuda(at::TensorList inputs, const at::Tensor& weigh
   return out;
 }
 
-void weighted_sum_out_cuda_op(at::TensorList inputs, const at::Tensor& weights,
-                            c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
-  weighted_sum_out_cuda(inputs, weights, out_dtype, out);
-}
-
-at::Tensor weighted_sum_cuda(at::TensorList inputs, const at::Tensor& weights,
-                             c10::optional<at::ScalarType> out_dtype) {
-  check_inputs(inputs, c10::DeviceType::CUDA);
-  const at::Tensor& x0 = inputs[0];
-  check_weights(weights, (int64_t)inputs.size(), x0);
-  at::Tensor out = at::empty(stacked_shape(weights.size(0), x0.sizes()),
-                             x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
-  weighted_sum_out_cuda(inputs, weights, out_dtype, out);
-  return out;
-}
-
 at::Tensor& task_merge_out_cuda(const c10::optional<at::Tensor>& base, at::TensorList inputs,
                                 at::ArrayRef<double> weights, c10::string_view method,
                                 double density, c10::optional<at::ArrayRef<double>> thresholds,
@@ -122,29 +106,6 @@ at::Tensor& task_merge_out_cuda(const c10::optional<at::Tensor>& base, at::Tenso
   return out;
 }
 
-void task_merge_out_cuda_op(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                          at::ArrayRef<double> weights, c10::string_view method, double density,
-                          c10::optional<at::ArrayRef<double>> thresholds,
-                          c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                          double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
-                          at::Tensor& out) {
-  task_merge_out_cuda(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
-                      out_dtype, out);
-}
-
-at::Tensor task_merge_cuda(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                           at::ArrayRef<double> weights, c10::string_view method, double density,
-                           c10::optional<at::ArrayRef<double>> thresholds,
-                           c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                           double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype) {
-  check_inputs(inputs, c10::DeviceType::CUDA);
-  const at::Tensor& x0 = inputs[0];
-  at::Tensor out = at::empty(x0.sizes(), x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
-  task_merge_out_cuda(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset,
-                      out_dtype, out);
-  return out;
-}
-
 at::Tensor kth_largest_abs_cuda(const at::Tensor& x, int64_t k, const c10::optional<at::Tensor>& base) {
   TORCH_CHECK_VALUE(x.device().is_cuda(), "ckptreg: x must be a CUDA tensor");
   TORCH_CHECK_VALUE(x.is_contiguous(), "ckptreg: x is not contiguous");
@@ -171,10 +132,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ckptreg, CUDA, m) {
-  m.impl("weighted_sum", &weighted_sum_cuda);
-  m.impl("weighted_sum_out", &weighted_sum_out_cuda_op);
-  m.impl("task_merge", &task_merge_cuda);
-  m.impl("task_merge_out", &task_merge_out_cuda_op);
+  m.impl("weighted_sum", &weighted_sum_functional<&weighted_sum_out_cuda, c10::DeviceType::CUDA>);
+  m.impl("weighted_sum_out", &weighted_sum_out_op<&weighted_sum_out_cuda>);
+  m.impl("task_merge", &task_merge_functional<&task_merge_out_cuda, c10::DeviceType::CUDA>);
+  m.impl("task_merge_out", &task_merge_out_op<&task_merge_out_cuda>);
   m.impl("kth_largest_abs", &kth_largest_abs_cuda);
   m.impl("factored_svd_batched", &factored_svd_batched_cuda);
 }
