@@ -43,6 +43,11 @@ def randn(shape, dtype, g, scale=1.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
+def fsvd_inputs(L, d, R, k, dtype, g):
+    """Random B [L, d, R], core [L, R, R], A [L, R, k] for factored_svd_batched."""
+    return randn((L, d, R), dtype, g), randn((L, R, R), dtype, g), randn((L, R, k), dtype, g)
+
+
 def rel_err(a, b, mag):
     """max |a - b| relative to the magnitude scale of the computation."""
     if a.numel() == 0:
@@ -478,9 +483,7 @@ def test_factored_svd_batched_vs_dense(use, backend, dtype):
     use(backend)
     g = gen(21)
     L, d, R, k = 3, 70, 12, 45
-    B = randn((L, d, R), dtype, g)
-    C = randn((L, R, R), dtype, g)
-    A = randn((L, R, k), dtype, g)
+    B, C, A = fsvd_inputs(L, d, R, k, dtype, g)
     U, S, Vh = ops.factored_svd_batched(B, C, A)
     assert U.shape == (L, d, R) and S.shape == (L, R) and Vh.shape == (L, R, k)
     dense = B.double() @ C.double() @ A.double()
@@ -509,9 +512,7 @@ def test_factored_svd_rank_deficient(use, backend, dtype):
     use(backend)
     g = gen(23)
     L, d, R, k = 4, 96, 12, 80
-    B = randn((L, d, R), dtype, g)
-    C = randn((L, R, R), dtype, g)
-    A = randn((L, R, k), dtype, g)
+    B, C, A = fsvd_inputs(L, d, R, k, dtype, g)
     B[0, :, 3:7] = 0            # zero columns
     B[1] = 0                    # B = 0 entirely
     B[2, :, 1] = 2 * B[2, :, 0]  # duplicated direction
@@ -543,9 +544,7 @@ def test_factored_svd_lane_groups(use, backend, dtype, L, d, R, k):
     and within one group layers whose factors are rank deficient next to full-rank ones."""
     use(backend)
     g = gen(L * 1000 + R)
-    B = randn((L, d, R), dtype, g)
-    C = randn((L, R, R), dtype, g)
-    A = randn((L, R, k), dtype, g)
+    B, C, A = fsvd_inputs(L, d, R, k, dtype, g)
     B[1, :, : R // 2] = 0                 # half the columns of B zero
     A[2] = 0                              # A = 0: an all-zero update
     B[L - 1, :, 1] = -3 * B[L - 1, :, 0]  # dependent columns, in the last (partial) group
@@ -583,7 +582,7 @@ def test_factored_svd_non_finite_layer(use, backend, R, bad):
     use(backend)
     g = gen(31)
     L, d, k = 11, 40, 50
-    B, C, A = randn((L, d, R), torch.float32, g), randn((L, R, R), torch.float32, g), randn((L, R, k), torch.float32, g)
+    B, C, A = fsvd_inputs(L, d, R, k, torch.float32, g)
     U0, S0, Vh0 = ops.factored_svd_batched(B, C, A)
     B[3, 5, 2] = bad
     A[6, 1, 7] = bad
@@ -598,7 +597,7 @@ def test_factored_svd_non_finite_layer(use, backend, R, bad):
 @needs_cpp
 def test_factored_svd_compiled_matches_fallback(use):
     g = gen(22)
-    B, C, A = randn((4, 64, 16), torch.float32, g), randn((4, 16, 16), torch.float32, g), randn((4, 16, 80), torch.float32, g)
+    B, C, A = fsvd_inputs(4, 64, 16, 80, torch.float32, g)
     use("python")
     _, s1, _ = ops.factored_svd_batched(B, C, A, rank=8)
     use("cpp")
@@ -670,10 +669,10 @@ def test_opcheck():
     opc(torch.ops.ckptreg.task_merge_out.default, args[:-1] + (torch.float64, torch.empty(2, 37, dtype=torch.float64)))
     opc(torch.ops.ckptreg.kth_largest_abs.default, (xs[0], 5, base))
     opc(torch.ops.ckptreg.kth_largest_abs.default, (xs[0].double(), 1, None))
-    B, C, A = randn((2, 20, 4), torch.float32, g), randn((2, 4, 4), torch.float32, g), randn((2, 4, 9), torch.float32, g)
+    B, C, A = fsvd_inputs(2, 20, 4, 9, torch.float32, g)
     opc(torch.ops.ckptreg.factored_svd_batched.default, (B, C, A, 3))
     # R > 64: the LAPACK route for the R x R steps
-    B, C, A = randn((2, 90, 65), torch.float32, g), randn((2, 65, 65), torch.float32, g), randn((2, 65, 80), torch.float32, g)
+    B, C, A = fsvd_inputs(2, 90, 65, 80, torch.float32, g)
     opc(torch.ops.ckptreg.factored_svd_batched.default, (B, C, A, None))
 
 
@@ -734,7 +733,7 @@ def test_cuda_kth_and_factored_svd(use, dtype):
     x, b = randn((200_003,), dtype, g), randn((200_003,), dtype, g)
     for k in (1, 999, 200_003):
         assert ops.kth_largest_abs(x.cuda(), k, b.cuda()) == exact_kth(x, k, b)
-    B, C, A = randn((3, 50, 8), torch.float32, g), randn((3, 8, 8), torch.float32, g), randn((3, 8, 40), torch.float32, g)
+    B, C, A = fsvd_inputs(3, 50, 8, 40, torch.float32, g)
     _, s_cpu, _ = ops.factored_svd_batched(B, C, A, rank=4)
     U, s_gpu, Vh = ops.factored_svd_batched(B.cuda(), C.cuda(), A.cuda(), rank=4)
     assert U.is_cuda and torch.allclose(s_gpu.cpu(), s_cpu, rtol=1e-5, atol=1e-5 * float(s_cpu.max()))
