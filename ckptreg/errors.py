@@ -79,3 +79,28 @@ class UsageError(CkptregError):
     """Malformed user input (a --metric without '=', a non-numeric value, ...)."""
 
     exit_code = 2
+
+
+class DiskFullError(CkptregError):
+    """A filesystem ran out of space (ENOSPC/EDQUOT) while ckptreg wrote to it; nothing partial is
+    left behind (the message names the path)."""
+
+    exit_code = 13
+
+
+class TargetBusyError(CkptregError):
+    """Another ckptreg process is writing the same output path right now (one writer per target)."""
+
+    exit_code = 14
+
+
+class AccessError(CkptregError):
+    """A path cannot be written or read: permission denied or a read-only filesystem (names it)."""
+
+    exit_code = 15
+
+
+class QueryError(CkptregError):
+    """``ckptreg sql``: the query is not a read of the registry, failed, or ran past --timeout."""
+
+    exit_code = 16
