@@ -40,12 +40,15 @@ from types import SimpleNamespace
 from typing import Any, Iterable
 
 from .errors import (
+    AccessError,
     ChangedError,
     CkptregError,
+    DiskFullError,
     DuplicateError,
     FormatError,
     LockTimeout,
     NotFoundError,
+    QueryError,
     SelectionError,
     UsageError,
 )
@@ -200,7 +203,18 @@ _ALIASES = itertools.count()
 #: their indexes into the main file). Durability is unchanged: DuckDB fsyncs the WAL at COMMIT.
 #: The WAL is folded into the file by the commit that takes it past 1 MB, so the replay every
 #: attach does (readers included) stays ~1-2 ms at most.
-_ENGINE_CONFIG = {"checkpoint_on_detach": "DISABLED", "wal_autocheckpoint": "1MB"}
+#: The registry never needs an extension: a file that is not DuckDB's (a SQLite database, say)
+#: must fail to open, not make DuckDB download and load a scanner.
+_ENGINE_CONFIG = {"checkpoint_on_detach": "DISABLED", "wal_autocheckpoint": "1MB",
+                  "autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+#: ``Registry.sql``'s dedicated connection: read-only by construction. No file access beyond the
+#: registry itself (COPY ... TO, read_text/read_blob/read_csv/glob, ATTACH, INSTALL/LOAD are
+#: refused by DuckDB), no extension autoload/autoinstall, no spill directory (nothing is written
+#: beside the db), and the configuration locked so that no statement can SET any of it back.
+#: (Not applied to the shared engine: a locked configuration there would break later writes.)
+_SQL_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
+               "autoload_known_extensions": False, "temp_directory": "", "lock_configuration": True}
 
 
 #: Schema-version cache shared by every Registry of this process (``ckptreg.add()`` builds a new
@@ -432,6 +446,40 @@ def _file_stats(files) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- database errors
+
+_NOSPACE_MARKERS = ("No space left on device", "Disk quota exceeded", "errno 28", "Errno 28")
+_ACCESS_MARKERS = ("Permission denied", "Read-only file system", "Operation not permitted")
+_MISSING_TABLE = __import__("re").compile(r"Table with name (\S+?) does not exist")
+
+
+def _short(msg: str) -> str:
+    return " ".join(str(msg).split())[:300]
+
+
+def _db_error(path, e: BaseException) -> CkptregError | None:
+    """The typed error for a DuckDB (or OS) error while using the registry file ``path``, or
+    None when it is not one of the known kinds (out of space, no access, a schema that is not
+    ckptreg's)."""
+    if isinstance(e, CkptregError):
+        return None
+    msg = str(e)
+    en = getattr(e, "errno", None)
+    if en in (28, 122) or any(k in msg for k in _NOSPACE_MARKERS):
+        return DiskFullError(f"{path}: no space left on the database's filesystem; nothing was "
+                             f"written, the registry is unchanged ({_short(msg)})")
+    if en in (1, 13, 30) or any(k in msg for k in _ACCESS_MARKERS):
+        return AccessError(f"{path}: cannot write the registry: permission denied or read-only "
+                           f"filesystem ({_short(msg)})")
+    duckdb = _duckdb()
+    if isinstance(e, getattr(duckdb, "CatalogException", ())) or msg.startswith("Catalog Error"):
+        m = _MISSING_TABLE.search(msg)
+        if m:
+            return FormatError(f"{path}: not a usable ckptreg registry: table {m.group(1)} missing")
+        return FormatError(f"{path}: not a usable ckptreg registry: {_short(msg)}")
+    return None
+
+
 # --------------------------------------------------------------------------- registry
 
 class Registry:
@@ -468,6 +516,7 @@ class Registry:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = filelock.FileLock(str(self.lock_path), is_singleton=False)
         except (OSError, NotImplementedError) as e:
+            self._raise_no_access(e)
             raise _Busy(f"cannot create lock file {self.lock_path}: {e}") from e
         attempt = 0
         while True:
@@ -477,12 +526,21 @@ class Registry:
             except filelock.Timeout:
                 pass
             except (OSError, NotImplementedError) as e:  # filesystem without locks
+                self._raise_no_access(e)
                 raise _Busy(f"cannot lock {self.lock_path}: {e}") from e
             if time.monotonic() >= deadline:
                 raise _Busy(f"registry {self.path} is locked by another writer "
                             f"(waited {self.lock_timeout:g} s for {self.lock_path})")
             self._sleep(attempt)
             attempt += 1
+
+    def _raise_no_access(self, e: BaseException) -> None:
+        """AccessError naming the database folder for a permission / read-only-filesystem error."""
+        import errno
+
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise AccessError(f"{self.path.parent}: the registry's folder is not writable "
+                              f"({e.strerror}): cannot create {self.lock_path.name} there") from e
 
     def _connect(self, read_only: bool, deadline: float):
         """Attach the registry file to this process's engine (:func:`_engine`) on a fresh
@@ -506,12 +564,31 @@ class Registry:
                 busy = (isinstance(e, getattr(duckdb, "ResourceInUseException", ()))
                         or any(k in msg for k in _BUSY_MARKERS))
                 if not busy:
-                    raise FormatError(f"cannot open registry {self.path}: {msg}") from e
+                    raise self._open_error(e) from e
                 if time.monotonic() >= deadline:
                     raise _Busy(f"registry {self.path} is held by another process "
                                 f"(waited {self.lock_timeout:g} s): {msg}") from e
             self._sleep(attempt)
             attempt += 1
+
+    def _open_error(self, e: BaseException) -> CkptregError:
+        """The typed error for a registry file that cannot be opened (not busy)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+        except IsADirectoryError:
+            return FormatError(f"{self.path}: not a usable ckptreg registry: it is a directory")
+        except PermissionError as pe:
+            return AccessError(f"{self.path}: cannot read the registry: {pe.strerror}")
+        except OSError:
+            head = None
+        if head is not None and len(head) >= 12 and head[8:12] != b"DUCK":
+            what = "a SQLite database" if head.startswith(b"SQLite format 3") else "not a DuckDB file"
+            return FormatError(f"{self.path}: not a usable ckptreg registry: {what}")
+        conv = _db_error(self.path, e)
+        if conv is not None:
+            return conv
+        return FormatError(f"cannot open registry {self.path}: {_short(e)}")
 
     def _close(self, con) -> None:
         """Detach the registry file (releasing it for other processes) and drop the connection."""
@@ -555,8 +632,9 @@ class Registry:
                 if ingest:
                     self._ingest_spool(con)
                 yield con
-            except BaseException:
+            except BaseException as e:
                 _SCHEMA_SEEN.pop(str(self.path), None)
+                self._raise_typed(e)
                 raise
             else:
                 if self._schema_ok:
@@ -608,8 +686,19 @@ class Registry:
                 pass
         try:
             yield con
+        except BaseException as e:
+            self._raise_typed(e)
+            raise
         finally:
             self._close(con)
+
+    def _raise_typed(self, e: BaseException) -> None:
+        """Re-raise a DuckDB error met while using the file as its typed error (out of space,
+        no access, missing table); return for anything else."""
+        if isinstance(e, _duckdb().Error):
+            conv = _db_error(self.path, e)
+            if conv is not None:
+                raise conv from e
 
     @contextmanager
     def batch(self):
@@ -1299,31 +1388,97 @@ class Registry:
                            for i, w, p, r, s, n in ins],
                 "base": row[3], "base_ref": base_ref, "created": row[4]}
 
-    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
-        """Run one read-only statement (SELECT / WITH / DESCRIBE / SHOW / EXPLAIN / SUMMARIZE);
-        anything else is a UsageError. The database is opened read_only."""
+    def sql(self, query: str, timeout: float | None = 30.0) -> tuple[list[str], list[tuple]]:
+        """Run one SQL statement against the registry, read-only BY CONSTRUCTION: the file is opened
+        on a dedicated DuckDB connection (not the shared engine) with ``read_only=True``, external
+        access disabled (no file reads/writes: COPY, read_text, read_csv, glob, ATTACH, INSTALL),
+        extension autoload/autoinstall off, no spill directory and the configuration locked (so
+        the statement cannot ``SET`` any of that back). Whatever the statement is, DuckDB itself
+        refuses what is not a read; there is no keyword screen. ``timeout`` seconds (None: none)
+        bounds the run: a timer thread interrupts the connection.
+
+        QueryError (with DuckDB's reason) for a refused / failed / timed-out statement."""
         duckdb = _duckdb()
         if not isinstance(query, str) or not query.strip():
-            raise UsageError("sql: empty query")
+            raise QueryError("sql: empty query")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not math.isfinite(timeout) or timeout <= 0:
+                raise UsageError(f"sql: timeout must be a number of seconds > 0, got {timeout!r}")
         try:
             stmts = duckdb.extract_statements(query)
         except duckdb.Error as e:
-            raise UsageError(f"sql: {e}") from None
+            raise QueryError(f"sql: {e}") from None
         if len(stmts) != 1:
-            raise UsageError(f"sql: exactly one statement allowed, got {len(stmts)}")
-        kind = stmts[0].type.name
-        first = query.strip().split(None, 1)[0].upper().rstrip(";")
-        if kind not in _READ_ONLY_KINDS or first not in {"SELECT", "WITH", "DESCRIBE", "SHOW", "EXPLAIN",
-                                                          "SUMMARIZE", "FROM", "VALUES", "TABLE", "("}:
-            raise UsageError(f"sql: only SELECT/WITH/DESCRIBE/SHOW/EXPLAIN are allowed (got {first})")
-        with self._reader() as con:
+            raise QueryError(f"sql: exactly one statement allowed, got {len(stmts)}")
+        with self._reader():  # ingests the spool, migrates, refuses a newer schema
+            pass
+        con = self._sql_connect()
+        timer = None
+        fired = threading.Event()
+        if timeout is not None:
+            def stop():
+                fired.set()
+                try:
+                    con.interrupt()
+                except Exception:
+                    pass
+
+            timer = threading.Timer(float(timeout), stop)
+            timer.daemon = True
+            timer.start()
+        try:
+            cur = con.execute(query)
+            rows = cur.fetchall()
+            cols = [d[0] for d in cur.description] if cur.description else []
+        except duckdb.Error as e:
+            if fired.is_set() or isinstance(e, getattr(duckdb, "InterruptException", ())):
+                raise QueryError(f"sql: query interrupted: it ran past the time limit of "
+                                 f"{timeout:g} s (ckptreg sql --timeout SECONDS)") from None
+            raise QueryError(f"sql: {e}") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
             try:
-                cur = con.execute(query)
-                rows = cur.fetchall()
-                cols = [d[0] for d in cur.description] if cur.description else []
-            except duckdb.Error as e:
-                raise UsageError(f"sql: {e}") from None
+                con.close()
+            except Exception:
+                pass
         return cols, rows
+
+    def _sql_connect(self):
+        """A dedicated, locked-down, read-only connection to the registry file (see :meth:`sql`);
+        an empty in-memory registry when the file does not exist. Retried while busy."""
+        duckdb = _duckdb()
+        if not self.path.exists():
+            con = duckdb.connect(":memory:", config=dict(_SQL_CONFIG))
+            try:
+                con.execute("BEGIN TRANSACTION")
+                con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TIMESTAMP NOT NULL)")
+                for version, steps in MIGRATIONS:
+                    for stmt in steps:
+                        con.execute(stmt)
+                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
+                con.execute("COMMIT")
+            except BaseException:
+                con.close()
+                raise
+            return con
+        deadline = self._deadline()
+        attempt = 0
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=True, config=dict(_SQL_CONFIG))
+            except duckdb.Error as e:
+                msg = str(e)
+                busy = (isinstance(e, getattr(duckdb, "ResourceInUseException", ()))
+                        or any(k in msg for k in _BUSY_MARKERS))
+                if not busy:
+                    raise self._open_error(e) from None
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"registry {self.path} is held by another process "
+                                      f"(waited {self.lock_timeout:g} s): {msg}") from None
+            self._sleep(attempt)
+            attempt += 1
 
     # ----------------------------------------------------------------- maintenance
 

@@ -93,7 +93,7 @@ def test_errors_exit_nonzero_and_change_nothing(cli, db_path, tmp_path):
         (("show", "r@2"), 3, "r@1"),
         (("show", "rr@1"), 3, "closest runs: r"),
         (("log", "r@9", "loss=1"), 3, "r@9"),
-        (("sql", "DELETE FROM metrics"), 2, "only SELECT"),
+        (("sql", "DELETE FROM metrics"), 16, "read-only"),
         (("best", "--run", "r", "--metric", "loss"), 3, "loss"),
     ]
     for args, code, msg in cases:

@@ -320,11 +320,15 @@ def best_cmd(db, run, metric, maximize, as_json):
 
 @click.command("sql")
 @click.argument("query")
+@click.option("--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, metavar="SECONDS", help="Interrupt the query after this long.")
 @json_opt
 @pass_db
-def sql_cmd(db, query, as_json):
-    """Run one read-only SQL statement (SELECT/WITH/DESCRIBE/SHOW/EXPLAIN) against the registry."""
-    cols, rows = _registry(db).sql(query)
+def sql_cmd(db, query, timeout, as_json):
+    """Run one SQL statement against the registry, read-only: the file is opened read-only with
+    file access, extensions and configuration changes disabled, so anything but a read of the
+    registry's tables is refused (exit 16)."""
+    cols, rows = _registry(db).sql(query, timeout=timeout)
     dicts = [dict(zip(cols, r)) for r in rows]
     if as_json:
         emit_json(dicts)
