@@ -5,6 +5,11 @@
   found, or when CKPTREG_CUDA=1 forces it; with CKPTREG_CUDA=1 a build that cannot include CUDA
   fails loudly instead of silently dropping the kernels. CKPTREG_CUDA=0 builds CPU only.
 * The extension is optional at run time: ckptreg.ops falls back to plain PyTorch without it.
+* The extension must run against the torch it was compiled with, so the runtime requirement on
+  torch is computed here from the torch present at build time (``dependencies`` is dynamic in
+  pyproject.toml; the other requirements are the static list below), and build_ext records that
+  version in ckptreg/_build_info.py, which ckptreg.ops compares with the running torch before it
+  loads the extension.
 
 Install: pip install --no-build-isolation -e .
 """
@@ -16,6 +21,68 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Runtime requirements other than torch (static; torch is added by _torch_requirement()).
+STATIC_REQUIRES = [
+    "numpy>=1.24",
+    "safetensors>=0.4",
+    "duckdb>=1.0",
+    # click: the CLI framework (thin commands, CliRunner for in-process tests)
+    "click>=8.1",
+    # rich: aligned tables and progress bars, instead of hand-written ones
+    "rich>=13",
+    # filelock: portable writer lock beside the database file
+    "filelock>=3.12",
+]
+# Without a compiled extension (no torch at build time) any supported torch will do.
+TORCH_UNPINNED = "torch>=2.4"
+
+
+def _torch_release(version):
+    """"2.13.0+cu130" -> "2.13.0": pip cannot pin a local label (+cpu/+cu130 come from different
+    indexes), and the CPU and CUDA builds of one release share the C++ API the extension uses."""
+    return str(version).split("+", 1)[0].strip()
+
+
+def _torch_requirement(torch_version, with_extension):
+    """``torch==X.Y.Z`` (the release the extension is compiled against), not ``==X.Y.*``: torch
+    promises no C++ ABI stability even between patch releases, and ckptreg.ops refuses to load
+    the extension under any other release, so a looser pin would install a combination that
+    silently runs the slow Python path."""
+    if not with_extension or not torch_version:
+        return TORCH_UNPINNED
+    return f"torch=={_torch_release(torch_version)}"
+
+
+def _build_info_text(torch):
+    return (
+        '"""Written by setup.py at build time (not tracked): the torch ckptreg._C was compiled against."""\n'
+        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+    )
+
+
+def _with_build_info(base, torch):
+    """build_ext that also writes ckptreg/_build_info.py next to the built extension: into the
+    build folder (wheels, ``setup.py build``) and, for in-place/editable builds, into the source
+    package as well."""
+
+    class build_ext(base):
+        def run(self):
+            super().run()
+            text = _build_info_text(torch)
+            dirs = {os.path.join(self.build_lib, "ckptreg")}
+            if self.inplace:
+                dirs.add(os.path.dirname(self.get_ext_fullpath("ckptreg._C")))
+            for d in sorted(dirs):
+                os.makedirs(d, exist_ok=True)
+                path = os.path.join(d, "_build_info.py")
+                tmp = path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+
+    return build_ext
+
 
 def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
@@ -26,7 +93,7 @@ def _ext_modules():
         import torch
         from torch.utils import cpp_extension as ce
     except ImportError:  # metadata-only operations without torch
-        return [], {}
+        return [], {}, None
 
     want = os.environ.get("CKPTREG_CUDA", "").strip().lower()
     force_cuda = want in ("1", "true", "yes", "on")
@@ -69,8 +136,14 @@ def _ext_modules():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    build_ext = _with_build_info(ce.BuildExtension.with_options(use_ninja=True), torch)
+    return [ext], {"build_ext": build_ext}, torch.__version__
 
 
-ext_modules, cmdclass = _ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, built_torch = _ext_modules()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[_torch_requirement(built_torch, bool(ext_modules))] + STATIC_REQUIRES,
+    package_data={"ckptreg": ["py.typed"]},
+)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from .errors import BackendError, MismatchError, ParameterError
 __all__ = [
     "backend",
     "available",
+    "extension_status",
     "weighted_sum",
     "task_merge",
     "kth_largest_abs",
@@ -54,9 +56,48 @@ _EXT = None  # the imported ckptreg._C module, or False when it is missing
 _EXT_ERROR: str | None = None
 
 
+def _release(version: str) -> str:
+    """``"2.13.0+cu130"`` -> ``"2.13.0"``: the public release, without the local build label."""
+    return str(version).split("+", 1)[0].strip()
+
+
+def _extension_compatible(built: str, running: str) -> bool:
+    """Whether an extension compiled against torch ``built`` may be loaded into torch ``running``.
+
+    The releases must be equal (``2.13.0+cpu`` and ``2.13.0+cu130`` match, ``2.13.0`` and
+    ``2.13.1`` do not): torch promises no C++ ABI stability between releases, and setup.py pins
+    the runtime requirement to the same ``torch==X.Y.Z``. A CPU/CUDA flavour mismatch of one
+    release is left to the import itself (a CUDA build in a CPU torch fails to link and is
+    reported as an ImportError)."""
+    return bool(built) and _release(built) == _release(running)
+
+
+def _built_torch() -> str | None:
+    """The torch version ckptreg._C was compiled against, as recorded by setup.py at build time
+    in ``ckptreg/_build_info.py``; None when the build did not record one (an extension built
+    by an older setup.py)."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, "TORCH_VERSION", None)
+
+
 def _load_ext() -> bool:
     global _EXT, _EXT_ERROR
     if _EXT is None:
+        built = _built_torch()
+        if built is not None and not _extension_compatible(built, torch.__version__):
+            # Do not even import it: a library compiled against another libtorch may fail to
+            # link, or link and misbehave. The Python path computes the same numbers.
+            _EXT = False
+            _EXT_ERROR = (
+                f"ckptreg._C was built against torch {built} but torch {torch.__version__} is "
+                "running; not loading it, using the Python fallback (rebuild ckptreg against "
+                "this torch, e.g. pip install --no-build-isolation -e .)"
+            )
+            warnings.warn(_EXT_ERROR, RuntimeWarning, stacklevel=3)
+            return False
         try:
             from . import _C  # noqa: F401  (registers torch.ops.ckptreg.*)
 
@@ -65,6 +106,21 @@ def _load_ext() -> bool:
             _EXT = False
             _EXT_ERROR = f"{type(exc).__name__}: {exc}"
     return bool(_EXT)
+
+
+def extension_status() -> dict:
+    """Why the compiled extension is or is not in use (for ``ckptreg doctor``).
+
+    ``{"loaded": bool, "built_with_torch": str | None, "running_torch": str,
+    "reason": str | None}``; ``reason`` is None when it loaded, else the import error or the
+    build/run torch mismatch. ``built_with_torch`` is None when the build recorded no version."""
+    loaded = _load_ext()
+    return {
+        "loaded": loaded,
+        "built_with_torch": _built_torch(),
+        "running_torch": torch.__version__,
+        "reason": None if loaded else (_EXT_ERROR or "ckptreg._C is not loaded"),
+    }
 
 
 def _has_kernel(op: str, key: str) -> bool:
