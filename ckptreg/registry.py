@@ -53,7 +53,7 @@ from .errors import (
     UsageError,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Migration steps: (version, [statements]). Applied in order, all pending ones in one transaction.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -125,6 +125,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         """UPDATE metrics SET latest = (seq = (SELECT max(m2.seq) FROM metrics m2
             WHERE m2.checkpoint_id = metrics.checkpoint_id AND m2.name = metrics.name))""",
         "CREATE INDEX metrics_checkpoint ON metrics(checkpoint_id)",
+    ]),
+    # 3: per-file hashes of every byte ({path: hash}, formats.fingerprint([f], full=True)),
+    # recorded at `add --full-hash` or by the first `verify --full`; NULL until then.
+    (3, [
+        "DROP INDEX checkpoints_run_step",  # (older DuckDBs cannot ALTER a table with indexes)
+        "DROP INDEX checkpoints_run_name",
+        "ALTER TABLE checkpoints ADD COLUMN full_hash JSON",
+        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
+        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
     ]),
 ]
 
@@ -433,6 +442,83 @@ def _info_from_dict(d: dict):
                            tensors=tensors, n_params=d["n_params"], nbytes=d["nbytes"],
                            fingerprint=d["fingerprint"], base_model=d.get("base_model"),
                            lora=d.get("lora"), config_files=d.get("config_files") or [])
+
+
+def _spool_entry_problem(e) -> str | None:
+    """Why a spooled entry (parsed JSON) is not one this module wrote, or None when it is valid:
+    the op and the type of every field it uses are checked before anything is applied."""
+    def is_int(v, lo=None):
+        return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+
+    def is_str(v, empty=False):
+        return isinstance(v, str) and (empty or bool(v))
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def when(v):
+        if not is_str(v):
+            return False
+        try:
+            datetime.fromisoformat(v)
+            return True
+        except ValueError:
+            return False
+
+    def metrics_ok(m, nonempty):
+        return (isinstance(m, dict) and (bool(m) or not nonempty)
+                and all(is_str(k) and is_num(v) for k, v in m.items()))
+
+    if not isinstance(e, dict):
+        return f"expected a JSON object, got {type(e).__name__}"
+    op = e.get("op")
+    checks: list[tuple[str, bool]]
+    if op == "add":
+        checks = [("run", is_str(e.get("run")) and "@" not in e["run"]),
+                  ("step", is_int(e.get("step"), 0)),
+                  ("metrics", metrics_ok(e.get("metrics"), False)),
+                  ("tags", isinstance(e.get("tags"), dict)
+                   and all(is_str(k) and isinstance(v, str) for k, v in e["tags"].items())),
+                  ("replace", isinstance(e.get("replace"), bool)),
+                  ("created", when(e.get("created"))),
+                  ("info", isinstance(e.get("info"), dict))]
+        info = e.get("info")
+        if isinstance(info, dict):
+            def tensor_ok(t):
+                return (isinstance(t, list) and len(t) == 6 and is_str(t[0]) and is_str(t[1])
+                        and isinstance(t[2], list) and all(is_int(x, 0) for x in t[2])
+                        and is_str(t[3]) and is_int(t[4]) and is_int(t[5], 0))
+
+            checks += [
+                ("info.path", is_str(info.get("path"))),
+                ("info.format", info.get("format") in ("peft", "hf", "safetensors", "pickle")),
+                ("info.kind", info.get("kind") in ("lora", "full")),
+                ("info.files", isinstance(info.get("files"), list) and bool(info["files"])
+                 and all(is_str(f) for f in info["files"])),
+                ("info.tensors", isinstance(info.get("tensors"), list)
+                 and all(tensor_ok(t) for t in info["tensors"])),
+                ("info.n_params", is_int(info.get("n_params"), 0)),
+                ("info.nbytes", is_int(info.get("nbytes"), 0)),
+                ("info.fingerprint", is_str(info.get("fingerprint"))),
+                ("info.base_model", info.get("base_model") is None or isinstance(info["base_model"], str)),
+                ("info.lora", info.get("lora") is None or isinstance(info["lora"], dict)),
+                ("info.config_files", info.get("config_files") is None
+                 or (isinstance(info["config_files"], list) and all(is_str(f) for f in info["config_files"]))),
+            ]
+    elif op == "log":
+        checks = [("ckpt", is_int(e.get("ckpt"), 0) or is_str(e.get("ckpt"))),
+                  ("metrics", metrics_ok(e.get("metrics"), True)),
+                  ("step", e.get("step") is None or is_int(e["step"], 0)),
+                  ("created", when(e.get("created")))]
+    else:
+        return f"unknown op {op!r} (expected 'add' or 'log')"
+    for name, ok in checks:
+        if not ok:
+            cur = e
+            for part in name.split("."):
+                cur = cur.get(part) if isinstance(cur, dict) else None
+            return f"field {name!r} of an {op!r} entry is missing or malformed (got {cur!r:.80})"
+    return None
 
 
 def _file_stats(files) -> list[dict]:
@@ -765,43 +851,95 @@ class Registry:
 
     # ----------------------------------------------------------------- spool
 
+    def fallback_spool_dir(self) -> pathlib.Path:
+        """Where entries go when the spool beside the database cannot be written (its filesystem
+        is full, say): ``$CKPTREG_SPOOL`` else ``$XDG_CACHE_HOME/ckptreg/spool`` (``~/.cache``),
+        in a sub-folder keyed by the database path. Every opener ingests it too."""
+        import hashlib
+
+        base = os.environ.get("CKPTREG_SPOOL")
+        if base:
+            root = pathlib.Path(base).expanduser()
+        else:
+            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            root = pathlib.Path(cache) / "ckptreg" / "spool"
+        key = hashlib.sha256(str(self.path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return root.absolute() / f"{self.path.name}-{key}"
+
+    def _spool_dirs(self) -> list[pathlib.Path]:
+        return [self.spool_dir, self.fallback_spool_dir()]
+
     def _spool_pending(self) -> bool:
-        try:
-            with os.scandir(self.spool_dir) as it:
-                return any(e.name.endswith(".json") for e in it)
-        except OSError:
-            return False
+        for d in self._spool_dirs():
+            try:
+                with os.scandir(d) as it:
+                    if any(e.name.endswith(".json") for e in it):
+                        return True
+            except OSError:
+                pass
+        return False
 
     def spool_status(self) -> dict:
-        """{"pending": [paths], "rejected": [{"file", "reason"}]}."""
+        """{"pending": [paths], "rejected": [{"file", "reason"}]} over the spool beside the
+        database and the fallback spool (:meth:`fallback_spool_dir`)."""
         pending, rejected = [], []
-        if self.spool_dir.is_dir():
-            pending = sorted(str(p) for p in self.spool_dir.glob("*.json"))
-        if self.rejected_dir.is_dir():
-            for p in sorted(self.rejected_dir.glob("*.json")):
-                try:
-                    reason = json.loads(p.read_text()).get("rejected_reason", "")
-                except Exception as e:  # unreadable: report that
-                    reason = f"unreadable: {e}"
-                rejected.append({"file": str(p), "reason": reason})
+        for d in self._spool_dirs():
+            if d.is_dir():
+                pending += sorted(str(p) for p in d.glob("*.json"))
+            rd = d / "rejected"
+            if rd.is_dir():
+                for p in sorted(rd.glob("*.json")):
+                    try:
+                        got = json.loads(p.read_text())
+                        reason = got.get("rejected_reason", "") if isinstance(got, dict) else ""
+                    except Exception as e:  # unreadable: report that
+                        reason = f"unreadable: {e}"
+                    rejected.append({"file": str(p), "reason": reason})
         return {"pending": pending, "rejected": rejected}
 
     def _spool(self, entry: dict) -> str:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        entry = dict(entry, spooled=time.time_ns(), spool_version=1)
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
-        final = self.spool_dir / name
-        tmp = self.spool_dir / f".{name}.tmp"
+        """Write ``entry`` atomically to the spool beside the database or, when that cannot be
+        written (full or read-only filesystem), to the fallback spool. DiskFullError /
+        AccessError naming both when neither can be written."""
+        entry = dict(entry, spooled=time.time_ns(), spool_version=1, db=str(self.path))
         data = json.dumps(entry, allow_nan=True).encode()
+        errors = []
+        for d in self._spool_dirs():
+            try:
+                return self._spool_write(d, data)
+            except OSError as e:
+                errors.append((d, e))
+        import errno
+
+        detail = "; ".join(f"{d}: {e.strerror or e}" for d, e in errors)
+        if any(e.errno in (errno.ENOSPC, errno.EDQUOT) for _, e in errors):
+            raise DiskFullError(f"{self.path}: cannot register or spool the entry: {detail}")
+        raise AccessError(f"{self.path}: cannot register or spool the entry: {detail}")
+
+    @staticmethod
+    def _spool_write(d: pathlib.Path, data: bytes) -> str:
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
+        final = d / name
+        tmp = d / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         try:  # make the rename durable
-            dfd = os.open(self.spool_dir, os.O_RDONLY)
+            dfd = os.open(d, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
@@ -814,37 +952,49 @@ class Registry:
         if not self._spool_pending():
             return 0
         n = 0
-        for p in sorted(self.spool_dir.glob("*.json")):
+        for d in self._spool_dirs():
             try:
-                entry = json.loads(p.read_text())
-            except FileNotFoundError:
+                todo = sorted(d.glob("*.json"))
+            except OSError:
                 continue
-            except Exception as e:
-                self._reject(p, None, f"unreadable spool file: {e}")
-                continue
-            try:
-                self._apply_spooled(con, entry)
-                n += 1
-            except CkptregError as e:
-                self._reject(p, entry, str(e))
-                continue
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+            for p in todo:
+                try:
+                    entry = json.loads(p.read_text())
+                except FileNotFoundError:
+                    continue
+                except Exception as e:
+                    self._reject(p, None, f"unreadable spool file: {e}")
+                    continue
+                reason = _spool_entry_problem(entry)
+                if reason is not None:
+                    self._reject(p, entry, f"invalid spool entry: {reason}")
+                    continue
+                if entry.get("db") not in (None, str(self.path)):
+                    continue  # another database's entry (hash collision in a shared fallback spool)
+                try:
+                    self._apply_spooled(con, entry)
+                    n += 1
+                except CkptregError as e:
+                    self._reject(p, entry, str(e))
+                    continue
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
         return n
 
     def _reject(self, p: pathlib.Path, entry, reason: str) -> None:
-        self.rejected_dir.mkdir(parents=True, exist_ok=True)
-        if entry is None:
+        rd = p.parent / "rejected"
+        rd.mkdir(parents=True, exist_ok=True)
+        if not isinstance(entry, dict):
             try:
                 raw = p.read_text(errors="replace")
             except OSError:
                 raw = ""
             entry = {"raw": raw}
         entry = dict(entry, rejected_reason=reason, rejected_at=_now().isoformat())
-        dest = self.rejected_dir / p.name
-        tmp = self.rejected_dir / f".{p.name}.tmp"
+        dest = rd / p.name
+        tmp = rd / f".{p.name}.tmp"
         tmp.write_text(json.dumps(entry, allow_nan=True))
         os.replace(tmp, dest)
         try:
@@ -852,16 +1002,45 @@ class Registry:
         except FileNotFoundError:
             pass
 
+    def _reinspect(self, spooled):
+        """The checkpoint at the spooled entry's path, inspected now; FormatError when it is not
+        the checkpoint the entry describes (files, tensor inventory or fingerprint differ)."""
+        from . import formats
+
+        path = spooled.path
+        try:
+            now = formats.inspect(path, allow_pickle=spooled.format == "pickle")
+        except CkptregError as e:
+            raise FormatError(f"{path}: cannot re-inspect the spooled checkpoint: {e}") from None
+
+        def inv(info):
+            return sorted((t.name, t.dtype, tuple(t.shape), os.path.basename(str(t.file)), int(t.offset),
+                           int(t.nbytes)) for t in info.tensors.values())
+
+        diffs = []
+        if (now.format, now.kind) != (spooled.format, spooled.kind):
+            diffs.append(f"layout {now.format}/{now.kind}, spooled {spooled.format}/{spooled.kind}")
+        if sorted(map(str, now.files)) != sorted(map(str, spooled.files)):
+            diffs.append("tensor files differ")
+        if inv(now) != inv(spooled):
+            diffs.append("tensor inventory differs")
+        if now.fingerprint != spooled.fingerprint and not self._fingerprint_ok(spooled.fingerprint, now.files):
+            diffs.append("fingerprint differs")
+        if diffs:
+            raise FormatError(f"{path}: not the checkpoint that was spooled ({'; '.join(diffs)})")
+        return now
+
     def _apply_spooled(self, con, e: dict) -> None:
         if e.get("op") == "add":
-            info = _info_from_dict(e["info"])
+            info = self._reinspect(_info_from_dict(e["info"]))
             created = datetime.fromisoformat(e["created"])
             row = con.execute("SELECT id, fingerprint, path FROM checkpoints WHERE run = ? AND step = ?",
                               [e["run"], e["step"]]).fetchone()
             if row is not None and row[1] == info.fingerprint and row[2] == info.path:
                 return  # already there (ingested before, or added twice): idempotent
+            full = e.get("full_hash") if isinstance(e.get("full_hash"), dict) else None
             self._tx(con, lambda: self._insert(con, info, e["run"], e["step"], None, e["metrics"],
-                                               e["tags"], False, e["replace"], created))
+                                               e["tags"], False, e["replace"], created, full))
         elif e.get("op") == "log":
             metrics = e["metrics"]
             cid = self._resolve(con, e["ckpt"]).id
@@ -889,7 +1068,8 @@ class Registry:
                 pass
             raise
 
-    def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created) -> int:
+    def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created,
+                full: dict | None = None) -> int:
         # One query answers both "is RUN@STEP taken?" and "does the run exist?": the run row is
         # inserted only for a new run (writers are serialised, so check-then-insert is safe),
         # which spares an add to an existing run a statement (~1 ms in DuckDB).
@@ -916,12 +1096,13 @@ class Registry:
         # a replaced checkpoint keeps its id (an integer from the database, inlined)
         id_sql = "nextval('checkpoint_id_seq')" if cid is None else str(int(cid))
         cid = con.execute(
-            f"INSERT INTO checkpoints ({_CK_COLS}) VALUES "
-            f"({id_sql},?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            f"INSERT INTO checkpoints ({_CK_COLS}, full_hash) VALUES "
+            f"({id_sql},?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             [run, step, name, str(info.path), info.format, info.kind, info.base_model,
              len(info.tensors), int(info.n_params), int(info.nbytes), info.fingerprint, created,
              _jdumps(tags or {}), _jdumps(info.lora), bool(merged), _jdumps(_file_stats(info.files)),
-             _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])])]).fetchone()[0]
+             _jdumps([str(f) for f in (getattr(info, "config_files", None) or [])]),
+             _jdumps(full)]).fetchone()[0]
         ts = list(info.tensors.values())
         if ts:
             # dtype and file are dictionary-encoded (a few distinct values): passing a Python list
@@ -974,9 +1155,13 @@ class Registry:
 
     # ----------------------------------------------------------------- add / log
 
-    def add(self, path, run, step=None, metrics=None, tags=None, replace=False, allow_pickle=False):
-        """Register a checkpoint. Returns its id, or None when the database was busy and the
-        (fully validated) entry was spooled for the next opener to ingest."""
+    def add(self, path, run, step=None, metrics=None, tags=None, replace=False, allow_pickle=False,
+            *, full_hash: bool = False, spool_on_full: bool = True):
+        """Register a checkpoint. Returns its id, or None when the database was busy (or its
+        filesystem full, with ``spool_on_full``) and the (fully validated) entry was spooled for
+        the next opener to ingest; beside the database, or in :meth:`fallback_spool_dir` when
+        that cannot be written. ``full_hash``: also record a hash of every byte of the tensor
+        files (what ``verify(full=True)`` compares with)."""
         from . import formats
 
         run = _check_name("run", run)
@@ -991,15 +1176,21 @@ class Registry:
                                  f"(name it checkpoint-N / step=N, or pass step=)")
         step = _check_step(step)
         info = formats.inspect(path, allow_pickle=allow_pickle)
+        full = self._full_hashes(info.files) if full_hash else None
         created = _now()
         try:
             with self._writer() as con:
                 return self._tx(con, lambda: self._insert(con, info, run, step, None, metrics, tags,
-                                                          False, replace, created))
-        except _Busy:
-            self._spool({"op": "add", "run": run, "step": step, "metrics": metrics, "tags": tags,
-                         "replace": bool(replace), "created": created.isoformat(),
-                         "info": _info_to_dict(info)})
+                                                          False, replace, created, full))
+        except (_Busy, DiskFullError) as e:
+            if isinstance(e, DiskFullError) and not spool_on_full:
+                raise
+            entry = {"op": "add", "run": run, "step": step, "metrics": metrics, "tags": tags,
+                     "replace": bool(replace), "created": created.isoformat(),
+                     "info": _info_to_dict(info)}
+            if full is not None:
+                entry["full_hash"] = full
+            self._spool(entry)
             return None
 
     def log(self, ckpt, metrics: dict, *, step: int | None = None) -> None:
@@ -1321,11 +1512,10 @@ class Registry:
         if missing:
             return "missing", "missing: " + ", ".join(missing)
         try:
-            fp = formats.fingerprint([f["path"] for f in files])
+            if self._fingerprint_ok(c.fingerprint, [f["path"] for f in files]):
+                return "ok", ""
         except CkptregError as e:
             return "changed", str(e)
-        if fp == c.fingerprint:
-            return "ok", ""
         changed = []
         for f in files:
             try:
@@ -1337,6 +1527,18 @@ class Registry:
         names = changed or [f["path"] for f in files]
         return "changed", "changed since registration: " + ", ".join(names)
 
+    @staticmethod
+    def _fingerprint_ok(stored: str, files) -> bool:
+        """Do ``files`` match the fingerprint stored at registration? A stored fingerprint is
+        checked with the scheme that made it (formats.fingerprint_matches, when formats has
+        versioned schemes), so registries written by an older ckptreg keep verifying."""
+        from . import formats
+
+        match = getattr(formats, "fingerprint_matches", None)
+        if match is not None:
+            return bool(match(stored, files))
+        return formats.fingerprint(files) == stored
+
     def check_unchanged(self, ckpt) -> None:
         """ChangedError naming the file(s) when the checkpoint's files differ from registration."""
         c, files = self._file_rows(ckpt)
@@ -1344,23 +1546,104 @@ class Registry:
         if status != "ok":
             raise ChangedError(f"{c.ref} (id {c.id}): {detail}")
 
-    def verify(self, ckpt=None) -> list[dict]:
-        """Per checkpoint: {"id", "ref", "path", "status": "ok" | "missing" | "changed", "detail"}."""
+    @staticmethod
+    def _full_hashes(files) -> dict[str, str]:
+        """{file: hash of every byte of it} (formats.fingerprint([file], full=True))."""
+        from . import formats
+
+        return {str(f): formats.fingerprint([f], full=True) for f in files}
+
+    def verify(self, ckpt=None, *, full: bool = False) -> list[dict]:
+        """Per checkpoint: {"id", "ref", "path", "status": "ok" | "missing" | "changed", "detail"}
+        (cheap fingerprint). ``full``: also hash every byte of the tensor files and compare with
+        the hashes recorded at ``add(full_hash=True)`` or by the first full verify, which records
+        them (lazily: a checkpoint is only as trusted as its state at that first full hash).
+        Then one row per stale temporary (a ``.NAME.ckptreg-tmp-...`` left by a dead process) in
+        the folders of the listed checkpoints: {"id": None, "ref": None, "path", "status":
+        "stale-temporary", "detail"}."""
         with self._reader() as con:
             if ckpt is not None:
                 cs = [self._resolve(con, ckpt)]
             else:
                 cs = self._query(con)
-            files = {int(i): _jloads(f) or [] for i, f in con.execute(
-                "SELECT id, files FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
-                [[c.id for c in cs]]).fetchall()}
-        out = []
+            files, stored = {}, {}
+            for i, f, h in con.execute(
+                    "SELECT id, files, full_hash FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
+                    [[c.id for c in cs]]).fetchall():
+                files[int(i)] = _jloads(f) or []
+                stored[int(i)] = _jloads(h)
+        out, record = [], {}
         for c in cs:
             fl = [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None}
                   for f in files.get(c.id, [])]
             status, detail = self._status(c, fl)
-            out.append({"id": c.id, "ref": c.ref, "path": c.path, "status": status, "detail": detail})
+            row = {"id": c.id, "ref": c.ref, "path": c.path, "status": status, "detail": detail}
+            if full and status == "ok":
+                paths = [f["path"] for f in fl]
+                try:
+                    now = self._full_hashes(paths)
+                except CkptregError as e:
+                    row.update(status="changed", detail=str(e))
+                else:
+                    old = stored.get(c.id)
+                    if not isinstance(old, dict):
+                        record[c.id] = (c.fingerprint, now)
+                        row["detail"] = "full hash recorded (first full verify)"
+                    else:
+                        bad = [p for p in paths if old.get(p) != now[p]]
+                        if bad:
+                            row.update(status="changed", detail="content changed since its full hash "
+                                       "was recorded: " + ", ".join(bad))
+                        else:
+                            row["detail"] = "full hash matches"
+            out.append(row)
+        if record:
+            try:
+                with self._writer() as con:
+                    def do():
+                        for cid, (fp, h) in record.items():
+                            con.execute("UPDATE checkpoints SET full_hash = ? WHERE id = ? "
+                                        "AND fingerprint = ? AND full_hash IS NULL", [_jdumps(h), cid, fp])
+                    self._tx(con, do)
+            except (LockTimeout, DiskFullError, AccessError) as e:
+                for row in out:
+                    if row["id"] in record:
+                        row["detail"] = f"full hash computed but not recorded: {e}"
+        out += self._stale_temporaries(cs)
         return out
+
+    @staticmethod
+    def _stale_temporaries(cs) -> list[dict]:
+        """Rows for the temporaries of dead writers (writer.find_stale_temporaries) in the folders
+        of the checkpoints ``cs``: each one's folder and the folder holding it (where merge
+        outputs are written)."""
+        try:
+            from .writer import find_stale_temporaries
+        except ImportError:  # an older writer without it
+            return []
+        folders: dict[str, None] = {}
+        for c in cs:
+            p = os.path.abspath(c.path)
+            cand = [os.path.dirname(p)] + ([p] if os.path.isdir(p) else [])
+            cand += [os.path.dirname(os.path.abspath(f)) for f in c.files]
+            for d in cand:
+                if os.path.isdir(d):
+                    folders.setdefault(os.path.realpath(d))
+        rows, seen = [], set()
+        for d in folders:
+            try:
+                found = find_stale_temporaries(d)
+            except (OSError, CkptregError):
+                continue
+            for t in found:
+                t = str(t)
+                if t in seen:
+                    continue
+                seen.add(t)
+                rows.append({"id": None, "ref": None, "path": t, "status": "stale-temporary",
+                             "detail": f"left in {d} by a ckptreg process that is no longer running "
+                                       f"(not a registered file; safe to delete)"})
+        return sorted(rows, key=lambda r: r["path"])
 
     def lineage(self, ckpt) -> dict | None:
         """{"method", "params", "inputs": [{"id", "ref", "weight", "position"}], "base", "base_ref",

@@ -113,3 +113,92 @@ def test_sql_sqlite_file_is_not_opened_with_an_extension(cli, tmp_path):
         assert r.exit_code == 2, r.output
         assert f"{p}: not a usable ckptreg registry: a SQLite database" in r.stderr, r.stderr
     assert p.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- item 8: spool
+
+def _hold_lock(db_path):
+    import filelock
+
+    lock = filelock.FileLock(str(db_path) + ".lock", is_singleton=False)
+    lock.acquire()
+    return lock
+
+
+def _spooled_add(db_path, path, run="r", step=None):
+    """A real spool entry: the registry is locked by someone else, so add() spools it."""
+    lock = _hold_lock(db_path)
+    try:
+        assert Registry(db_path, lock_timeout=0.1).add(path, run, step=step) is None
+    finally:
+        lock.release()
+
+
+BAD_ENTRIES = {
+    "list.json": [1, 2, 3],
+    "string.json": "hello",
+    "info-not-dict.json": {"op": "add", "run": "r", "step": 7, "metrics": {}, "tags": {}, "replace": False,
+                           "created": "2024-01-01T00:00:00", "info": "notadict"},
+    "bad-op.json": {"op": "drop", "run": "r"},
+    "metrics-not-numbers.json": {"op": "log", "ckpt": "r@1", "metrics": {"loss": "low"},
+                                 "step": None, "created": "2024-01-01T00:00:00"},
+    "tensors-malformed.json": {"op": "add", "run": "r", "step": 8, "metrics": {}, "tags": {}, "replace": False,
+                               "created": "2024-01-01T00:00:00",
+                               "info": {"path": "/x", "format": "peft", "kind": "lora", "files": ["/x/a"],
+                                        "tensors": [["a", "F32", "notashape", "/x/a", 0, 4]],
+                                        "n_params": 1, "nbytes": 4, "fingerprint": "ab"}},
+}
+
+
+def test_bad_spool_entries_rejected_everything_else_goes_on(cli, db_path, tmp_path):
+    import ckptreg
+
+    a1 = write_peft_adapter(tmp_path / "checkpoint-1", 1)
+    a2 = write_peft_adapter(tmp_path / "checkpoint-2", 2)
+    assert cli("add", a1, "--run", "r").exit_code == 0
+    _spooled_add(db_path, a2)                       # one good entry among the bad ones
+    spool = pathlib.Path(str(db_path) + ".spool")
+    for name, e in BAD_ENTRIES.items():
+        (spool / name).write_text(json.dumps(e))
+    r = cli("ls", "--json")                         # any command ingests; none fails
+    assert r.exit_code == 0, r.output
+    assert [d["step"] for d in json.loads(r.stdout)] == [1, 2]
+    a3 = write_peft_adapter(tmp_path / "checkpoint-3", 3)
+    assert ckptreg.add(a3, "r", db=str(db_path)) is not None   # the training-loop API does not raise
+    d = json.loads(cli("doctor", "--json").stdout)
+    assert d["spool_pending"] == 0 and d["spool_rejected"] == len(BAD_ENTRIES)
+    reasons = {pathlib.Path(x["file"]).name: x["reason"] for x in d["spool_rejected_entries"]}
+    assert "expected a JSON object, got list" in reasons["list.json"]
+    assert "expected a JSON object, got str" in reasons["string.json"]
+    assert "field 'info'" in reasons["info-not-dict.json"]
+    assert "unknown op 'drop'" in reasons["bad-op.json"]
+    assert "field 'metrics'" in reasons["metrics-not-numbers.json"]
+    assert "field 'info.tensors'" in reasons["tensors-malformed.json"]
+    assert Registry(db_path).get("r@1").metrics == {}
+
+
+def test_spooled_entry_whose_file_changed_is_rejected(cli, db_path, tmp_path):
+    a1 = write_peft_adapter(tmp_path / "checkpoint-1", 1)
+    assert cli("add", a1, "--run", "r").exit_code == 0
+    a2 = write_peft_adapter(tmp_path / "checkpoint-2", 2)
+    _spooled_add(db_path, a2)
+    before = Registry(db_path, lock_timeout=0.1)
+    write_peft_adapter(a2, 99)                      # another checkpoint now sits at the spooled path
+    r = cli("ls", "--json")
+    assert r.exit_code == 0 and [d["step"] for d in json.loads(r.stdout)] == [1]
+    st = before.spool_status()
+    assert st["pending"] == [] and len(st["rejected"]) == 1
+    assert f"{a2.resolve()}: not the checkpoint that was spooled" in st["rejected"][0]["reason"]
+    assert "fingerprint differs" in st["rejected"][0]["reason"]
+
+
+def test_spooled_entry_whose_file_is_gone_is_rejected(cli, db_path, tmp_path):
+    a1 = write_peft_adapter(tmp_path / "checkpoint-1", 1)
+    assert cli("add", a1, "--run", "r").exit_code == 0
+    a2 = write_peft_adapter(tmp_path / "checkpoint-2", 2)
+    _spooled_add(db_path, a2)
+    (a2 / "adapter_model.safetensors").unlink()
+    assert cli("ls").exit_code == 0
+    st = Registry(db_path).spool_status()
+    assert len(st["rejected"]) == 1 and "cannot re-inspect the spooled checkpoint" in st["rejected"][0]["reason"]
+    assert [c.step for c in Registry(db_path).checkpoints()] == [1]

@@ -84,13 +84,17 @@ def _metric_columns(ckpts, limit=8) -> list[str]:
 @click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", help="A tag (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace an existing RUN@STEP.")
 @click.option("--allow-pickle", is_flag=True, help="Allow torch pickles (.bin/.pt/.ckpt).")
+@click.option("--full-hash", is_flag=True,
+              help="Also record a hash of every byte (what `verify --full` compares with).")
 @pass_db
-def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle):
+def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash):
     """Register the checkpoint at PATH (PEFT adapter, HF folder, .safetensors). Prints its id."""
     m = _metrics_of(metrics, "--metric")
     t = dict(parse_kv_str(s, "--tag") for s in tags)
     reg = _registry(db)
-    cid = reg.add(path, run, step=step, metrics=m, tags=t, replace=replace, allow_pickle=allow_pickle)
+    # a full database filesystem is an error here (exit 13); only a busy database spools
+    cid = reg.add(path, run, step=step, metrics=m, tags=t, replace=replace, allow_pickle=allow_pickle,
+                  full_hash=full_hash, spool_on_full=False)
     if cid is None:
         if step is None:
             from ..formats import infer_step
@@ -338,18 +342,24 @@ def sql_cmd(db, query, timeout, as_json):
 
 @click.command("verify")
 @click.argument("ckpt", required=False)
+@click.option("--full", is_flag=True,
+              help="Hash every byte of the tensor files and compare with the hash recorded at "
+                   "`add --full-hash` or by the first full verify (which records it).")
 @json_opt
 @pass_db
-def verify_cmd(db, ckpt, as_json):
-    """Check that registered files still exist and are unchanged (exit non-zero if not)."""
-    res = _registry(db).verify(ckpt)
+def verify_cmd(db, ckpt, full, as_json):
+    """Check that registered files still exist and are unchanged (exit non-zero if not); also
+    lists stale temporaries of dead ckptreg processes in their folders (status stale-temporary)."""
+    res = _registry(db).verify(ckpt, full=full)
     if as_json:
         emit_json(res)
     else:
-        table(res, ["id", "ref", "status", "detail"])
-    bad = [r for r in res if r["status"] != "ok"]
+        table([dict(r, ref=r["ref"] or r["path"], id="" if r["id"] is None else r["id"]) for r in res],
+              ["id", "ref", "status", "detail"])
+    ck = [r for r in res if r["status"] != "stale-temporary"]
+    bad = [r for r in ck if r["status"] != "ok"]
     if bad:
-        raise ChangedError(f"{len(bad)} of {len(res)} checkpoint(s) missing or changed: "
+        raise ChangedError(f"{len(bad)} of {len(ck)} checkpoint(s) missing or changed: "
                            + ", ".join(f"{r['ref']} ({r['status']})" for r in bad[:10])
                            + (" ..." if len(bad) > 10 else ""))
 
