@@ -740,7 +740,7 @@ class Registry:
             try:  # opportunistic: make spooled entries visible; never block a reader on it
                 with self._writer(timeout=min(self.lock_timeout, 1.0)):
                     pass
-            except _Busy:
+            except (_Busy, DiskFullError, AccessError):  # a read goes on; the entries stay spooled
                 pass
         if not self.path.exists():
             con = _duckdb().connect(":memory:")
@@ -762,6 +762,11 @@ class Registry:
                 break
             have = self._schema_version(con)
             if have == SCHEMA_VERSION:
+                try:
+                    self._check_tables(con)
+                except BaseException:
+                    self._close(con)
+                    raise
                 self._schema_ok = True
                 _schema_seen(str(self.path))
                 break
@@ -838,8 +843,18 @@ class Registry:
                 raise
         elif have > SCHEMA_VERSION:
             raise self._too_new(have)
+        self._check_tables(con)
         if con is not None and self.path.exists():
             self._schema_ok = True
+
+    def _check_tables(self, con) -> None:
+        """FormatError naming the first table of :attr:`TABLES` the attached database lacks
+        (checked with the schema version, i.e. once per change of the file by someone else)."""
+        present = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+        for t in self.TABLES:
+            if t not in present:
+                raise FormatError(f"{self.path}: not a usable ckptreg registry: table {t} missing")
 
     def _too_new(self, have: int) -> FormatError:
         return FormatError(f"registry {self.path} has schema version {have}, newer than this "
@@ -848,6 +863,19 @@ class Registry:
     def schema_version(self) -> int:
         with self._reader() as con:
             return self._schema_version(con)
+
+    #: Every table a usable registry has (``check`` looks for each).
+    TABLES = ("schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs")
+
+    def check(self) -> dict:
+        """Open the database as every operation does and look for every table; {"schema_version",
+        "runs", "checkpoints"}. FormatError / AccessError when it is not usable (a missing table,
+        a corrupt or foreign file, a newer schema, an unreadable file)."""
+        with self._reader() as con:
+            self._check_tables(con)
+            runs, ckpts = con.execute(
+                "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM checkpoints)").fetchone()
+            return {"schema_version": self._schema_version(con), "runs": int(runs), "checkpoints": int(ckpts)}
 
     # ----------------------------------------------------------------- spool
 

@@ -202,3 +202,130 @@ def test_spooled_entry_whose_file_is_gone_is_rejected(cli, db_path, tmp_path):
     st = Registry(db_path).spool_status()
     assert len(st["rejected"]) == 1 and "cannot re-inspect the spooled checkpoint" in st["rejected"][0]["reason"]
     assert [c.step for c in Registry(db_path).checkpoints()] == [1]
+
+
+# ----------------------------------------------------------------------------- item 10: the database side
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A REAL small tmpfs mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(folder) -> pathlib.Path:
+    """Fill the filesystem of ``folder`` until a write fails with ENOSPC."""
+    p = pathlib.Path(folder) / "filler"
+    with open(p, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == 28
+    return p
+
+
+def test_disk_full_cli_add_is_diskfullerror_python_add_spools_elsewhere(cli, tmpfs, tmp_path, monkeypatch):
+    import ckptreg
+    from ckptreg.integrations import _Reporter
+
+    db = tmpfs / "reg.duckdb"
+    a1 = write_peft_adapter(tmp_path / "checkpoint-1", 1)
+    # enough tensors that the commit needs new pages of the WAL
+    a2 = write_peft_adapter(tmp_path / "checkpoint-2", 2, n_layers=200, d=4, r=1)
+    a3 = write_peft_adapter(tmp_path / "checkpoint-3", 3, n_layers=200, d=4, r=1)
+    assert cli("add", a1, "--run", "r", db=db).exit_code == 0
+    before = Registry(db).dump()
+    filler = _fill(tmpfs)
+    r = cli("add", a2, "--run", "r", db=db)
+    assert r.exit_code == 13, r.output
+    assert r.stderr.startswith(f"error: {db}: no space left on the database's filesystem"), r.stderr
+    assert Registry(db).dump() == before           # intact, and still readable while full
+    monkeypatch.setenv("CKPTREG_SPOOL", str(tmp_path / "fallback-spool"))
+    assert ckptreg.add(a2, "r", db=str(db)) is None  # spooled, not raised into the loop
+    cb = _Reporter()
+    cb._init_common("r", str(db), None, strict=False, replace=False)
+    assert cb._add(str(a3), 3, {"loss": 0.1}) is None and cb.errors == []   # a trainer callback too
+    st = Registry(db).spool_status()
+    assert len(st["pending"]) == 2 and all(p.startswith(str(tmp_path / "fallback-spool")) for p in st["pending"])
+    assert not list(pathlib.Path(str(db) + ".spool").glob("*.json"))
+    assert not list(pathlib.Path(str(db) + ".spool").glob(".*"))   # no partial spool file left
+    assert Registry(db).dump() == before
+    filler.unlink()
+    got = json.loads(cli("ls", "--json", db=db).stdout)   # the next opener ingests the fallback spool
+    assert [d["step"] for d in got] == [1, 2, 3]
+    assert Registry(db).get("r@3").metrics == {"loss": 0.1}
+    assert Registry(db).spool_status() == {"pending": [], "rejected": []}
+
+
+def test_read_only_database_folder_is_accesserror(cli, tmpfs, tmp_path):
+    import ckptreg
+    from ckptreg.errors import AccessError
+
+    db = tmpfs / "reg.duckdb"
+    a1 = write_peft_adapter(tmp_path / "checkpoint-1", 1)
+    a2 = write_peft_adapter(tmp_path / "checkpoint-2", 2)
+    assert cli("add", a1, "--run", "r", db=db).exit_code == 0
+    before = Registry(db).dump()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    r = cli("add", a2, "--run", "r", db=db)
+    assert r.exit_code == 15, r.output
+    assert f"error: {tmpfs}: the registry's folder is not writable" in r.stderr, r.stderr
+    with pytest.raises(AccessError, match=str(tmpfs)):
+        ckptreg.add(a2, "r", db=str(db))
+    assert json.loads(cli("ls", "--json", db=db).stdout)[0]["step"] == 1    # reads still work
+    assert Registry(db).dump() == before
+
+
+def _drop_table(db, table):
+    import duckdb
+
+    con = duckdb.connect(str(db))
+    con.execute(f"DROP TABLE {table}")
+    con.close()
+
+
+def test_missing_table_is_formaterror_and_doctor_fails(cli, db_path, tmp_path):
+    assert cli("add", write_peft_adapter(tmp_path / "checkpoint-1", 1), "--run", "r").exit_code == 0
+    assert cli("doctor").exit_code == 0
+    _drop_table(db_path, "metrics")
+    msg = f"error: {db_path}: not a usable ckptreg registry: table metrics missing"
+    for args in (("ls",), ("show", "r@1"), ("add", write_peft_adapter(tmp_path / "checkpoint-2", 2), "--run", "r"),
+                 ("doctor",)):
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.stderr, (args, r.stderr)
+    r = cli("doctor", "--json")
+    assert r.exit_code == 2 and json.loads(r.stdout)["usable"] is False
+
+
+def test_doctor_fails_on_corrupt_newer_and_unreadable_databases(cli, db_path, tmp_path):
+    import duckdb
+
+    assert cli("add", write_peft_adapter(tmp_path / "checkpoint-1", 1), "--run", "r").exit_code == 0
+    newer = tmp_path / "newer.duckdb"
+    newer.write_bytes(db_path.read_bytes())
+    wal = pathlib.Path(str(db_path) + ".wal")
+    if wal.exists():
+        pathlib.Path(str(newer) + ".wal").write_bytes(wal.read_bytes())
+    con = duckdb.connect(str(newer))
+    con.execute("INSERT INTO schema_version VALUES (99, now())")
+    con.close()
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(b"\x01" * 8192)
+    folder = tmp_path / "dir.duckdb"
+    folder.mkdir()
+    for db, what in ((newer, "newer than this ckptreg"), (garbage, "not a DuckDB file"),
+                     (folder, "it is a directory")):
+        r = cli("doctor", db=db)
+        assert r.exit_code == 2, (db, r.output)
+        assert what in r.stderr and str(db) in r.stderr, (db, r.stderr)

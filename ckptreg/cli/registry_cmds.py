@@ -373,15 +373,25 @@ def doctor_cmd(db, as_json):
 
     from .. import __version__
 
+    from ..errors import CkptregError
+
     reg = _registry(db)
     d: dict = {"db": str(reg.path), "exists": reg.path.exists()}
+    problem = None  # the database is unusable: reported, then the exit status says so
     try:
-        d["schema_version"] = reg.schema_version() if reg.path.exists() else None
+        d["schema_version"] = None
         if reg.path.exists():
-            _, rows = reg.sql("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM checkpoints)")
-            d["runs"], d["checkpoints"] = rows[0]
-    except Exception as e:  # doctor reports, it does not fail on the first problem
+            d.update(reg.check())
+    except CkptregError as e:  # doctor reports everything else first, then fails
         d["schema_version"] = f"error: {e}"
+        d["usable"] = False
+        problem = e
+    except Exception as e:  # an error DuckDB raised that has no typed equivalent: still unusable
+        from ..errors import FormatError
+
+        d["schema_version"] = f"error: {e}"
+        d["usable"] = False
+        problem = FormatError(f"{reg.path}: not a usable ckptreg registry: {e}")
     d["ckptreg"] = __version__
     try:
         import duckdb
@@ -411,10 +421,12 @@ def doctor_cmd(db, as_json):
     if as_json:
         d["spool_rejected_entries"] = sp["rejected"]
         emit_json(d)
-        return
-    kv(d)
-    for r in sp["rejected"]:
-        click.echo(f"  rejected {r['file']}: {r['reason']}")
+    else:
+        kv(d)
+        for r in sp["rejected"]:
+            click.echo(f"  rejected {r['file']}: {r['reason']}")
+    if problem is not None:
+        raise problem
 
 
 COMMANDS = [add_cmd, log_cmd, scan_cmd, runs_cmd, ls_cmd, show_cmd, best_cmd, sql_cmd, verify_cmd, doctor_cmd]
