@@ -1567,12 +1567,23 @@ class Registry:
             return bool(match(stored, files))
         return formats.fingerprint(files) == stored
 
-    def check_unchanged(self, ckpt) -> None:
-        """ChangedError naming the file(s) when the checkpoint's files differ from registration."""
+    def check_unchanged(self, ckpt, *, full: bool = False) -> None:
+        """ChangedError naming the file(s) when the checkpoint's files differ from registration;
+        ``full``: also compare every byte with the full hash, when one was recorded."""
         c, files = self._file_rows(ckpt)
         status, detail = self._status(c, files)
         if status != "ok":
             raise ChangedError(f"{c.ref} (id {c.id}): {detail}")
+        if full:
+            with self._reader() as con:
+                old = _jloads(con.execute("SELECT full_hash FROM checkpoints WHERE id = ?",
+                                          [c.id]).fetchone()[0])
+            if isinstance(old, dict):
+                now = self._full_hashes([f["path"] for f in files])
+                bad = [p for p in now if old.get(p) != now[p]]
+                if bad:
+                    raise ChangedError(f"{c.ref} (id {c.id}): content changed since its full hash was "
+                                       "recorded: " + ", ".join(bad))
 
     @staticmethod
     def _full_hashes(files) -> dict[str, str]:

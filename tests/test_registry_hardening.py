@@ -329,3 +329,118 @@ def test_doctor_fails_on_corrupt_newer_and_unreadable_databases(cli, db_path, tm
         r = cli("doctor", db=db)
         assert r.exit_code == 2, (db, r.output)
         assert what in r.stderr and str(db) in r.stderr, (db, r.stderr)
+
+
+# ----------------------------------------------------------------------------- item 13: verify --full
+
+def _big_model(path, seed=0):
+    """One .safetensors file with a 6 MiB tensor (larger than any head/tail a cheap hash reads)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({"big.weight": torch.randn(1536, 1024, generator=g), "small.bias": torch.zeros(8)}, str(path))
+    return path
+
+
+def _flip_middle_byte(path):
+    """Change one byte in the middle of the file, same size, mtime restored."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_verify_full_records_lazily_then_catches_a_middle_byte(cli, db_path, tmp_path):
+    m = _big_model(tmp_path / "step-1.safetensors")
+    assert cli("add", m, "--run", "r").exit_code == 0
+    r = cli("verify", "--full", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["detail"] == "full hash recorded (first full verify)"
+    stored = Registry(db_path).sql("SELECT full_hash FROM checkpoints")[1][0][0]
+    assert str(m.resolve()) in json.loads(stored)
+    r = cli("verify", "--full", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["detail"] == "full hash matches"
+    before = Registry(db_path).dump()
+    _flip_middle_byte(m)
+    r = cli("verify", "--full", "--json")
+    assert r.exit_code == 10, r.output
+    row = json.loads(r.stdout)[0]
+    assert row["status"] == "changed" and str(m.resolve()) in row["detail"]
+    assert "content changed since its full hash was recorded" in row["detail"]
+    assert "r@1 (changed)" in r.stderr
+    assert Registry(db_path).dump() == before      # a failed full verify records nothing
+
+
+def test_add_full_hash_then_verify_full(cli, db_path, tmp_path):
+    m = _big_model(tmp_path / "step-1.safetensors", seed=1)
+    assert cli("add", m, "--run", "r", "--full-hash").exit_code == 0
+    assert Registry(db_path).sql("SELECT full_hash IS NOT NULL FROM checkpoints")[1] == [(True,)]
+    _flip_middle_byte(m)                            # tampered before any full verify
+    r = cli("verify", "--full")
+    assert r.exit_code == 10 and str(m.resolve()) in r.stdout + r.stderr
+
+
+def test_schema_v2_registry_migrates_and_keeps_verifying(cli, db_path, tmp_path):
+    import duckdb
+
+    from ckptreg.registry import SCHEMA_VERSION
+
+    m = _big_model(tmp_path / "step-1.safetensors", seed=2)
+    assert cli("add", m, "--run", "r").exit_code == 0
+    con = duckdb.connect(str(db_path))             # make it what ckptreg with schema 2 wrote
+    for q in ["DROP INDEX checkpoints_run_step", "DROP INDEX checkpoints_run_name",
+              "ALTER TABLE checkpoints DROP COLUMN full_hash",
+              "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
+              "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
+              "DELETE FROM schema_version WHERE version > 2"]:
+        con.execute(q)
+    con.close()
+    assert cli("verify").exit_code == 0            # migrated on open; the stored fingerprint still checks
+    assert Registry(db_path).schema_version() == SCHEMA_VERSION == 3
+    assert cli("verify", "--full").exit_code == 0
+    _flip_middle_byte(m)
+    assert cli("verify", "--full").exit_code == 10
+
+
+# ----------------------------------------------------------------------------- verify: stale temporaries
+
+def test_verify_lists_stale_temporaries(cli, db_path, tmp_path):
+    from ckptreg.writer import TMP_MARK
+
+    a = write_peft_adapter(tmp_path / "out" / "checkpoint-1", 1)
+    assert cli("add", a, "--run", "r").exit_code == 0
+    p = subprocess.Popen(["true"])
+    p.wait()                                        # a pid that is no longer running
+    dead = tmp_path / "out" / f".merged-model{TMP_MARK}{p.pid}-deadbeef"
+    dead.mkdir()
+    inside = a / f".adapter_model.safetensors{TMP_MARK}{p.pid}-0badf00d"
+    inside.write_bytes(b"partial")
+    live = tmp_path / "out" / f".other{TMP_MARK}{os.getpid()}-cafebabe"
+    live.write_bytes(b"in progress")               # a live process's: not listed
+    (tmp_path / "out" / ".hidden-but-ours-not").write_bytes(b"x")
+    r = cli("verify", "--json")
+    assert r.exit_code == 0, r.output               # the checkpoints themselves are fine
+    rows = json.loads(r.stdout)
+    stale = sorted(d["path"] for d in rows if d["status"] == "stale-temporary")
+    assert stale == sorted([str(dead), str(inside)])
+    assert [d["status"] for d in rows if d["id"] is not None] == ["ok"]
+    r = cli("verify")
+    assert r.exit_code == 0 and r.stdout.count("stale-temporary") == 2
+    assert dead.exists() and inside.exists() and live.exists()   # verify only reports
+
+
+def test_check_unchanged_full(db_path, tmp_path):
+    from ckptreg.errors import ChangedError
+
+    m = _big_model(tmp_path / "step-1.safetensors", seed=3)
+    reg = Registry(db_path)
+    reg.add(m, "r", full_hash=True)
+    reg.check_unchanged("r@1", full=True)
+    _flip_middle_byte(m)
+    with pytest.raises(ChangedError, match="content changed since its full hash was recorded"):
+        reg.check_unchanged("r@1", full=True)
