@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -101,15 +102,166 @@ def _fail(path: str, msg: str) -> FormatError:
     return FormatError(f"{path}: {msg}")
 
 
+# Header screening rules, and where they deliberately differ from the reference parser
+# (the ``safetensors`` library, Rust + serde_json; compared by tests/test_header_fuzz.py):
+#
+# * Same as the library: UTF-8 only; JSON as serde_json reads it (no NaN/Infinity, no number
+#   overflowing a double, no lone UTF-16 surrogate escape such as ``\ud800`` anywhere, at most
+#   MAX_DEPTH nested objects/arrays); ``-0`` is not an integer (serde_json reads it as the float
+#   -0.0, so it is refused as an offset or a dimension; elsewhere, e.g. an unknown entry field, it
+#   is accepted like any number); integers outside [-2^63, 2^64) are floats; no duplicate
+#   ``dtype``/``shape``/``data_offsets`` in an entry, no duplicate ``__metadata__``;
+#   ``__metadata__`` is null or an object of strings; unknown entry fields are
+#   ignored; tensors must cover the data section exactly: sorted by (begin, end) each one starts
+#   where the previous one ended (no overlap, no gap) and the last one ends at the end of the file
+#   (no trailing bytes). Unaligned offsets are accepted, as by the library (views copy them).
+# * Stricter than the library, on purpose:
+#   - a duplicate key in ANY object: a duplicate tensor name, a duplicate key inside
+#     ``__metadata__`` or inside an unknown field (the library keeps the last copy silently; which
+#     copy "wins" differs between JSON readers, so a file that means different things to different
+#     readers is refused);
+#   - sub-byte dtypes F4 / F6_E2M3 / F6_E3M2 are refused (no torch dtype to view them as);
+#   - more than MAX_DIMS dimensions (the library accepts any number; torch and our merge kernels
+#     are not meant for them), and a dimension above 2^63 - 1 (sizes are int64 in torch and in the
+#     registry's database; the library accepts such a zero-size shape and then torch cannot build
+#     the tensor).
+
+#: Deepest nesting of JSON objects/arrays accepted in a header. serde_json (the library) stops at
+#: 128 nested containers; a valid header needs 3 (header object, entry object, shape array).
+MAX_DEPTH = 127
+#: Most dimensions a tensor may have.
+MAX_DIMS = 64
+#: Largest dimension (int64, as torch and the registry store sizes).
+MAX_DIM = (1 << 63) - 1
+
+_INF = float("inf")
+#: Outside strings, what needs the serde-like number hooks: ``-0``, integers of 19+ digits
+#: (beyond int64/uint64 or a double), exponents, NaN/Infinity (json.loads accepts them).
+_NUMBER_SCREEN = re.compile(rb"-0|[0-9]{19}|[eE]|NaN|Infinity")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+_BRACKET_RUN = re.compile(rb"\[+|\]+")
+_DEPTH_PASSES = 8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _BadJSON(ValueError):
+    """Raised from inside json.loads hooks; the message is reported as is."""
+
+
+def _short(x, limit: int = 120) -> str:
+    s = repr(x)
+    return s if len(s) <= limit else s[: limit - 4] + " ..."
+
+
+def _bare(raw: bytes) -> bytes:
+    """``raw`` with every JSON string replaced by one NUL byte (exact for valid JSON; NUL cannot
+    occur outside strings, nor unescaped inside them): what is left is structure and numbers."""
+    if b"\\" in raw:  # escaped backslashes first, then escaped quotes (left to right, as JSON does)
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"\0".join(raw.split(b'"')[::2])
+
+
+def _too_deep(bare: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True if the JSON structure ``bare`` (see :func:`_bare`) nests objects/arrays more than
+    ``limit`` deep.
+
+    No recursion and no Python loop over bytes: everything but brackets is deleted and ``{}``
+    become ``[]`` (a mismatched pair is a syntax error json.loads reports anyway); a few
+    ``replace(b"[]", b"")`` passes delete the innermost levels (a normal header, 3 deep, vanishes
+    in 3 passes); what is left is walked run by run (``[[[`` / ``]]]``), stopping at the first run
+    that goes past the limit. Bounded cost for any input: a few C passes over the header plus one
+    Python step per remaining run of brackets.
+    """
+    s0 = bare.translate(_ONE_BRACKET, _NOT_BRACKETS)
+    if len(s0) <= limit:
+        return False
+    s, passes = s0, 0
+    while passes < _DEPTH_PASSES:
+        t = s.replace(b"[]", b"")
+        passes += 1
+        if len(t) <= limit:
+            return False
+        few = (len(s) - len(t)) * 8 < len(t)
+        s = t
+        if few:  # few leaves left (a deep spine): walk the runs now
+            break
+    # each pass deleted one level: s is between (true depth - passes) and the true depth
+    depth = _max_depth_over(s, limit - passes)
+    if depth > limit:
+        return True
+    if depth <= limit - passes:
+        return False
+    return _max_depth_over(s0, limit) > limit  # close to the limit: count on the full string
+
+
+def _max_depth_over(s: bytes, limit: int) -> int:
+    """The running depth of bracket string ``s`` as soon as it exceeds ``limit``, else its max."""
+    depth = best = 0
+    for m in _BRACKET_RUN.finditer(s):
+        a, b = m.span()
+        if s[a] == 0x5B:  # "["
+            depth += b - a
+            if depth > best:
+                best = depth
+                if best > limit:
+                    return best
+        else:
+            depth -= b - a
+    return best
+
+
 def _dup_check(pairs):
+    """json object_pairs_hook: refuse a duplicate key in any object (json.loads keeps the last)."""
     d = dict(pairs)
     if len(d) != len(pairs):
         seen = set()
         for k, _ in pairs:
             if k in seen:
-                raise ValueError(f"duplicate key {k!r}")
+                raise _BadJSON(f"duplicate key {_short(k)} (JSON readers disagree on which copy counts)")
             seen.add(k)
     return d
+
+
+def _json_int(s: str):
+    """json parse_int hook reading integers as serde_json does: ``-0`` is the float -0.0, and
+    integers outside [-2^63, 2^64) are floats (so neither is accepted as an offset or a dimension)."""
+    if len(s) < 19:
+        return -0.0 if s == "-0" else int(s)
+    if len(s) <= 40:
+        v = int(s)
+        if -(1 << 63) <= v < (1 << 64):
+            return v
+    return _json_float(s)
+
+
+def _json_float(s: str) -> float:
+    f = float(s)
+    if f == _INF or f == -_INF:
+        raise _BadJSON(f"number {s[:40]}{'...' if len(s) > 40 else ''} is out of range")
+    return f
+
+
+def _json_constant(s: str):
+    raise _BadJSON(f"{s} is not a JSON value")
+
+
+def _lone_surrogate(obj):
+    """The first string (key or value) in ``obj`` holding a lone UTF-16 surrogate, else None.
+    (Iterative; ``obj`` is at most MAX_DEPTH deep anyway.)"""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if type(x) is dict:
+            for k, v in x.items():
+                if _SURROGATE.search(k):
+                    return k
+                stack.append(v)
+        elif type(x) is list:
+            stack.extend(x)
+        elif type(x) is str and _SURROGATE.search(x):
+            return x
+    return None
 
 
 def read_header(path) -> Header:
@@ -141,25 +293,37 @@ def read_header(path) -> Header:
 
 
 def _parse(spath: str, apath: str, raw: bytes, file_size: int) -> Header:
+    """Validate header bytes ``raw`` (rules and deliberate differences from the safetensors library:
+    see the comment above MAX_DEPTH)."""
     n = len(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _fail(spath, f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    # Depth first, without recursion: json.loads recurses in C once per level, which ends in a
+    # RecursionError (or, with a raised recursion limit, a crash) on a hostile header.
+    bare = _bare(raw)
+    if _too_deep(bare):
+        raise _fail(spath, f"header JSON is nested more than {MAX_DEPTH} levels deep (the safetensors "
+                           "library's limit; a valid header needs 3)")
+    # The number hooks cost a Python call per number: only when a number needs them.
+    hooks = (dict(parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+             if _NUMBER_SCREEN.search(bare) else {})
     try:
-        obj = json.loads(text)
-    except ValueError as e:  # JSONDecodeError is a ValueError
+        obj = json.loads(text, object_pairs_hook=_dup_check, **hooks)
+    except RecursionError:  # defensive: _too_deep bounds the depth, but a deep caller stack remains
+        raise _fail(spath, "header JSON is nested too deeply to parse") from None
+    except ValueError as e:  # JSONDecodeError and _BadJSON are ValueErrors
         raise _fail(spath, f"header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise _fail(spath, f"header must be a JSON object, got {type(obj).__name__}")
-    # json.loads keeps the last of duplicate keys silently. Cheap screen: each entry has one
-    # "data_offsets" key, so more occurrences than entries means a duplicate (or a name that
-    # contains the string); only then re-parse with a hook that finds the duplicate exactly.
-    if text.count('"data_offsets"') > len(obj):
-        try:
-            json.loads(text, object_pairs_hook=_dup_check)
-        except ValueError as e:
-            raise _fail(spath, f"header is not valid JSON: {e}") from None
+    # json.loads turns an escape like "\ud800" into a lone surrogate (not Unicode, not encodable
+    # as UTF-8: the registry's database and the safetensors library both refuse it).
+    if "\\u" in text:
+        bad = _lone_surrogate(obj)
+        if bad is not None:
+            raise _fail(spath, f"header string {_short(bad)} holds a lone UTF-16 surrogate escape "
+                               "(\\ud800-\\udfff without its pair); it is not valid Unicode")
 
     data_start = 8 + n
     data_len = file_size - data_start
@@ -170,7 +334,7 @@ def _parse(spath: str, apath: str, raw: bytes, file_size: int) -> Header:
             raise _fail(spath, f"__metadata__ must be an object of strings, got {type(meta).__name__}")
         for k, v in meta.items():
             if not isinstance(v, str):
-                raise _fail(spath, f"__metadata__[{k!r}] must be a string, got {type(v).__name__}")
+                raise _fail(spath, f"__metadata__[{_short(k)}] must be a string, got {type(v).__name__}")
         metadata = meta
 
     entries = []  # (begin, end, name, dtype, shape)
@@ -183,33 +347,43 @@ def _parse(spath: str, apath: str, raw: bytes, file_size: int) -> Header:
             offs = e["data_offsets"]
             item = dtypes[dtype][1]
             b, en = offs
-            if type(shape) is not list or type(b) is not int or type(en) is not int or b < 0 or b > en:
+            if (type(shape) is not list or len(shape) > MAX_DIMS or type(b) is not int
+                    or type(en) is not int or b < 0 or b > en):
                 raise ValueError
             numel = 1
             for s in shape:
-                if type(s) is not int or s < 0:
+                if type(s) is not int or s < 0 or s > MAX_DIM:
                     raise ValueError
                 numel *= s
         except Exception:
             _entry_error(spath, name, e)  # raises the precise FormatError
         if en - b != numel * item:
             raise _fail(spath, f"tensor {name!r}: data [{b}, {en}) is {en - b} bytes but {dtype} "
-                               f"shape {shape} needs {numel * item}")
+                               f"shape {_short(shape)} needs {numel * item}")
         if en > data_len:
             raise _fail(spath, f"tensor {name!r} data [{b}, {en}) extends past end of file "
                                f"({data_len} bytes of data)")
         append((b, en, name, dtype, shape))
 
+    # The tensors must tile the data section exactly, as the safetensors library requires: a gap
+    # or trailing bytes are bytes no tensor accounts for (a truncated rewrite, or a forged file).
     entries.sort(key=lambda t: (t[0], t[1]))
     prev_end, prev_name = 0, None
     tensors: dict[str, TensorInfo] = {}
     for b, en, name, dtype, shape in entries:
-        if b < prev_end and en > b:
-            raise _fail(spath, f"tensor {name!r} data [{b}, {en}) overlaps tensor {prev_name!r} "
-                               f"(which ends at {prev_end})")
-        if en > prev_end:
-            prev_end, prev_name = en, name
+        if b != prev_end:
+            if b < prev_end:
+                raise _fail(spath, f"tensor {name!r} data [{b}, {en}) overlaps tensor {prev_name!r} "
+                                   f"(which ends at {prev_end})")
+            after = f"after tensor {prev_name!r} " if prev_name is not None else ""
+            raise _fail(spath, f"tensor {name!r} data [{b}, {en}) leaves a gap: bytes [{prev_end}, {b}) "
+                               f"of the data section {after}belong to no tensor")
+        prev_end, prev_name = en, name
         tensors[name] = TensorInfo(name, dtype, tuple(shape), apath, data_start + b, en - b)
+    if prev_end != data_len:
+        raise _fail(spath, f"{data_len - prev_end} trailing bytes after the last tensor: the data section "
+                           f"is {data_len} bytes, the tensors cover [0, {prev_end}) (truncated header, "
+                           "or not written by a safetensors writer)")
     return Header(apath, n, metadata, tensors, data_start, file_size, raw)
 
 
@@ -222,48 +396,183 @@ def _entry_error(spath, name, e):
         raise _fail(spath, f"tensor {name!r}: missing {', '.join(missing)}")
     dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise _fail(spath, f"tensor {name!r}: unknown or unsupported dtype {dtype!r} "
+        raise _fail(spath, f"tensor {name!r}: unknown or unsupported dtype {_short(dtype)} "
                            f"(known: {', '.join(DTYPES)})")
     if type(shape) is not list or any(type(s) is not int or s < 0 for s in shape):
-        raise _fail(spath, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise _fail(spath, f"tensor {name!r}: shape must be a list of non-negative integers, "
+                           f"got {_short(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise _fail(spath, f"tensor {name!r}: shape has {len(shape)} dimensions, at most {MAX_DIMS} "
+                           "are supported")
+    big = [s for s in shape if s > MAX_DIM]
+    if big:
+        raise _fail(spath, f"tensor {name!r}: dimension {big[0]} in shape {_short(shape)} is larger "
+                           f"than 2^63 - 1 = {MAX_DIM} (sizes are 64-bit signed integers)")
     if (type(offs) is not list or len(offs) != 2
             or type(offs[0]) is not int or type(offs[1]) is not int or offs[0] < 0):
         raise _fail(spath, f"tensor {name!r}: data_offsets must be [begin, end] non-negative integers, "
-                           f"got {offs!r}")
+                           f"got {_short(offs)}")
     if offs[0] > offs[1]:
         raise _fail(spath, f"tensor {name!r}: data_offsets [{offs[0]}, {offs[1]}) has begin > end")
-    raise _fail(spath, f"tensor {name!r}: malformed entry {e!r}")
+    raise _fail(spath, f"tensor {name!r}: malformed entry {_short(e)}")
+
+
+def _ident(st) -> tuple:
+    """What identifies one version of a file: the inode, its size and its modification time
+    (an in-place rewrite changes mtime, a replacement by rename changes the inode)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_ident(path) -> tuple | None:
+    """:func:`_ident` of ``path`` now, None when it cannot be stat'ed."""
+    try:
+        return _ident(os.stat(path))
+    except OSError:
+        return None
+
+
+def _changed(path, why):
+    from .errors import ChangedError
+
+    return ChangedError(f"{path} changed while the merge read it ({why})")
+
+
+def _diff(old: tuple, new: tuple | None) -> str:
+    if new is None:
+        return "it was deleted or moved away"
+    if old[:2] != new[:2]:
+        return "replaced by another file (a different inode now at the path)"
+    if old[2] != new[2]:
+        return f"size {old[2]} -> {new[2]} bytes: rewritten or truncated in place"
+    return "modified in place (its modification time changed)"
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int) -> int:
+    """Fill ``mv`` from ``fd`` at ``offset``; returns the bytes read (< len(mv) only at end of file)."""
+    got, n = 0, len(mv)
+    while got < n:
+        k = os.preadv(fd, [mv[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return got
 
 
 class SafeFile:
-    """An open safetensors file: one read-only-in-practice mmap, tensors as views of it.
+    """An open safetensors file: one descriptor, tensor bytes read with ``preadv``.
 
-    Use as a context manager. Views stay valid after ``close()`` (the map is released when the
-    last view is garbage collected). As with any mmap, truncating the file in place while views
-    are alive makes reads of the lost pages fail (SIGBUS); ckptreg's writer replaces files by
-    rename, which leaves open maps intact. Never write into a view: with ``ACCESS_COPY`` a write would
-    only change this process's private copy, but callers should treat views as read-only.
+    Use as a context manager. :meth:`read` copies a tensor (or a flat element range of it) into a
+    caller's buffer with ``os.preadv``. The engine reads every input this way and never touches a
+    map of it: a file truncated in place while it is read (a trainer re-saving with
+    ``open('wb')``) then gives a short read, turned into a :class:`~ckptreg.errors.ChangedError`
+    naming the file, instead of the SIGBUS that touching a truncated page of an mmap raises (which
+    Python cannot catch). :meth:`check` re-stats the descriptor and the path and raises
+    ChangedError if the file was rewritten, resized or replaced since it was opened (or since
+    ``expect``, an identity from :func:`file_ident` taken before its fingerprint was checked).
+
+    :meth:`tensor` still hands out zero-copy views of an mmap (made on first use; views stay valid
+    after ``close()``, the map is released when the last view is garbage collected). Those views
+    carry the mmap hazard: truncating the file in place while they are alive makes reads of the
+    lost pages fail with SIGBUS. Never write into a view (``ACCESS_COPY``: a write would only change
+    this process's private copy).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, expect: tuple | None = None):
+        spath = os.fspath(path)
+        before = file_ident(spath)
         self.header = read_header(path)
         self.path = self.header.path
         self._mm = None
         self._base = None
-        if self.header.file_size > 0:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            if len(self._mm) != self.header.file_size:
-                size = len(self._mm)
-                self._mm.close()
-                raise _fail(self.path, f"file changed size while opening ({self.header.file_size} -> {size})")
+        self._fd = -1
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise _changed(self.path, "it was deleted or moved away") from None
+        except OSError as e:
+            raise _fail(self.path, f"cannot read: {e.strerror}") from None
+        self._ident = _ident(os.fstat(self._fd))
+        ref = expect if expect is not None else before
+        if ref is not None and ref != self._ident:
+            why = _diff(ref, self._ident)
+            self.close()
+            raise _changed(self.path, why + (" since its fingerprint was checked" if expect is not None else ""))
+        if self._ident[2] != self.header.file_size:
+            size = self._ident[2]
+            self.close()
+            raise _changed(self.path, f"size {self.header.file_size} -> {size} bytes while its header was read")
+
+    # -- reading (no mmap) ------------------------------------------------------------------------
+
+    def read(self, name, start: int = 0, stop: int | None = None, out=None):
+        """Elements ``[start, stop)`` of tensor ``name`` (flat, in file order) read with ``preadv``.
+
+        ``out``: a contiguous 1-D tensor of the tensor's dtype with at least ``stop - start``
+        elements, filled and returned as ``out[:stop - start]`` (reusable buffer, no allocation);
+        without it a new tensor is returned. ChangedError when the file ends early."""
+        import torch
+
+        ti = self.info(name)
+        tdt = getattr(torch, DTYPES[ti.dtype][0])
+        item = DTYPES[ti.dtype][1]
+        numel = ti.numel
+        stop = numel if stop is None else min(int(stop), numel)
+        start = max(0, int(start))
+        n = max(0, stop - start)
+        if out is None:
+            out = torch.empty(n, dtype=tdt)
+        else:
+            if out.dtype != tdt or out.dim() != 1 or not out.is_contiguous() or out.numel() < n:
+                raise ValueError(f"buffer for {name!r} must be a contiguous 1-D {tdt} tensor of >= {n} elements")
+            out = out[:n]
+        if n == 0:
+            return out
+        if self._fd < 0:
+            raise FormatError(f"{self.path}: file is closed")
+        nbytes = n * item
+        mv = memoryview(out.view(torch.uint8).numpy()).cast("B")[:nbytes]
+        off = ti.offset + start * item
+        try:
+            got = _pread_into(self._fd, mv, off)
+        except OSError as e:
+            raise _changed(self.path, f"reading tensor {name!r} failed: {e.strerror}") from None
+        if got != nbytes:
+            size = os.fstat(self._fd).st_size
+            raise _changed(self.path, f"truncated: tensor {name!r} needs bytes [{off}, {off + nbytes}), "
+                                      f"the file now ends at byte {size}")
+        return out
+
+    def read_tensor(self, name):
+        """The whole tensor ``name``, shaped, in freshly allocated memory (see :meth:`read`)."""
+        return self.read(name).view(self.info(name).shape)
+
+    def check(self) -> None:
+        """ChangedError if the file was rewritten, resized or replaced since it was opened."""
+        if self._fd < 0:
+            return
+        now = _ident(os.fstat(self._fd))
+        if now != self._ident:
+            raise _changed(self.path, _diff(self._ident, now))
+        at_path = file_ident(self.path)
+        if at_path != self._ident:
+            raise _changed(self.path, _diff(self._ident, at_path))
+
+    # -- zero-copy views (mmap) -------------------------------------------------------------------
 
     def _base_u8(self):
         if self._base is None:
             import torch
 
             if self._mm is None:
-                raise FormatError(f"{self.path}: file is closed")
+                if self._fd < 0:
+                    raise FormatError(f"{self.path}: file is closed")
+                if self.header.file_size == 0:  # pragma: no cover (a header is at least 8 bytes)
+                    raise FormatError(f"{self.path}: empty file")
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                if len(self._mm) != self.header.file_size:
+                    size = len(self._mm)
+                    self._mm = None
+                    raise _changed(self.path, f"size {self.header.file_size} -> {size} bytes")
             self._base = torch.frombuffer(self._mm, dtype=torch.uint8)
         return self._base
 
@@ -296,9 +605,22 @@ class SafeFile:
     def close(self) -> None:
         # torch.frombuffer does not keep the buffer export, so mm.close() would succeed and leave
         # live views dangling (segfault on access). Drop our references instead: every view
-        # holds the mmap object, which unmaps when the last of them is garbage collected.
+        # holds the mmap object, which unmaps when the last of them is garbage collected (the
+        # mmap holds its own duplicate of the descriptor, so ours can be closed now).
         self._base = None
         self._mm = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self):
         return self
@@ -308,6 +630,9 @@ class SafeFile:
         return False
 
 
-def open_tensors(path) -> SafeFile:
-    """Open a safetensors file for zero-copy reads (validates the header first)."""
-    return SafeFile(path)
+def open_tensors(path, expect: tuple | None = None) -> SafeFile:
+    """Open a safetensors file (validates the header first) for :meth:`SafeFile.read` (preadv,
+    safe against the file being truncated) and zero-copy :meth:`SafeFile.tensor` views.
+    ``expect``: the file's :func:`file_ident` when its fingerprint was checked (ChangedError if
+    it differs now)."""
+    return SafeFile(path, expect)
