@@ -160,6 +160,23 @@ def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
 
 
 @needs_so
+def test_forced_cpp_with_extension_for_another_torch_names_both(tmp_path):
+    path = _copy_package(tmp_path, "9.9.9")
+    env = dict(os.environ, PYTHONPATH=str(path), CKPTREG_BACKEND="cpp")
+    code = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import ckptreg.ops as o\n"
+        "from ckptreg.errors import BackendError\n"
+        "try:\n    o.backend()\nexcept BackendError as e:\n    print(e.exit_code, e)\n"
+    )
+    r = _run([sys.executable, "-c", code], cwd=path, env=env)
+    code_, msg = r.stdout.strip().split(" ", 1)
+    assert code_ == "12"
+    assert msg.startswith("CKPTREG_BACKEND=cpp but the cpp backend is not available (")
+    assert "built against torch 9.9.9" in msg and torch.__version__ in msg
+
+
+@needs_so
 def test_extension_built_for_this_torch_is_loaded(tmp_path):
     out = _probe(_copy_package(tmp_path, torch.__version__))
     assert out["C_imported"] is True
