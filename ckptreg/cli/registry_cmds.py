@@ -411,9 +411,15 @@ def doctor_cmd(db, as_json):
 
         av = ops.available()
         d["backends"] = ", ".join(k for k, v in av.items() if v) or "none"
-        if hasattr(ops, "backend"):
+        st = ops.extension_status()
+        d["extension"] = "loaded" if st["loaded"] else f"not loaded: {st['reason']}"
+        d["extension_built_with_torch"] = st["built_with_torch"]
+        try:
             d["backend"] = ops.backend()
-    except Exception as e:
+        except CkptregError as e:  # a forced backend that is not there: say so, do not hide the rest
+            d["backend"] = f"error: {e}"
+            problem = problem or e
+    except ImportError as e:
         d["backends"] = f"ckptreg.ops not importable: {type(e).__name__}: {e}"
     sp = reg.spool_status()
     d["spool_pending"] = len(sp["pending"])
