@@ -18,22 +18,33 @@ Layouts (``inspect``):
   Pickled tensors have no byte range: their :class:`TensorInfo` has ``offset = -1`` and
   ``nbytes = numel * itemsize``, ``file`` = the pickle. Use :func:`load_pickle_state` to read them.
 
-Fingerprint (``fingerprint(files)``, format version ``ckptreg-fp1``): SHA-256 over
-``b"ckptreg-fp1\\0"`` then, for each file in order of (basename, absolute path):
-``basename (UTF-8) + b"\\0" + size (u64 LE)``, then for a safetensors file
-``header length (u64 LE) + raw header bytes + head + tail`` where head = the first 1 MiB of the
-data section and tail = its last 1 MiB not already in head (so data sections up to 2 MiB are
-hashed whole); for any other file (pickles) head/tail of the whole file the same way.
-It reads at most ~2 MiB + header per file, so it is cheap on multi-GB files, and catches changes of
-size, tensor layout/metadata, and edits in the first/last MiB; an edit in the middle of a big data
-section keeping size and header is only caught by ``fingerprint(files, full=True)``, which hashes
-``basename + size + every byte`` (version ``ckptreg-fp1-full``). Basenames, not paths, are hashed,
-so moving a folder keeps its fingerprint.
+Fingerprint (``fingerprint(files)``, scheme ``ckptreg-fp2``, value ``"v2:"`` + the first 61 hex
+digits of a BLAKE2b-256, 64 characters like the v1 digest): BLAKE2b-256
+over ``b"ckptreg-fp2\\0"`` then, for each file in order of (basename, absolute path):
+``basename (UTF-8) + b"\\0" + size (u64 LE)``, then for a safetensors file ``header length (u64 LE)
++ raw header bytes`` and a sample of the data section; for any other file (pickles) a sample of
+the whole file. The sample: a data section of at most 4 MiB whole; otherwise its first and last
+MiB whole and, from every 1 MiB block in between, 4 windows of 1 KiB at offsets derived from
+BLAKE2b(size + header) and the block index (deterministic, so the same file always gives the
+same value). It reads about 4 KiB per MiB (0.4 % of the data; 4 pages per MiB from disk) plus
+2 MiB + header per file. What it catches: any change of size, layout, dtype, shape or metadata;
+any edit of the first/last MiB; a rewrite of a whole tensor of 1 MiB or more (each of its blocks
+is sampled); in a middle block, a changed region of ``L`` bytes is caught with probability about
+``1 - (1 - (L + 1023) / 2**20) ** 4`` -- for ONE changed byte that is 4 KiB / 1 MiB = 0.39 %,
+for a changed 64 KiB region 23 %, for 256 KiB 69 %. So a single flipped byte in the middle of a
+large tensor is usually NOT caught by the cheap fingerprint: ``fingerprint(files, full=True)``
+hashes every byte (SHA-256 of ``basename + size + every byte``, scheme ``ckptreg-fp1-full``,
+64 hex, unchanged). Basenames, not paths, are hashed, so moving a folder keeps its fingerprint.
+
+Stored fingerprints of the older cheap scheme (``ckptreg-fp1``: 64 hex without a prefix, header
++ first/last MiB of data, SHA-256) stay valid: :func:`fingerprint_matches` checks a stored value
+with the scheme that made it (:func:`fingerprint_v1` for those).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -140,18 +151,111 @@ def _head_tail(f, start, end, h):
         h.update(f.read(end - tail_start))
 
 
-def fingerprint(files, full: bool = False) -> str:
-    """SHA-256 hex digest identifying the content of ``files`` (see the module docstring)."""
+#: Cheap fingerprint v2: each 1 MiB block of the data section (between its first and last MiB,
+#: which are hashed whole) contributes SAMPLE_WINDOWS windows of SAMPLE_WINDOW bytes.
+FP2_BLOCK = MIB
+SAMPLE_WINDOWS = 4
+SAMPLE_WINDOW = 1024
+FP2_PREFIX = "v2:"
+
+
+def _open_for_hash(q):
+    try:
+        return open(q, "rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"{q}: no such file") from None
+    except OSError as e:
+        raise FormatError(f"{q}: cannot read ({e.strerror})") from None
+
+
+def _sorted_paths(files):
     paths = [os.path.abspath(os.fspath(x)) for x in files]
     paths.sort(key=lambda q: (os.path.basename(q), q))
+    return paths
+
+
+def _read_at(fd, n, off, q):
+    try:
+        b = os.pread(fd, n, off)
+    except OSError as e:
+        raise FormatError(f"{q}: cannot read ({e.strerror})") from None
+    if len(b) != n:
+        raise FormatError(f"{q}: changed size while being fingerprinted")
+    return b
+
+
+def _sampled(f, q, start, end, seed: bytes, h):
+    """v2 data part of one file: ``[start, end)`` whole when it is at most 4 MiB, else its first
+    and last MiB whole and SAMPLE_WINDOWS windows of SAMPLE_WINDOW bytes from every 1 MiB block
+    in between (offsets: blake2b of ``seed`` and the block index)."""
+    fd = f.fileno()
+    n = end - start
+    if n <= 4 * FP2_BLOCK:
+        h.update(_read_at(fd, n, start, q))
+        return
+    h.update(_read_at(fd, FP2_BLOCK, start, q))
+    last = end - FP2_BLOCK
+    span = FP2_BLOCK - SAMPLE_WINDOW
+    blk = 0
+    for b0 in range(start + FP2_BLOCK, last, FP2_BLOCK):
+        blen = min(FP2_BLOCK, last - b0)
+        # window offsets: a deterministic function of the file (header digest) and the block index
+        r = hashlib.blake2b(seed + struct.pack("<Q", blk), digest_size=4 * SAMPLE_WINDOWS).digest()
+        blk += 1
+        for w in range(SAMPLE_WINDOWS):
+            (u,) = struct.unpack_from("<I", r, 4 * w)
+            if blen <= SAMPLE_WINDOW:
+                off, ln = b0, blen
+            else:
+                off, ln = b0 + u % (min(span, blen - SAMPLE_WINDOW) + 1), SAMPLE_WINDOW
+            h.update(_read_at(fd, ln, off, q))
+    h.update(_read_at(fd, FP2_BLOCK, last, q))
+
+
+def fingerprint(files, full: bool = False) -> str:
+    """Fingerprint of ``files`` (see the module docstring): ``"v2:" + 64 hex`` (cheap, sampled), or
+    with ``full=True`` the SHA-256 hex of every byte (scheme ``ckptreg-fp1-full``, unchanged).
+    Check a STORED fingerprint with :func:`fingerprint_matches`, which knows the older schemes."""
+    if full:
+        return _fingerprint_v1(files, full=True)
+    paths = _sorted_paths(files)
+    h = hashlib.blake2b(b"ckptreg-fp2\0", digest_size=32)
+    for q in paths:
+        with _open_for_hash(q) as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(os.path.basename(q).encode("utf-8", "surrogateescape") + b"\0" + struct.pack("<Q", size))
+            pre = _safetensors_prefix(f, size) if q.endswith(".safetensors") else None
+            if pre is not None:
+                n, raw = pre
+                h.update(struct.pack("<Q", n) + raw)
+                seed = hashlib.blake2b(struct.pack("<Q", size) + raw, digest_size=16).digest()
+                _sampled(f, q, 8 + n, size, seed, h)
+            else:
+                _sampled(f, q, 0, size, hashlib.blake2b(struct.pack("<Q", size), digest_size=16).digest(), h)
+    # 61 hex digits (244 bits): with the prefix the value is 64 characters, like the v1 digest
+    return FP2_PREFIX + h.hexdigest()[:61]
+
+
+def fingerprint_matches(stored: str, files) -> bool:
+    """Do ``files`` still match ``stored``, a fingerprint recorded earlier? Checked with the
+    scheme that made it: ``"v2:..."`` with :func:`fingerprint`, a bare 64-hex digest (ckptreg
+    before v2, ``ckptreg-fp1``) with :func:`fingerprint_v1`, so old registries keep verifying."""
+    if stored.startswith(FP2_PREFIX):
+        return fingerprint(files) == stored
+    return fingerprint_v1(files) == stored
+
+
+def fingerprint_v1(files) -> str:
+    """The cheap fingerprint before v2 (``ckptreg-fp1``: header + first/last MiB of data)."""
+    return _fingerprint_v1(files, full=False)
+
+
+def _fingerprint_v1(files, full: bool = False) -> str:
+    """SHA-256 hex digest of scheme ``ckptreg-fp1`` (``full``: ``ckptreg-fp1-full``)."""
+    paths = _sorted_paths(files)
     h = hashlib.sha256(b"ckptreg-fp1-full\0" if full else b"ckptreg-fp1\0")
     for q in paths:
-        try:
-            f = open(q, "rb")
-        except FileNotFoundError:
-            raise NotFoundError(f"{q}: no such file") from None
-        except OSError as e:
-            raise FormatError(f"{q}: cannot read ({e.strerror})") from None
+        f = _open_for_hash(q)
         with f:
             size = os.fstat(f.fileno()).st_size
             h.update(os.path.basename(q).encode("utf-8") + b"\0" + struct.pack("<Q", size))
@@ -209,18 +313,113 @@ def _config_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
+#: Largest LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) any module of an adapter may
+#: have. Practical configs stay below a few hundred (alpha up to ~512 with r >= 1); 1e4 leaves a
+#: wide margin for unusual but real choices and still refuses typos and absurd values (1e308,
+#: which overflow float32 in a merge and surface later as a misleading "an input holds NaN").
+MAX_LORA_SCALING = 1e4
+#: PEFT's LoraConfig default when ``lora_alpha`` is absent from adapter_config.json.
+PEFT_DEFAULT_ALPHA = 8
+#: Prefix PEFT's ``save_pretrained`` puts before the module path in LoRA tensor names.
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_module_key(module: str) -> str:
+    """PEFT's key of a LoRA module, the string ``rank_pattern``/``alpha_pattern`` keys are matched
+    against: its path in the base model, i.e. the tensor name's module path without PEFT's
+    ``base_model.model.`` prefix (``"\\0"`` markers from the engine's module keys are dropped)."""
+    m = str(module).replace("\0", "")
+    return m[len(PEFT_PREFIX):] if m.startswith(PEFT_PREFIX) else m
+
+
+def lora_pattern_key(pattern_keys, key: str):
+    """PEFT's ``get_pattern_key``: the first pattern key ``k`` (in config order) for which
+    ``re.match(rf"(.*\\.)?({k})$", key)`` matches, i.e. ``k`` is a regex that must match a whole
+    trailing run of dotted components (``"proj"`` does not match ``q_proj``; ``"q_proj"`` and
+    ``"layers.0.self_attn.q_proj"`` do). None when no key matches."""
+    for k in pattern_keys:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return None
+
+
+def lora_module_config(lora: dict, module: str, r: int | None = None) -> tuple[float, int, float]:
+    """(alpha, r, scaling) of one module of an adapter, as PEFT computes them: ``rank_pattern``
+    and ``alpha_pattern`` resolved with :func:`lora_pattern_key` on :func:`lora_module_key`;
+    ``r`` given (the factors' actual rank) overrides the configured one."""
+    key = lora_module_key(module)
+    rp = lora.get("rank_pattern") or {}
+    ap = lora.get("alpha_pattern") or {}
+    rk = lora_pattern_key(rp.keys(), key)
+    ak = lora_pattern_key(ap.keys(), key)
+    rr = int(r) if r is not None else int(rp[rk] if rk is not None else lora["r"])
+    alpha = float(ap[ak] if ak is not None else lora.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    denom = math.sqrt(rr) if lora.get("use_rslora") else rr
+    return alpha, rr, alpha / denom
+
+
+def _cfg_number(cfg_path, what, v, *, integer=False):
+    """A validated finite number from adapter_config.json (JSON NaN/Infinity, bools, strings,
+    ints too large for a float are refused); FormatError naming the file, the key and the value."""
+    if integer:
+        if type(v) is not int or v <= 0:
+            raise FormatError(f"{cfg_path}: {what} must be a positive integer, got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FormatError(f"{cfg_path}: {what} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f) or f < 0:
+        raise FormatError(f"{cfg_path}: {what} must be a finite number >= 0, got {v!r}")
+    return v
+
+
+def _cfg_pattern(cfg_path, cfg, name, *, integer):
+    v = cfg.get(name)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise FormatError(f"{cfg_path}: {name!r} must be a JSON object of module pattern -> value, "
+                          f"got {v!r}")
+    for k, x in v.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise FormatError(f"{cfg_path}: {name} key {k!r} is not a valid regular expression: {e}") from None
+        _cfg_number(cfg_path, f"{name}[{k!r}]", x, integer=integer)
+    return v
+
+
 def _lora_config(cfg_path: Path) -> tuple[dict, str | None]:
+    """The LoRA fields of an adapter_config.json, validated (FormatError naming the file, the key
+    and the value): ``r`` and ``rank_pattern`` values positive integers; ``lora_alpha`` (PEFT's
+    default 8 when absent) and ``alpha_pattern`` values finite and >= 0 (0 is accepted: PEFT loads
+    it, the adapter is a no-op); ``use_rslora`` a JSON boolean or null; the largest scaling any
+    module can get (largest alpha over the smallest rank) at most :data:`MAX_LORA_SCALING`;
+    pattern keys valid regular expressions (PEFT matches them with ``re.match``)."""
     cfg = _load_json(cfg_path, "adapter config")
     ptype = cfg.get("peft_type", "LORA")
     if isinstance(ptype, str) and ptype.upper() not in ("LORA",):
         raise FormatError(f"{cfg_path}: peft_type {ptype!r} is not supported, only LoRA adapters")
-    r = cfg.get("r")
-    alpha = cfg.get("lora_alpha", r)
-    if type(r) is not int or r <= 0:
-        raise FormatError(f"{cfg_path}: 'r' must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise FormatError(f"{cfg_path}: 'lora_alpha' must be a number, got {alpha!r}")
-    rs = bool(cfg.get("use_rslora", False))
+    r = _cfg_number(cfg_path, "'r'", cfg.get("r"), integer=True)
+    alpha = _cfg_number(cfg_path, "'lora_alpha'", cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    rs = cfg.get("use_rslora", False)
+    if rs is None:
+        rs = False
+    if not isinstance(rs, bool):
+        raise FormatError(f"{cfg_path}: 'use_rslora' must be true or false, got {rs!r}")
+    rank_pattern = _cfg_pattern(cfg_path, cfg, "rank_pattern", integer=True)
+    alpha_pattern = _cfg_pattern(cfg_path, cfg, "alpha_pattern", integer=False)
+    r_min = min([r] + list(rank_pattern.values()))
+    denom = math.sqrt(r_min) if rs else r_min
+    for what, a in [("'lora_alpha'", alpha)] + [(f"alpha_pattern[{k!r}]", x) for k, x in alpha_pattern.items()]:
+        if float(a) / denom > MAX_LORA_SCALING:
+            raise FormatError(
+                f"{cfg_path}: {what} = {a!r} gives a LoRA scaling of {float(a) / denom:.6g} "
+                f"({'alpha/sqrt(r)' if rs else 'alpha/r'} with r = {r_min}), above the limit "
+                f"{MAX_LORA_SCALING:g}; this is not a usable adapter config")
     tm = cfg.get("target_modules")
     if isinstance(tm, (list, tuple)):
         tm = sorted(str(x) for x in tm)
@@ -228,9 +427,8 @@ def _lora_config(cfg_path: Path) -> tuple[dict, str | None]:
         tm = str(tm)
     scaling = float(alpha) / (r ** 0.5 if rs else r)
     lora = {"r": r, "lora_alpha": alpha, "use_rslora": rs, "target_modules": tm, "scaling": scaling}
-    for k in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(k)
-        if isinstance(v, dict) and v:
+    for k, v in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if v:
             lora[k] = v
     base = cfg.get("base_model_name_or_path") or None
     return lora, (str(base) if base is not None else None)

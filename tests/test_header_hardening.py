@@ -226,3 +226,106 @@ def _timed(fn, *a):
     t = time.perf_counter()
     fn(*a)
     return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------ item 13: sampled cheap fingerprint
+
+MIB = 1 << 20
+
+
+def _big_file(path, mib=12, seed=0):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({"w": torch.randn(mib * MIB // 4, generator=g), "b": torch.randn(7, generator=g)}, str(path))
+    return path
+
+
+def _poke(path, offset, data: bytes):
+    """Overwrite bytes in place, same size, mtime restored (what verify must still notice)."""
+    import os
+
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(len(data))
+        assert old != data
+        f.seek(offset)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_verify_catches_a_block_changed_in_the_middle_of_a_big_tensor(cli, db_path, tmp_path):
+    p = _big_file(tmp_path / "step-1.safetensors")
+    assert cli("add", p, "--run", "r").exit_code == 0
+    assert cli("verify").exit_code == 0
+    h = read_header(p)
+    mid = h.data_start + 5 * MIB + 4096  # a 1 MiB region in the middle: every sampled window of it changes
+    _poke(p, mid, bytes(MIB))
+    r = cli("verify")
+    assert r.exit_code == 10, r.output
+    assert "changed" in r.output and "r@1" in r.output
+
+
+def test_sampled_fingerprint_sees_small_edits_spread_over_blocks(tmp_path):
+    from ckptreg.formats import fingerprint
+
+    p = _big_file(tmp_path / "m.safetensors", mib=16)
+    fp = fingerprint([p])
+    assert fp.startswith("v2:") and fingerprint([p]) == fp  # deterministic
+    h = read_header(p)
+    # 256 KiB changed in one middle block: caught with probability ~69 % per block; change the
+    # same region in every middle block (14 blocks): missed with probability < 1e-7
+    for blk in range(1, 15):
+        _poke(p, h.data_start + blk * MIB + 300_000, bytes(256 * 1024))
+    assert fingerprint([p]) != fp
+
+
+def test_fingerprint_of_head_tail_and_small_files_is_exact(tmp_path):
+    from ckptreg.formats import fingerprint
+
+    p = _big_file(tmp_path / "m.safetensors", mib=12)
+    h = read_header(p)
+    for off in (h.data_start + 17, h.file_size - 3):
+        fp = fingerprint([p])
+        _poke(p, off, b"\x7f")
+        assert fingerprint([p]) != fp, off
+    small = _big_file(tmp_path / "s.safetensors", mib=3)  # <= 4 MiB of data: hashed whole
+    fp = fingerprint([small])
+    _poke(small, read_header(small).data_start + 2 * MIB + 12345, b"\x01")
+    assert fingerprint([small]) != fp
+
+
+def test_full_hash_scheme_is_unchanged(tmp_path):
+    import hashlib
+    import struct
+
+    from ckptreg.formats import fingerprint
+
+    p = _big_file(tmp_path / "m.safetensors", mib=2)
+    data = p.read_bytes()
+    want = hashlib.sha256(b"ckptreg-fp1-full\0" + b"m.safetensors\0" + struct.pack("<Q", len(data)) + data)
+    assert fingerprint([p], full=True) == want.hexdigest()
+
+
+def test_registry_with_old_style_fingerprints_keeps_verifying(cli, db_path, tmp_path):
+    # a registry written before v2 stores the ckptreg-fp1 digest (64 hex, no prefix)
+    import duckdb
+
+    from ckptreg.formats import fingerprint_matches, fingerprint_v1
+
+    p = _big_file(tmp_path / "step-1.safetensors", mib=6)
+    assert cli("add", p, "--run", "r").exit_code == 0
+    old = fingerprint_v1([p])
+    assert len(old) == 64 and not old.startswith("v2:")
+    con = duckdb.connect(str(db_path))
+    con.execute("UPDATE checkpoints SET fingerprint = ?", [old])
+    con.close()
+    assert fingerprint_matches(old, [p])
+    r = cli("verify")
+    assert r.exit_code == 0, r.output
+    Registry(db_path).check_unchanged("r@1")
+    _poke(p, read_header(p).data_start + 10, b"\x00\x01\x02\x03")
+    assert not fingerprint_matches(old, [p])
+    assert cli("verify").exit_code == 10
