@@ -53,7 +53,7 @@ from .errors import (
     UsageError,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Migration steps: (version, [statements]). Applied in order, all pending ones in one transaction.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -135,7 +135,50 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
         "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
     ]),
+    # 4: the system of record. Merged names are versioned (RUN@NAME is the newest version,
+    # RUN@NAME:vK a given one), user aliases point RUN@ALIAS at a checkpoint, and every change of
+    # the registry is an append-only event (who, where, when, what). `runs.params` holds a run's
+    # hyperparameters (TrainingArguments, Lightning hparams, git commit) once per run.
+    (4, [
+        "DROP INDEX checkpoints_run_step",
+        "DROP INDEX checkpoints_run_name",
+        "ALTER TABLE checkpoints ADD COLUMN version INTEGER DEFAULT 1",
+        "UPDATE checkpoints SET version = 1",
+        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
+        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name, version)",
+        "ALTER TABLE runs ADD COLUMN params JSON",
+        "CREATE SEQUENCE IF NOT EXISTS event_seq START 1",
+        """CREATE TABLE aliases (
+            run VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            checkpoint_id BIGINT NOT NULL,
+            created TIMESTAMP NOT NULL,
+            PRIMARY KEY (run, name))""",
+        """CREATE TABLE events (
+            seq BIGINT PRIMARY KEY,
+            time TIMESTAMP NOT NULL,
+            op VARCHAR NOT NULL,        -- add | log | replace | rm | alias | tag | gc | merge | ...
+            run VARCHAR,
+            checkpoint_id BIGINT,
+            ref VARCHAR,                -- the checkpoint's ref when the event happened
+            detail JSON,
+            host VARCHAR,
+            "user" VARCHAR,
+            pid INTEGER)""",
+    ]),
 ]
+
+
+def _actor() -> tuple[str, str, int]:
+    """(host, user, pid) of this process, for the events table."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (containers without a passwd entry)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
+    return socket.gethostname(), user, os.getpid()
 
 _CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_params, nbytes, "
             "fingerprint, created, tags, lora, merged, files, config_files")
@@ -865,7 +908,17 @@ class Registry:
             return self._schema_version(con)
 
     #: Every table a usable registry has (``check`` looks for each).
-    TABLES = ("schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs")
+    TABLES = ("schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs",
+              "aliases", "events")
+
+    @staticmethod
+    def _event(con, op: str, *, run=None, checkpoint_id=None, ref=None, detail=None, time=None) -> None:
+        """Append one row to the events table (inside the caller's transaction). Every change of
+        the registry records one: add, log, replace, rm, alias, tag, gc, merge."""
+        host, user, pid = _actor()
+        con.execute('INSERT INTO events (seq, time, op, run, checkpoint_id, ref, detail, host, "user", pid) '
+                    "VALUES (nextval('event_seq'), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [time or _now(), op, run, checkpoint_id, ref, _jdumps(detail), host, user, pid])
 
     def check(self) -> dict:
         """Open the database as every operation does and look for every table; {"schema_version",
