@@ -7,11 +7,17 @@ How a merge runs
    lists every name/shape/dtype difference.
 3. The output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
    or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
-4. Tensors are streamed in name order from memory-mapped inputs. Tensors larger than
-   ``chunk_elems`` are processed in flat chunks; the output chunk buffers are allocated once per
-   merge and reused (``ops.weighted_sum(..., out=buf)`` / ``ops.task_merge(..., out=buf)``), so
-   the anonymous memory stays at about the largest tensor (only for methods that need whole
-   tensors: TIES thresholds, SLERP, CART) plus a few chunk buffers, whatever N and model size.
+4. Tensors are streamed in name order. Inputs are read with ``preadv`` into per-input chunk
+   buffers allocated once and reused (:class:`_Source`), never through an mmap: an input
+   truncated in place mid-merge (a trainer re-saving with ``open('wb')``) is a short read and a
+   ChangedError naming the file (exit 10), not a SIGBUS; after the last read every input file is
+   re-stat'ed (inode, size, mtime against the identity taken before its fingerprint was checked)
+   so a same-size rewrite or a replacement by rename is a ChangedError too, before anything is
+   committed. Tensors larger than ``chunk_elems`` are processed in flat chunks; the output chunk
+   buffers are allocated once per merge and reused (``ops.weighted_sum(..., out=buf)`` /
+   ``ops.task_merge(..., out=buf)``), so the anonymous memory stays at about N input chunks plus
+   the largest tensor (only for methods that need whole tensors: TIES thresholds (the base and
+   one input at a time), CART) plus a few output chunk buffers, whatever model size.
 5. The output is fsync'ed and renamed into place; only then is it registered
    (``registry.record_merge``). A merge killed at any moment leaves a dot-named temporary at most
    (removed by the next merge into the same folder), never a partial output or a registry row.
@@ -346,27 +352,76 @@ def plan(registry, inputs, base=None) -> Plan:
 # reading
 
 class _Source:
-    """Tensors of one checkpoint: zero-copy mmap views (safetensors) or a loaded pickle."""
+    """Tensors of one checkpoint, read with ``preadv`` (:meth:`SafeFile.read`) into buffers this
+    source owns and reuses, never through an mmap: an input truncated in place while a merge
+    reads it (a trainer re-saving with ``open('wb')``) is then a ChangedError naming the file, not
+    a SIGBUS that kills the process. ``snaps`` maps real file paths to their
+    :func:`~ckptreg.safetensors_io.file_ident` taken just before the registry checked their
+    fingerprint; :meth:`check` (called after the last read, before any output is committed)
+    raises ChangedError when a file was rewritten, resized or replaced since then.
 
-    def __init__(self, info):
+    Memory: one chunk buffer per dtype (at most ``chunk_elems`` elements), so a streamed merge
+    of N inputs holds N input chunks; whole tensors (TIES thresholds, CART, LoRA factors) are
+    read only where a method needs them."""
+
+    def __init__(self, info, snaps: dict | None = None):
         self.info = info
         self._files: dict[str, object] = {}
         self._state = None
+        self._snaps = snaps or {}
+        self._bufs: dict = {}
 
-    def tensor(self, name):
-        ti = self.info.tensors[name]
-        if getattr(ti, "offset", 0) < 0:  # torch pickle: load once (memory: the whole state dict)
-            if self._state is None:
-                from .formats import load_pickle_state
+    def _pickled(self, name):
+        if self._state is None:   # torch pickle: load once (memory: the whole state dict)
+            from .formats import load_pickle_state
 
-                self._state = load_pickle_state(self.info.files[0])
-            return self._state[name]
+            self._state = load_pickle_state(self.info.files[0])
+        return self._state[name]
+
+    def _file(self, ti):
         f = self._files.get(ti.file)
         if f is None:
             from .safetensors_io import open_tensors
 
-            f = self._files[ti.file] = open_tensors(ti.file)
-        return f.tensor(name)
+            f = self._files[ti.file] = open_tensors(ti.file, expect=self._snaps.get(os.path.realpath(ti.file)))
+        return f
+
+    def chunk(self, name, start: int, stop: int):
+        """Flat elements ``[start, stop)`` of ``name``; valid until this source's next chunk()."""
+        import torch
+
+        ti = self.info.tensors[name]
+        if getattr(ti, "offset", 0) < 0:
+            return _flat(self._pickled(name))[start:stop]
+        f = self._file(ti)
+        n = stop - start
+        buf = self._bufs.get(ti.dtype)
+        if buf is None or buf.numel() < n:
+            from .safetensors_io import DTYPES
+
+            buf = self._bufs[ti.dtype] = torch.empty(n, dtype=getattr(torch, DTYPES[ti.dtype][0]))
+        return f.read(name, start, stop, out=buf)
+
+    def full(self, name, out=None):
+        """The whole tensor, shaped; read into ``out`` (a flat buffer of its dtype) when given."""
+        ti = self.info.tensors[name]
+        if getattr(ti, "offset", 0) < 0:
+            return self._pickled(name)
+        return self._file(ti).read(name, out=out).view(tuple(ti.shape))
+
+    def check(self) -> None:
+        """ChangedError when a file of this checkpoint changed since its fingerprint was checked
+        (or, for files without a snapshot, since they were opened)."""
+        from .safetensors_io import _changed, _diff, file_ident
+
+        for f in self._files.values():
+            f.check()
+        for fn in self.info.files:
+            ref = self._snaps.get(os.path.realpath(fn))
+            if ref is not None:
+                now = file_ident(fn)
+                if now != ref:
+                    raise _changed(os.path.abspath(fn), _diff(ref, now))
 
     def close(self):
         for f in self._files.values():
@@ -376,6 +431,20 @@ class _Source:
                 pass
         self._files.clear()
         self._state = None
+        self._bufs.clear()
+
+
+def _snapshot(c, snaps: dict) -> None:
+    """Record the identity (inode, size, mtime) of checkpoint ``c``'s files in ``snaps`` before
+    its fingerprint is checked, so that any change after the check is caught when reading."""
+    from .safetensors_io import file_ident
+
+    for fn in list(getattr(c, "files", None) or []) or [c.path]:
+        rp = os.path.realpath(fn)
+        if rp not in snaps and os.path.isfile(rp):
+            ident = file_ident(rp)
+            if ident is not None:
+                snaps[rp] = ident
 
 
 def _flat(t):
@@ -386,37 +455,13 @@ def _flat(t):
 # output targets
 
 def _clean_stale(out: Path) -> None:
-    """Remove temporaries of earlier merges into ``out`` whose process is gone (killed merges)."""
-    from .writer import TMP_MARK
+    """Remove what killed ckptreg processes left in the folder of ``out`` (any target there, not
+    only ``out``): temporaries whose writer pid is dead, lock files nobody holds. Never a live
+    process's temporary, never a file without the marker."""
+    from .writer import remove_stale_locks, remove_stale_temporaries
 
-    prefix = f".{out.name}{TMP_MARK}"
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        if not p.name.startswith(prefix):
-            continue
-        try:
-            pid = int(p.name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+    remove_stale_temporaries(out.parent)
+    remove_stale_locks(out.parent)
 
 
 def _refuse_nan(name, t) -> None:
@@ -438,35 +483,100 @@ def _layout(info) -> str:
     return "file"
 
 
-def default_out(spec: MergeSpec, info=None, parent=None) -> Path:
+def _out_layout(info, out_shard_size=None) -> str:
+    """The output's layout, decided before anything is written: "file" (one .safetensors),
+    "sharded" (single-file inputs with an out_shard_size: a folder of shards + index), "peft", "hf"."""
+    lay = _layout(info)
+    if lay == "file" and out_shard_size:
+        return "sharded"
+    return lay
+
+
+_LAYOUT_TEXT = {
+    "file": "one .safetensors file",
+    "sharded": "a folder of shards (model-00001-of-0000N.safetensors ... + model.safetensors.index.json)",
+    "peft": "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+    "hf": "an HF model folder (model.safetensors or shards + index, and the config files)",
+}
+
+
+def _check_layout(out: Path, info, out_shard_size=None) -> None:
+    """Refuse an output path the chosen layout cannot be registered under, before a byte is
+    written: a single-file output must end in .safetensors; a folder output must not."""
+    from .errors import UsageError
+
+    lay = _out_layout(info, out_shard_size)
+    is_st = out.name.lower().endswith(".safetensors")
+    if lay == "file" and not is_st:
+        raise UsageError(f"{out}: the inputs are single files, so the merge writes {_LAYOUT_TEXT[lay]} and its "
+                         f"name must end in .safetensors (e.g. -o {out.with_name(out.name + '.safetensors')}); "
+                         "--out-shard-size writes a folder of shards instead")
+    if lay != "file" and is_st:
+        why = ("--out-shard-size makes the output " if lay == "sharded"
+               else f"the inputs are {info.format} folders, so the output is ")
+        raise UsageError(f"{out}: {why}{_LAYOUT_TEXT[lay]}; -o must name a folder, not a .safetensors file "
+                         f"(e.g. -o {out.with_name(out.name[:-len('.safetensors')] or 'merged')})")
+
+
+def default_out(spec: MergeSpec, info=None, parent=None, *, out_shard_size=None) -> Path:
     """Output path for a spec: ``parent`` (default: the folder holding the newest input) / name,
-    with ``.safetensors`` when the inputs are plain files."""
+    with ``.safetensors`` when the output is one file (plain-file inputs, no out_shard_size)."""
     if info is None:
         info = _inspect(spec.inputs[0])
     parent = Path(parent) if parent is not None else Path(spec.inputs[-1].path).resolve().parent
-    if _layout(info) == "file":
+    if _out_layout(info, out_shard_size) == "file":
         return parent / f"{spec.name}.safetensors"
     return parent / spec.name
 
 
 class _Output:
-    """One merge output in the input's layout, atomic as a whole."""
+    """One merge output in the input's layout, atomic as a whole.
+
+    A replaced output is kept aside at commit; :meth:`finalize` (after registration) deletes it,
+    :meth:`revert` (registration failed) removes the new output and puts the old one back.
+    Folder outputs list their files in the safetensors metadata (``ckptreg_files``), so a later
+    ``--overwrite`` can tell that everything in the folder is ckptreg's."""
 
     def __init__(self, out: Path, info, entries, metadata, *, overwrite, out_shard_size=None,
                  adapter_config: dict | None = None):
-        from .writer import AtomicDir, ShardedWriter, StreamingWriter
+        from .writer import AtomicDir, ShardedWriter, StreamingWriter, shard_names, shard_plan
 
         self.path = Path(out)
-        self.layout = _layout(info)
+        self.layout = _out_layout(info, out_shard_size)
         self.adir = None
+        self._settled = False
         _clean_stale(self.path)
         if self.layout == "file":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.w = StreamingWriter(self.path, entries, metadata, overwrite=overwrite)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                from .writer import fs_error
+
+                raise (fs_error(e, self.path, f"creating {self.path.parent}") or e) from e
+            self.w = StreamingWriter(self.path, entries, metadata, overwrite=overwrite, keep_old=True)
             return
-        self.adir = AtomicDir(self.path, overwrite=overwrite)
+        configs = [] if self.layout == "sharded" else [
+            Path(cf).name for cf in info.config_files if Path(cf).name != "model.safetensors.index.json"]
+        if self.layout == "peft":
+            tensor_files = ["adapter_model.safetensors"]
+            if adapter_config is not None and "adapter_config.json" not in configs:
+                configs.append("adapter_config.json")
+        else:
+            sharded = self.layout == "sharded" or len(info.files) > 1 or bool(out_shard_size)
+            if sharded and not out_shard_size and len(info.files) > 1:
+                # mirror the input's sharding: shards up to its largest shard's data size
+                from .safetensors_io import read_header
+
+                out_shard_size = max(sum(t.nbytes for t in read_header(f).tensors.values())
+                                     for f in info.files)
+            if sharded:
+                tensor_files = shard_names(len(shard_plan(entries, out_shard_size))) + ["model.safetensors.index.json"]
+            else:
+                tensor_files = ["model.safetensors"]
+        metadata = {**(metadata or {}), "ckptreg_files": json.dumps(sorted(set(configs + tensor_files)))}
+        self.adir = AtomicDir(self.path, overwrite=overwrite, keep_old=True)
         try:
-            for cf in info.config_files:
+            for cf in info.config_files if self.layout != "sharded" else []:
                 nm = Path(cf).name
                 if nm == "adapter_config.json" and adapter_config is not None:
                     self.adir.write_text(nm, json.dumps(adapter_config, indent=2) + "\n")
@@ -477,19 +587,13 @@ class _Output:
             if self.layout == "peft":
                 if adapter_config is not None and not any(Path(c).name == "adapter_config.json" for c in info.config_files):
                     self.adir.write_text("adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
-                self.w = StreamingWriter(self.adir.file("adapter_model.safetensors"), entries, metadata, atomic=False)
+                self.w = StreamingWriter(self.adir.file("adapter_model.safetensors"), entries, metadata, atomic=False,
+                                         label=self.path / "adapter_model.safetensors")
+            elif sharded:
+                self.w = ShardedWriter(self.path, entries, metadata, max_shard_bytes=out_shard_size, into=self.adir)
             else:
-                sharded = len(info.files) > 1 or bool(out_shard_size)
-                if sharded:
-                    if not out_shard_size and len(info.files) > 1:
-                        # mirror the input's sharding: shards up to its largest shard's data size
-                        from .safetensors_io import read_header
-
-                        out_shard_size = max(sum(t.nbytes for t in read_header(f).tensors.values())
-                                             for f in info.files)
-                    self.w = ShardedWriter(self.path, entries, metadata, max_shard_bytes=out_shard_size, into=self.adir)
-                else:
-                    self.w = StreamingWriter(self.adir.file("model.safetensors"), entries, metadata, atomic=False)
+                self.w = StreamingWriter(self.adir.file("model.safetensors"), entries, metadata, atomic=False,
+                                         label=self.path / "model.safetensors")
         except BaseException:
             self.adir.abort()
             raise
@@ -514,6 +618,19 @@ class _Output:
         finally:
             if self.adir is not None:
                 self.adir.abort()
+
+    def finalize(self) -> None:
+        """The output is registered: delete the output it replaced (if any)."""
+        if not self._settled:
+            self._settled = True
+            (self.adir if self.adir is not None else self.w).finalize()
+
+    def revert(self) -> None:
+        """Registration failed: remove this output and put back the one it replaced (only what
+        this merge wrote is removed). No-op once finalized."""
+        if not self._settled:
+            self._settled = True
+            (self.adir if self.adir is not None else self.w).revert()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -578,8 +695,9 @@ def _progress(cb, done, total, name):
         cb(done, total, name)
 
 
-def _stream_linear(name, views, W, odt, bufs, chunk, writers, on_chunk):
-    """Weighted sums with weight matrix W [M, N] of flat ``views``; row m goes to ``writers[m]``.
+def _stream_linear(name, sources, W, odt, bufs, chunk, writers, on_chunk, numel):
+    """Weighted sums with weight matrix W [M, N] of tensor ``name`` of the N ``sources`` (read
+    chunk by chunk, :meth:`_Source.chunk`); row m goes to ``writers[m]``.
 
     Chunk boundaries are the same whatever M (a sweep's outputs are then bitwise equal to the
     same merges run one by one, even where a kernel's rounding depends on the position within a
@@ -587,13 +705,12 @@ def _stream_linear(name, views, W, odt, bufs, chunk, writers, on_chunk):
     over the same (cached) input chunk."""
     from . import ops
 
-    numel = views[0].numel()
     M = W.shape[0]
     item = _itemsize(odt)
     mb = max(1, min(M, SWEEP_BUFFER_BYTES // max(1, chunk * item)))
     for s in range(0, numel, chunk):
         e = min(numel, s + chunk)
-        xs = [v[s:e] for v in views]
+        xs = [src.chunk(name, s, e) for src in sources]
         for m0 in range(0, M, mb):
             m1 = min(M, m0 + mb)
             buf = bufs.get(odt, m1 - m0, e - s)
@@ -609,33 +726,48 @@ def _itemsize(dt) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
-def _thresholds(views, base_view, density):
+def _thresholds(name, sources, base_view, density, numel):
+    """TIES / magnitude-prune trim thresholds over whole tensors: each input is read in turn into
+    one reused buffer (anonymous memory: one tensor, plus the base the caller holds)."""
     from . import ops
 
-    numel = views[0].numel()
     k = int(math.floor(density * numel))
     if k <= 0:
-        return [math.inf] * len(views)
-    return [ops.kth_largest_abs(v, k, base_view) for v in views]
+        return [math.inf] * len(sources)
+    out, scratch = [], None
+    for src in sources:
+        v = _flat(src.full(name, out=scratch))
+        if scratch is None and getattr(src.info.tensors[name], "offset", 0) >= 0:
+            scratch = v
+        out.append(ops.kth_largest_abs(v, k, base_view))
+    return out
 
 
-def _stream_task(name, method, views, base_view, weights, p, odt, bufs, chunk, writer, on_chunk):
+def _stream_task(name, method, sources, base_src, weights, p, odt, bufs, chunk, writer, on_chunk, numel):
     import torch
 
     from . import ops, rng
 
-    numel = views[0].numel()
     density = float(p.get("density", 1.0))
-    thr = _thresholds(views, base_view, density) if method in ("ties", "magnitude_prune") else None
+    base_full = None
+    thr = None
+    if method in ("ties", "magnitude_prune"):
+        # whole base kept for the thresholds; its chunks below are slices of it
+        base_full = _flat(base_src.full(name)) if base_src is not None else None
+        thr = _thresholds(name, sources, base_full, density, numel)
     keys = None
     if method in ("dare_linear", "dare_ties"):
         seed = int(p.get("seed", 0))
-        keys = [rng.signed64(rng.dare_key(seed, name, i)) for i in range(len(views))]
+        keys = [rng.signed64(rng.dare_key(seed, name, i)) for i in range(len(sources))]
     w = torch.tensor(weights, dtype=torch.float32)
     for s in range(0, numel, chunk):
         e = min(numel, s + chunk)
+        if base_full is not None:
+            bc = base_full[s:e]
+        else:
+            bc = base_src.chunk(name, s, e) if base_src is not None else None
         buf = bufs.get(odt, 1, e - s)[0]
-        ops.task_merge(base_view[s:e] if base_view is not None else None, [v[s:e] for v in views], w,
+        ops.task_merge(bc, [src.chunk(name, s, e) for src in sources], w,
                        method=method, density=density, thresholds=thr, keys=keys,
                        sign=p.get("sign", "total"), lam=float(p.get("lam", 1.0)), offset=s,
                        out_dtype=odt, out=buf)
@@ -643,18 +775,17 @@ def _stream_task(name, method, views, base_view, weights, p, odt, bufs, chunk, w
         on_chunk(e - s)
 
 
-def _slerp_coeffs(v0, v1, t, chunk):
-    """SLERP coefficients (c0, c1) for flat views, norms/dot accumulated chunkwise in float64."""
+def _slerp_coeffs(name, src0, src1, t, chunk, numel):
+    """SLERP coefficients (c0, c1) of tensor ``name``, norms/dot accumulated chunkwise in float64."""
     import torch
 
     from .methods import SLERP_DOT_THRESHOLD, SLERP_EPS
 
     n00 = n11 = n01 = 0.0
-    numel = v0.numel()
     for s in range(0, numel, chunk):
         e = min(numel, s + chunk)
-        a = v0[s:e].to(torch.float64)
-        b = v1[s:e].to(torch.float64)
+        a = src0.chunk(name, s, e).to(torch.float64)
+        b = src1.chunk(name, s, e).to(torch.float64)
         n00 += float(torch.dot(a, a))
         n11 += float(torch.dot(b, b))
         n01 += float(torch.dot(a, b))
@@ -694,13 +825,85 @@ def _lora_pair(name: str):
 
 
 def _module_alpha(lora: dict, module: str, r: int) -> float:
-    alpha = lora.get("lora_alpha", r)
-    ap = lora.get("alpha_pattern") or {}
-    for k, v in ap.items():
-        if module.replace("\0", "").endswith(k) or re.search(k, module.replace("\0", "")):
-            alpha = v
-            break
-    return float(alpha)
+    """The module's lora_alpha, ``alpha_pattern`` keys matched the way PEFT matches them
+    (``formats.lora_pattern_key``: anchored at a dot boundary and at the end, ``"proj"`` does not
+    match ``q_proj``)."""
+    from .formats import lora_module_config
+
+    return lora_module_config(lora, module, r)[0]
+
+
+def _module_scale(lora: dict, module: str, r: int) -> float:
+    """PEFT's scaling of one module of an adapter (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    from . import lowrank
+
+    return lowrank.lora_scale(_module_alpha(lora, module, r), r, bool(lora.get("use_rslora", False)))
+
+
+def _lora_cfg_text(lora: dict) -> str:
+    parts = [f"r={lora.get('r')}", f"lora_alpha={lora.get('lora_alpha')}", f"use_rslora={bool(lora.get('use_rslora'))}"]
+    for k in ("alpha_pattern", "rank_pattern"):
+        if lora.get(k):
+            parts.append(f"{k}={json.dumps(lora[k], sort_keys=True)}")
+    return ", ".join(parts)
+
+
+def _check_factor_scales(infos, refs) -> None:
+    """Refuse a factor-space merge of LoRA adapters whose scalings differ in any module.
+
+    A factor-space merge combines the raw factors A, B as tensors and writes the first input's
+    adapter_config.json, so the merged update is only right when every module has the same
+    scaling s = alpha/r (alpha/sqrt(r) with rsLoRA; alpha_pattern/rank_pattern resolved per
+    module as PEFT does) in every input and the base. Anything else (lora_alpha, use_rslora,
+    alpha_pattern, r/rank_pattern) is a MismatchError before any data is read or written, naming
+    the adapters and their values and pointing to space='delta', which weights each update by
+    its own scaling exactly."""
+    if not infos or infos[0].kind != "lora":
+        return
+    loras = [i.lora for i in infos]
+    if not any(loras):
+        return   # no adapter configs at all (bare LoRA safetensors): nothing differs that we know of
+    if not all(loras):
+        missing = [ref for ref, l in zip(refs, loras) if not l]
+        have = [ref for ref, l in zip(refs, loras) if l]
+        raise MismatchError(
+            "cannot merge these LoRA adapters: " + ", ".join(missing) + " ha" + ("s" if len(missing) == 1 else "ve")
+            + " no adapter_config.json, so their scaling (lora_alpha / r) is unknown, while "
+            + ", ".join(have) + " ha" + ("s" if len(have) == 1 else "ve")
+            + " one; add the adapter_config.json the adapter was trained with")
+    mods = {}
+    for n, ti in infos[0].tensors.items():
+        pr = _lora_pair(n)
+        if pr is not None:
+            mods.setdefault(pr[0], {})[pr[1]] = ti
+    diffs = []
+    for mod in sorted(mods):
+        d = mods[mod]
+        if "A" not in d:
+            continue
+        r = int(d["A"].shape[0]) if d["A"].shape else 0
+        if r < 1:
+            continue
+        sc = [_module_scale(l, mod, r) for l in loras]
+        if any(not math.isclose(x, sc[0], rel_tol=1e-9, abs_tol=0.0) for x in sc[1:]):
+            diffs.append((mod, sc))
+    if not diffs:
+        return
+    odd = sorted({j for _, sc in diffs for j, x in enumerate(sc) if not math.isclose(x, sc[0], rel_tol=1e-9)})
+    shown = [0] + odd[:9]
+    lines = [f"{refs[j]}: {_lora_cfg_text(loras[j])}" for j in shown]
+    if len(odd) > 9:
+        lines.append(f"... and {len(odd) - 9} more adapter(s) that differ from {refs[0]}")
+    mod, sc = diffs[0]
+    from .formats import lora_module_key
+
+    ex = ", ".join(f"{refs[j]} {sc[j]:.6g}" for j in shown)
+    raise MismatchError(
+        f"LoRA adapters with different scalings cannot be merged in factor space (it averages the raw "
+        f"A/B factors and keeps the first adapter's lora_alpha, so the merged update would be wrong): "
+        f"{len(diffs)} module(s) differ, e.g. {lora_module_key(mod)}: scaling {ex}.\n  "
+        + "\n  ".join(lines)
+        + "\nUse space='delta' (ckptreg merge --space delta), which merges sum_i w_i s_i B_i A_i exactly.")
 
 
 class _DeltaCache:
@@ -734,15 +937,15 @@ class _DeltaCache:
     GROUP_BYTES = 64 << 20
 
     def _factors(self, mod):
-        """Each coefficient source's (A, B) of a module (memory-mapped views) and its LoRA scale."""
+        """Each coefficient source's (A, B) of a module (read into memory) and its LoRA scale."""
         from . import lowrank
 
         an, bn = self.names[mod]["A"], self.names[mod]["B"]
         out = []
         for src, cfg in self.coeff_sources:
-            a, b = src.tensor(an), src.tensor(bn)
+            a, b = src.full(an), src.full(bn)   # read with preadv (no mmap)
             r = a.shape[0]
-            out.append((a, b, lowrank.lora_scale(_module_alpha(cfg, mod, r), r, bool(cfg.get("use_rslora", False)))))
+            out.append((a, b, _module_scale(cfg, mod, r)))
         return out
 
     @staticmethod
@@ -864,8 +1067,11 @@ def _batch(registry):
     return b() if b is not None else contextlib.nullcontext()
 
 
-def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None):
-    """Validation shared by merge and sweep (nothing is read or written here)."""
+def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None, snaps: dict | None = None):
+    """Validation shared by merge and sweep (nothing is read or written here). ``snaps``
+    collects each input file's identity (inode, size, mtime) taken just before its fingerprint
+    is checked; the readers (:class:`_Source`) compare against it, so a change at any time after
+    the check is a ChangedError, never a merge of other bytes than the checked ones."""
     method = canonical_method(spec.method)
     inputs = list(spec.inputs)
     if not inputs:
@@ -892,6 +1098,8 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
     for c in inputs + ([spec.base] if spec.base is not None else []):
         if checked is not None and c.id in checked:
             continue
+        if snaps is not None:
+            _snapshot(c, snaps)
         registry.check_unchanged(c)
         if checked is not None:
             checked.add(c.id)
@@ -902,19 +1110,127 @@ def _output_run(spec):
     return spec.run or spec.inputs[-1].run
 
 
+def _dependents(registry, cid: int, merged=None) -> list[str]:
+    """Refs of the registered merges that have checkpoint ``cid`` as an input or base (public
+    Registry API only: the lineage of every merged checkpoint)."""
+    cid = int(cid)
+    out = []
+    for c in merged if merged is not None else registry.checkpoints(merged=True):
+        if c.id == cid:
+            continue
+        lin = registry.lineage(c) or {}
+        if lin.get("base") == cid or any(int(i["id"]) == cid for i in lin.get("inputs", [])):
+            out.append(f"{c.ref} (id {c.id})")
+    return out
+
+
+def _not_ckptreg_output(out: Path) -> str | None:
+    """Why the existing ``out`` is not recognisably an earlier ckptreg merge output (None: it is,
+    or it is an empty folder). A file must be a .safetensors whose metadata holds the
+    ``ckptreg_recipe`` every merge writes; a folder must hold only regular files, its
+    .safetensors files must carry the recipe, and where they list the folder's files
+    (``ckptreg_files``) nothing else may be there."""
+    from .safetensors_io import read_header
+
+    def meta(f):
+        try:
+            md = read_header(f).metadata
+        except (CkptregError, OSError, ValueError):
+            return None
+        return md if "ckptreg_recipe" in md else None
+
+    if out.is_symlink():
+        return "is a symbolic link (ckptreg writes real files and folders)"
+    if out.is_file():
+        if not out.name.lower().endswith(".safetensors"):
+            return "is not a .safetensors file written by ckptreg"
+        if meta(out) is None:
+            return "was not written by ckptreg (its safetensors metadata holds no ckptreg recipe)"
+        return None
+    if not out.is_dir():
+        return "is not a regular file or folder"
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not entries:
+        return None
+    listed = None
+    tensor_files = 0
+    for e in entries:
+        if e.is_symlink() or not e.is_file():
+            return f"holds {e.name}, a {'link' if e.is_symlink() else 'folder'} that ckptreg does not write"
+        if e.name.lower().endswith(".safetensors"):
+            md = meta(e)
+            if md is None:
+                return f"was not written by ckptreg ({e.name} holds no ckptreg recipe in its metadata)"
+            tensor_files += 1
+            if "ckptreg_files" in md:
+                try:
+                    listed = set(json.loads(md["ckptreg_files"]))
+                except ValueError:
+                    pass
+    if not tensor_files:
+        return "was not written by ckptreg (it holds no .safetensors file with a ckptreg recipe)"
+    if listed is not None:
+        extra = [e.name for e in entries if e.name not in listed]
+        if extra:
+            return (f"holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}, which ckptreg did not "
+                    "write there")
+    return None
+
+
 def _check_target(registry, spec, out: Path, overwrite: bool):
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{out} exists (use --overwrite to replace it)")
+    """Refuse an output path before a byte is written (the caller holds the target's lock).
+
+    Never written: a registered plain checkpoint (any run), a folder holding a registered
+    checkpoint, a path inside a registered checkpoint folder, the output of another registered
+    merge (a different RUN@NAME), a merged checkpoint that other registered merges were made from.
+    ``overwrite`` replaces only an earlier ckptreg output (:func:`_not_ckptreg_output`)."""
     run = _output_run(spec)
     try:
         existing = registry.get(f"{run}@{spec.name}")
-    except NotFoundError:
-        existing = None
     except CkptregError:
         existing = None
-    if existing is not None and not overwrite:
-        raise DuplicateError(f"{run}@{spec.name} is already registered (id {existing.id}); "
-                             "use --overwrite or another --name")
+    if existing is not None and not (existing.merged and existing.name == spec.name):
+        raise DuplicateError(f"{run}@{spec.name} names registered checkpoint {existing.ref} (id {existing.id}); "
+                             "choose another --name")
+    real = os.path.realpath(out)
+    everything = registry.checkpoints()
+    for c in everything:
+        cid, cname, cpath, merged, ref = c.id, c.name, c.path, c.merged, c.ref
+        cp = os.path.normpath(str(cpath))
+        if cp == real:
+            if not merged:
+                raise OutputExistsError(f"{out} is registered checkpoint {ref} (id {cid}); a merge never writes "
+                                        "over a registered checkpoint: choose another -o")
+            if existing is None or int(cid) != existing.id:
+                raise OutputExistsError(f"{out} is the output of registered merge {ref} (id {cid}); --overwrite "
+                                        f"replaces only the output of the same name ({run}@{spec.name}): choose "
+                                        f"another -o, or --name {cname}")
+        elif cp.startswith(real.rstrip(os.sep) + os.sep):
+            raise OutputExistsError(f"{out} holds registered checkpoint {ref} (id {cid}, {cpath}); a merge never "
+                                    "replaces a folder holding registered checkpoints: choose another -o")
+        elif real.startswith(cp.rstrip(os.sep) + os.sep):
+            raise OutputExistsError(f"{out} is inside registered checkpoint {ref} (id {cid}, {cpath}); writing "
+                                    "there would change it: choose another -o")
+    if existing is not None:
+        if not overwrite:
+            raise DuplicateError(f"{run}@{spec.name} is already registered (id {existing.id}); "
+                                 "use --overwrite or another --name")
+        deps = _dependents(registry, existing.id, [c for c in everything if c.merged])
+        if deps:
+            raise OutputExistsError(f"{run}@{spec.name} (id {existing.id}, {existing.path}) is an input or base of "
+                                    f"registered merge(s) {', '.join(deps[:5])}{' ...' if len(deps) > 5 else ''}; "
+                                    "--overwrite never replaces what other merges were made from: choose "
+                                    "another --name")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists (use --overwrite to replace it)")
+        why = _not_ckptreg_output(out)
+        if why is not None:
+            raise OutputExistsError(f"{out} {why}; --overwrite replaces only an earlier ckptreg merge output, "
+                                    "so nothing was written: choose another -o")
 
 
 def _recipe(spec, method, w, p, space, rank, out_dtype, plan_) -> dict:
@@ -942,12 +1258,55 @@ def _lineage_params(spec, p, space, rank, out_dtype) -> dict:
     return d
 
 
-def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, overwrite):
-    cid = registry.record_merge(path=str(out_path), run=_output_run(spec), name=spec.name, method=method,
-                                params=_lineage_params(spec, p, space, rank, out_dtype),
-                                inputs=[(c.id, float(x)) for c, x in zip(spec.inputs, w)],
-                                base=None if spec.base is None else spec.base.id, replace=overwrite)
+def _registered_as(registry, spec, out_path) -> bool:
+    """Whether RUN@NAME is registered at ``out_path`` with the files there now (a registration
+    that raised after its transaction committed)."""
+    from .formats import inspect
+
+    try:
+        c = registry.get(f"{_output_run(spec)}@{spec.name}")
+        return bool(c.merged and os.path.normpath(c.path) == os.path.realpath(out_path)
+                    and c.fingerprint == inspect(out_path).fingerprint)
+    except Exception:
+        return False
+
+
+def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, overwrite, target=None):
+    """Register a committed output. If that fails, ``target`` (its _Output) is reverted: the
+    output is removed again and the one it replaced put back, so a merge ends registered or
+    leaves nothing behind."""
+    try:
+        cid = registry.record_merge(path=str(out_path), run=_output_run(spec), name=spec.name, method=method,
+                                    params=_lineage_params(spec, p, space, rank, out_dtype),
+                                    inputs=[(c.id, float(x)) for c, x in zip(spec.inputs, w)],
+                                    base=None if spec.base is None else spec.base.id, replace=overwrite)
+    except BaseException:
+        if target is not None:
+            if _registered_as(registry, spec, out_path):
+                target.finalize()
+            else:
+                target.revert()
+        raise
+    if target is not None:
+        target.finalize()
     return registry.get(cid)
+
+
+class _Locks:
+    """The target locks (:class:`ckptreg.writer.TargetLock`) a merge or sweep holds until its
+    outputs are committed and registered."""
+
+    def __init__(self):
+        self.held = []
+
+    def acquire(self, out: Path) -> None:
+        from .writer import TargetLock
+
+        self.held.append(TargetLock(out).acquire())
+
+    def release_all(self) -> None:
+        while self.held:
+            self.held.pop().release(keep=False)
 
 
 def _torch_out_dtype(out_dtype):
@@ -963,12 +1322,28 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
           chunk_elems: int | None = None):
     """Run one merge and register it; returns the new Checkpoint.
 
+    The output path is locked (one merge per target at a time: TargetBusyError for the second)
+    from before it is checked until the output is committed and registered."""
+    locks = _Locks()
+    try:
+        return _merge(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                      progress=progress, out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+    finally:
+        locks.release_all()
+
+
+def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None = None, out_dtype=None,
+           overwrite: bool = False, progress: Callable | None = None, out_shard_size: int | None = None,
+           chunk_elems: int | None = None, _locks: _Locks):
+    """Run one merge and register it; returns the new Checkpoint.
+
     ``progress(done_bytes, total_bytes, tensor_name)`` is called after every chunk (bytes of
     input data read so far / in all)."""
     import torch
 
     with _batch(registry):
-        method, inputs, w, p = _prepare(registry, spec, overwrite)
+        snaps: dict = {}
+        method, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps)
     if space not in ("factors", "delta"):
         raise ParameterError(f"space must be 'factors' or 'delta', got {space!r}")
     if rank is not None and (int(rank) != rank or rank < 1):
@@ -1001,12 +1376,17 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
         for i in pl.infos + ([pl.base_info] if pl.base_info else []):
             if not i.lora:
                 raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")
-    elif rank is not None:
-        raise ParameterError("rank only applies to space='delta'")
+    else:
+        if rank is not None:
+            raise ParameterError("rank only applies to space='delta'")
+        _check_factor_scales(pl.infos + ([pl.base_info] if pl.base_info is not None else []),
+                             pl.refs + ([f"base {_ref(plan_base)}"] if pl.base_info is not None else []))
 
-    out = Path(spec.out) if spec.out else default_out(spec, info0)
+    out = Path(spec.out) if spec.out else default_out(spec, info0, out_shard_size=out_shard_size)
     out = out.resolve() if not out.is_absolute() else out
     spec.out = str(out)
+    _check_layout(out, info0, out_shard_size)
+    _locks.acquire(out)   # before the exists check, held until registered
     with _batch(registry):
         _check_target(registry, spec, out, overwrite)
 
@@ -1014,8 +1394,8 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
     entries_shapes = dict(pl.shapes)
     adapter_cfg = None
     delta = None
-    sources = [_Source(i) for i in pl.infos]
-    base_src = _Source(pl.base_info) if pl.base_info is not None else None
+    sources = [_Source(i, snaps) for i in pl.infos]
+    base_src = _Source(pl.base_info, snaps) if pl.base_info is not None else None
     try:
         if space == "delta":
             delta, entries_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user)
@@ -1038,8 +1418,12 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
     finally:
         for s in sources + ([base_src] if base_src else []):
             s.close()
-    with _batch(registry):
-        return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite)
+    try:
+        with _batch(registry):
+            return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
+    except BaseException:
+        target.revert()   # no-op once registered (finalized)
+        raise
 
 
 def _read_cfg(info):
@@ -1130,38 +1514,40 @@ def _run_single(pl, sources, base_src, method, w, p, odts, target, chunk, progre
             target.write(name, delta.get(name))
             on_chunk(pl.numel(name))
             continue
-        views = [_flat(s.tensor(name)) for s in sources]
-        numel = views[0].numel()
+        numel = pl.numel(name)
         if numel == 0:
             target.write(name, torch.empty(tuple(out_shapes[name]), dtype=odt))
             continue
         if st not in _FLOAT_ST:
-            v = views[-1]
             for s in range(0, numel, chunk):
-                target.write_chunk(name, v[s:s + chunk])
+                target.write_chunk(name, sources[-1].chunk(name, s, min(numel, s + chunk)))
                 on_chunk(min(chunk, numel - s))
             continue
         if method in LINEAR_METHODS:
             if lin_w is None:
                 lin_w = torch.tensor([w], dtype=torch.float32)
-            _stream_linear(name, views, lin_w, odt, bufs, chunk, [target], on_chunk)
+            _stream_linear(name, sources, lin_w, odt, bufs, chunk, [target], on_chunk, numel)
         elif method in TASK_METHODS:
-            bv = _flat(base_src.tensor(name)) if base_src is not None else None
-            if delta is not None and bv is None:
+            if delta is not None and base_src is None:
                 raise ParameterError("task_arithmetic in delta space needs a base")
-            _stream_task(name, method, views, bv, w, p, odt, bufs, chunk, target, on_chunk)
+            _stream_task(name, method, sources, base_src, w, p, odt, bufs, chunk, target, on_chunk, numel)
         elif method == "slerp":
-            c0, c1 = _slerp_coeffs(views[0], views[1], float(p.get("t", 0.5)), chunk)
-            _stream_linear(name, views, torch.tensor([[c0, c1]], dtype=torch.float32), odt, bufs, chunk,
-                           [target], on_chunk)
+            c0, c1 = _slerp_coeffs(name, sources[0], sources[1], float(p.get("t", 0.5)), chunk, numel)
+            _stream_linear(name, sources, torch.tensor([[c0, c1]], dtype=torch.float32), odt, bufs, chunk,
+                           [target], on_chunk, numel)
         elif method == "cart":
-            full = [s.tensor(name) for s in sources]
+            full = [s.full(name) for s in sources]
             res = _cart_tensor(name, full, w, p, odt)
+            del full
             target.write(name, res)
             del res
             on_chunk(numel)
         else:  # pragma: no cover
             raise ParameterError(f"unknown method {method}")
+    # every byte was read: make sure no input changed meanwhile (a same-size rewrite, a
+    # replacement by rename) before the caller commits the output
+    for s in sources + ([base_src] if base_src is not None else []):
+        s.check()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1197,6 +1583,19 @@ def dedupe_specs(specs: Sequence[MergeSpec]):
 
 def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, progress: Callable | None = None,
           out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None) -> list:
+    """Run many merges (see :func:`_sweep`); the lock of every target is taken before the
+    targets are checked and held until the sweep ends (TargetBusyError if one is being written)."""
+    locks = _Locks()
+    try:
+        return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
+                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+    finally:
+        locks.release_all()
+
+
+def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, progress: Callable | None = None,
+           out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None,
+           _locks: _Locks) -> list:
     """Run many merges; weighted sums (linear/uniform/mwa) over the same kind of inputs are done
     in ONE pass: every input tensor of the union is read once and ``ops.weighted_sum`` produces
     all M outputs per chunk, each streamed into its own writer. Other methods run one by one.
@@ -1220,10 +1619,23 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
     prepared = []
     outs = set()
     checked: set = set()
+    snaps: dict = {}
     with _batch(registry):
         for s in uniq:
-            method, inputs, w, p = _prepare(registry, s, overwrite, checked)
+            method, inputs, w, p = _prepare(registry, s, overwrite, checked, snaps=snaps)
             prepared.append((s, method, inputs, w, p))
+    # sweeps merge in factor space: refuse differing LoRA scalings for every spec before any pass
+    lora_infos: dict = {}
+    for s, method, inputs, w, p in prepared:
+        b = s.base if method in TASK_METHODS else None
+        cs = list(inputs) + ([b] if b is not None else [])
+        if not any(getattr(c, "kind", None) == "lora" for c in cs):
+            continue
+        for c in cs:
+            if c.id not in lora_infos:
+                lora_infos[c.id] = _inspect(c)
+        _check_factor_scales([lora_infos[c.id] for c in cs],
+                             [_ref(c) for c in inputs] + ([f"base {_ref(b)}"] if b is not None else []))
     linear = [x for x in prepared if x[1] in LINEAR_METHODS]
     other = [x for x in prepared if x[1] not in LINEAR_METHODS]
 
@@ -1237,13 +1649,16 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
     # validate every target before reading anything
     with _batch(registry):
         for s, method, inputs, w, p in prepared:
+            info_s = _inspect(inputs[0])
             if s.out is None:
-                s.out = str(default_out(s, _inspect(inputs[0])))
+                s.out = str(default_out(s, info_s, out_shard_size=out_shard_size))
             out = Path(s.out).resolve()
             s.out = str(out)
             if out in outs:
                 raise ParameterError(f"two merges in the sweep write to {out}")
             outs.add(out)
+            _check_layout(out, info_s, out_shard_size)
+            _locks.acquire(out)   # before the exists check, held until registered
             _check_target(registry, s, out, overwrite)
 
     results: dict[int, object] = {}
@@ -1254,7 +1669,7 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
         col = {c.id: j for j, c in enumerate(union)}
         pl = plan(registry, union)
         done_all[0] = 0   # progress is reported per one-pass group
-        sources = [_Source(i) for i in pl.infos]
+        sources = [_Source(i, snaps) for i in pl.infos]
         targets = []
         try:
             W_ = torch.zeros((len(members), len(union)), dtype=torch.float32)
@@ -1283,20 +1698,21 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
                     done_all[0] += nel * _is * len(union)
                     _progress(progress, done_all[0], total, _name)
 
-                views = [_flat(s_.tensor(name)) for s_ in sources]
-                numel = views[0].numel()
+                numel = pl.numel(name)
                 if numel == 0:
                     for t in targets:
                         t.write(name, torch.empty(pl.shapes[name], dtype=odts[name]))
                     continue
                 if st not in _FLOAT_ST:
-                    for (s, method, inputs, w, p), t in zip(members, targets):
-                        v = views[col[inputs[-1].id]]
-                        for a in range(0, numel, chunk):
-                            t.write_chunk(name, v[a:a + chunk])
+                    for a in range(0, numel, chunk):
+                        for (s, method, inputs, w, p), t in zip(members, targets):
+                            t.write_chunk(name, sources[col[inputs[-1].id]].chunk(name, a, min(numel, a + chunk)))
                     on_chunk(numel)
                     continue
-                _stream_linear(name, views, W_, odts[name], bufs, chunk, targets, on_chunk)
+                _stream_linear(name, sources, W_, odts[name], bufs, chunk, targets, on_chunk, numel)
+            # every byte was read: no input may have changed meanwhile (same-size rewrite, rename)
+            for s_ in sources:
+                s_.check()
             for t in targets:
                 t.commit()
         except BaseException:
@@ -1309,10 +1725,15 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
         finally:
             for s_ in sources:
                 s_.close()
-        with _batch(registry):
-            for s, method, inputs, w, p in members:
-                results[id(s)] = _register(registry, s, Path(s.out), method, p, w, "factors", None, odt_user,
-                                           overwrite)
+        try:
+            with _batch(registry):
+                for (s, method, inputs, w, p), t in zip(members, targets):
+                    results[id(s)] = _register(registry, s, Path(s.out), method, p, w, "factors", None, odt_user,
+                                               overwrite, target=t)
+        except BaseException:
+            for t in targets:   # the outputs not registered are removed again (registered ones stay)
+                t.revert()
+            raise
 
     for s, method, inputs, w, p in other:
         results[id(s)] = merge(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,

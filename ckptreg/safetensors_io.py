@@ -9,8 +9,13 @@ an optional ``"__metadata__"`` str -> str map), then the data section. ``data_of
 everything that can be checked without reading tensor bytes; every problem is a
 :class:`~ckptreg.errors.FormatError` whose message starts with the file path.
 
-``open_tensors`` maps the file once (``ACCESS_COPY``: pages stay shared with the page cache until
-written; we never write) and hands out views of that map. Views are zero-copy when the tensor's
+``open_tensors`` keeps one descriptor. ``SafeFile.read`` copies tensor bytes (or a flat element
+range) into a caller's buffer with ``preadv``: what the merge engine uses, because a file
+truncated in place while it is read is then a short read (ChangedError naming the file) and not
+the SIGBUS of touching a lost page of an mmap; ``SafeFile.check`` re-stats the file (inode,
+size, mtime) to catch a same-size rewrite or a replacement. ``SafeFile.tensor`` maps the file
+on first use (``ACCESS_COPY``: pages stay shared with the page cache until written; we never
+write) and hands out views of that map. Views are zero-copy when the tensor's
 absolute offset is a multiple of its item size (always true for files written by the safetensors
 library, which pads the header to 8 bytes); an unaligned tensor is copied (documented fallback,
 the only case that allocates).
