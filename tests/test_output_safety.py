@@ -186,6 +186,23 @@ def test_busy_target_is_refused_with_exit_14_and_nothing_changes(lora):
     assert _leftovers(tmp) == []
 
 
+def test_sweep_takes_the_lock_of_every_target(lora):
+    reg, db, tmp = lora
+    outdir = tmp / "sw"
+    before = reg.dump()
+    busy = outdir / "last_3_unweighted"
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(busy), "30"], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert p.stdout.readline().strip() == b"held"
+        res = _cli(db, "sweep", "--run", "sft", "--last", "2,3", "--method", "uniform", "-o", outdir, "-q")
+        assert res.exit_code == TargetBusyError.exit_code, res.output
+        assert str(busy) in res.output
+        assert not (outdir / "last_2_unweighted").exists() and reg.dump() == before
+    finally:
+        p.kill()
+        p.wait()
+
+
 RACER = r"""
 import sys, time, pathlib
 from ckptreg.cli import main
