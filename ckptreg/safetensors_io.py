@@ -129,7 +129,9 @@ def _fail(path: str, msg: str) -> FormatError:
 #   - more than MAX_DIMS dimensions (the library accepts any number; torch and our merge kernels
 #     are not meant for them), and a dimension above 2^63 - 1 (sizes are int64 in torch and in the
 #     registry's database; the library accepts such a zero-size shape and then torch cannot build
-#     the tensor).
+#     the tensor); likewise a zero-size shape whose non-zero dimensions multiply to more than
+#     2^63 - 1 (torch's strides overflow for some of them, the library's size product for others;
+#     refused as a whole).
 
 #: Deepest nesting of JSON objects/arrays accepted in a header. serde_json (the library) stops at
 #: 128 nested containers; a valid header needs 3 (header object, entry object, shape array).
@@ -360,6 +362,8 @@ def _parse(spath: str, apath: str, raw: bytes, file_size: int) -> Header:
                 if type(s) is not int or s < 0 or s > MAX_DIM:
                     raise ValueError
                 numel *= s
+            if numel == 0 and _size_overflow(shape):
+                raise ValueError
         except Exception:
             _entry_error(spath, name, e)  # raises the precise FormatError
         if en - b != numel * item:
@@ -392,6 +396,16 @@ def _parse(spath: str, apath: str, raw: bytes, file_size: int) -> Header:
     return Header(apath, n, metadata, tensors, data_start, file_size, raw)
 
 
+def _size_overflow(shape) -> bool:
+    """Is the product of the non-zero dimensions of ``shape`` above 2^63 - 1? (Only a zero-size
+    tensor gets there: any other one is bounded by the file size.) Then its contiguous strides may
+    overflow int64 (torch refuses it) and the library's own size product may overflow."""
+    p = 1
+    for s in shape:
+        p *= s or 1
+    return p > MAX_DIM
+
+
 def _entry_error(spath, name, e):
     """Raise the FormatError describing what is wrong with one header entry."""
     if not isinstance(e, dict):
@@ -413,6 +427,9 @@ def _entry_error(spath, name, e):
     if big:
         raise _fail(spath, f"tensor {name!r}: dimension {big[0]} in shape {_short(shape)} is larger "
                            f"than 2^63 - 1 = {MAX_DIM} (sizes are 64-bit signed integers)")
+    if _size_overflow(shape):
+        raise _fail(spath, f"tensor {name!r}: zero-size shape {_short(shape)}: the product of its non-zero "
+                           "dimensions is larger than 2^63 - 1 (sizes and strides are 64-bit signed integers)")
     if (type(offs) is not list or len(offs) != 2
             or type(offs[0]) is not int or type(offs[1]) is not int or offs[0] < 0):
         raise _fail(spath, f"tensor {name!r}: data_offsets must be [begin, end] non-negative integers, "
