@@ -136,6 +136,9 @@ REJECTED_BY_BOTH = {
     "overflowing_number": ('{"a":{' + F32_1 + ',"x":1e400}}', b"\0" * 4, "number 1e400 is out of range"),
     "offset_beyond_u64": ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551620]}}', b"\0" * 4,
                           "data_offsets must be [begin, end] non-negative integers, got [0, 1.8446744073709552e+19]"),
+    "zero_size_product_overflow": (json.dumps({"a": {"dtype": "BF16", "shape": [3, 2 ** 63 - 1, 0],
+                                                     "data_offsets": [0, 0]}}), b"",
+                                   "the product of its non-zero dimensions is larger than 2^63 - 1"),
     "lone_trailing_surrogate_in_metadata": ('{"__metadata__":{"x":"\\udc00"},"a":{' + F32_1 + "}}", b"\0" * 4,
                                             "'\\udc00' holds a lone UTF-16 surrogate"),
 }
@@ -185,6 +188,9 @@ STRICTER = {
     "sub_byte_dtype": (json.dumps({"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}), b"\0",
                        "unknown or unsupported dtype 'F4'"),
     "65_dims": HOSTILE["dims65"],
+    "zero_size_product_overflow": (json.dumps({"a": {"dtype": "BF16", "shape": [0, 3, 2 ** 63 - 1],
+                                                     "data_offsets": [0, 0]}}), b"",
+                                   "the product of its non-zero dimensions is larger than 2^63 - 1"),
     # the old screen counted '"data_offsets"' substrings: bypassed by __metadata__ (one more
     # entry than data_offsets) and by a JSON escape in the key; the last copy silently won (as it does in the library)
     "dup_name_with_metadata": ('{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[1],'
