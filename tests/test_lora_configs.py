@@ -184,6 +184,39 @@ def test_api_merge_and_sweep_refuse_before_writing(tmp_path):
     assert Registry(db).dump() == before
 
 
+def test_cli_sweep_refuses_differing_scalings(tmp_path):
+    """`ckptreg sweep` (factor space): the K=2 selection is fine, K=3 reaches an adapter with
+    another lora_alpha; the whole sweep is refused before any of its outputs is written."""
+    db = tmp_path / "reg.duckdb"
+    reg = Registry(db)
+    for i, (step, alpha) in enumerate(((10, 32), (20, 8), (30, 8))):
+        reg.add(_adapter(tmp_path, step, i, alpha=alpha), run="run", step=step)
+    before = reg.dump()
+    out = tmp_path / "sw"
+    res = _cli(db, "sweep", "--run", "run", "--last", "2,3", "--method", "uniform", "-o", out, "-q")
+    assert res.exit_code == MismatchError.exit_code, res.output
+    assert "run@10: r=4, lora_alpha=32" in res.output and "--space delta" in res.output, res.output
+    assert not out.exists() or not any(out.iterdir())
+    assert Registry(db).dump() == before
+
+
+def test_factor_merge_refuses_adapter_without_config(tmp_path):
+    """A bare LoRA .safetensors (no adapter_config.json: scaling unknown) with a PEFT adapter."""
+    db = tmp_path / "reg.duckdb"
+    reg = Registry(db)
+    reg.add(_adapter(tmp_path, 10, 0), run="run", step=10)
+    bare = tmp_path / "bare" / "step_20.safetensors"
+    bare.parent.mkdir()
+    from safetensors.torch import save_file
+    save_file(random_lora_state(1, 2, D, R), str(bare))
+    reg.add(bare, run="run", step=20)
+    before = reg.dump()
+    res = _cli(db, "merge", "run@10", "run@20", "-o", tmp_path / "m", "-q")
+    assert res.exit_code == MismatchError.exit_code, res.output
+    assert "run@20 has no adapter_config.json" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "m").exists() and Registry(db).dump() == before
+
+
 def test_delta_merge_of_differing_scalings_is_exact(tmp_path):
     """--space delta with different lora_alpha / rsLoRA / alpha_pattern equals the float64
     reference sum_i w_i s_i B_i A_i computed here from the files and the formula."""
