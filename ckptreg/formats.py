@@ -385,6 +385,7 @@ def _cfg_pattern(cfg_path, cfg, name, *, integer):
                           f"got {v!r}")
     for k, x in v.items():
         try:
+            re.compile(k)
             re.compile(rf"(.*\.)?({k})$")
         except re.error as e:
             raise FormatError(f"{cfg_path}: {name} key {k!r} is not a valid regular expression: {e}") from None
