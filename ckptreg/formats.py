@@ -513,6 +513,7 @@ def load_pickle_state(path) -> dict:
                           f"tensors and plain containers): {first}") from None
     except Exception as e:  # corrupt/truncated zip, EOF, ...
         raise FormatError(f"{p}: not a loadable torch pickle: {type(e).__name__}: {e}") from None
+    _refuse_training_state(p, obj)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "module"):
             sub = obj.get(key)
@@ -524,6 +525,36 @@ def load_pickle_state(path) -> dict:
     if not out:
         raise FormatError(f"{p}: the pickle holds no tensors (expected a state dict)")
     return out
+
+
+#: Keys of an LR scheduler's state_dict (torch.optim.lr_scheduler): no model weights in it.
+_SCHEDULER_KEYS = frozenset({"base_lrs", "last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                             "verbose", "_schedulers", "lr_lambdas", "_is_initial"})
+#: A tensor name that looks like a model parameter (``....weight``, ``lora_A``, ``embed``, ...).
+_PARAM_NAME = re.compile(r"(^|[._])(weight|bias|lora_[AB]|embed\w*|wte|wpe|lm_head|running_(mean|var))($|[._])")
+
+
+def _refuse_training_state(p: str, obj) -> None:
+    """FormatError when a loaded pickle is an optimizer or LR-scheduler state, not model weights:
+    an optimizer state (``state`` + ``param_groups``) or a scheduler state (``last_epoch``,
+    ``base_lrs``, ...) with no tensor named like a parameter. Such a file holds tensors
+    (exp_avg, momentum buffers) that would otherwise register as a "checkpoint"."""
+    if not isinstance(obj, dict):
+        return
+    keys = set(map(str, obj))
+    if {"state", "param_groups"} <= keys:
+        what = "an optimizer state (state + param_groups)"
+    elif len(keys & _SCHEDULER_KEYS) >= 2:
+        what = f"an LR scheduler state ({', '.join(sorted(keys & _SCHEDULER_KEYS))})"
+    else:
+        return
+    names: dict = {}
+    _flatten({k: v for k, v in obj.items() if k not in ("state", "param_groups")}, "", names)
+    params = [n for n in names if _PARAM_NAME.search(n)]
+    if params:
+        return
+    raise FormatError(f"{p}: is {what}, not model weights (no tensor named like a parameter); "
+                      "refused even with --allow-pickle (register the model's weights file instead)")
 
 
 def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:

@@ -169,8 +169,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 
+_ACTOR: tuple | None = None
+
+
 def _actor() -> tuple[str, str, int]:
-    """(host, user, pid) of this process, for the events table."""
+    """(host, user, pid) of this process, for the events table (cached per process)."""
+    global _ACTOR
+    if _ACTOR is not None and _ACTOR[2] == os.getpid():
+        return _ACTOR
+    _ACTOR = _actor_uncached()
+    return _ACTOR
+
+
+def _actor_uncached() -> tuple[str, str, int]:
     import getpass
     import socket
 
@@ -182,6 +193,14 @@ def _actor() -> tuple[str, str, int]:
 
 _CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_params, nbytes, "
             "fingerprint, created, tags, lora, merged, files, config_files")
+
+#: What checkpoint queries select: the inserted columns plus the version of a merged name
+#: (a separate constant: _CK_COLS is also the INSERT column list).
+_CK_SEL = _CK_COLS + ", version"
+
+#: Names RUN@NAME resolves itself (built-in aliases): never a user alias nor a merged name.
+_BUILTIN_ALIASES = ("final", "latest")
+_VERSION_SUFFIX = __import__("re").compile(r"^(.+):v(\d+)$")
 
 _READ_ONLY_KINDS = {"SELECT", "EXPLAIN"}
 
@@ -347,9 +366,15 @@ class Checkpoint:
     merged: bool = False
     files: list[str] = field(default_factory=list)
     config_files: list[str] = field(default_factory=list)
+    version: int = 1                  # merged names are versioned: RUN@NAME is the newest, RUN@NAME:vK one
+    # the training step each metric value was logged at (a train loss logged at step 7 and stored
+    # with the checkpoint of step 10 says 7); None for a value logged without a step
+    metric_steps: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
+        if self.step is None and self.version and self.version > 1:
+            return f"{self.run}@{self.name}:v{self.version}"
         return f"{self.run}@{self.name if self.step is None else self.step}"
 
     def to_dict(self) -> dict:
@@ -358,8 +383,10 @@ class Checkpoint:
             "path": self.path, "format": self.format, "kind": self.kind, "base_model": self.base_model,
             "n_tensors": self.n_tensors, "n_params": self.n_params, "nbytes": self.nbytes,
             "fingerprint": self.fingerprint, "created": self.created, "tags": dict(self.tags),
-            "metrics": dict(self.metrics), "lora": self.lora, "merged": self.merged,
+            "metrics": dict(self.metrics), "metric_steps": dict(self.metric_steps),
+            "lora": self.lora, "merged": self.merged,
             "files": list(self.files), "config_files": list(self.config_files),
+            "version": self.version,
         }
 
 
@@ -392,6 +419,18 @@ def _check_name(what: str, v) -> str:
         raise UsageError(f"{what} must be a non-empty string, got {v!r}")
     if "@" in v:
         raise UsageError(f"{what} {v!r} must not contain '@' (refs are RUN@STEP / RUN@NAME)")
+    return v
+
+
+def _check_ref_name(what: str, v: str) -> str:
+    """UsageError for a name RUN@NAME would not resolve to (a merged name or a user alias): a
+    number (a step), a built-in alias (final, latest, best:...) or a version suffix (NAME:vK)."""
+    if v.strip().lstrip("-").isdigit():
+        raise UsageError(f"{what} {v!r} is a number: RUN@{v} means step {v}")
+    if v in _BUILTIN_ALIASES or v.startswith("best:") or v == "best":
+        raise UsageError(f"{what} {v!r} is a built-in alias (RUN@final, RUN@latest, RUN@best:METRIC)")
+    if _VERSION_SUFFIX.match(v):
+        raise UsageError(f"{what} {v!r} ends in a version suffix (:vK): RUN@NAME:vK means version K of NAME")
     return v
 
 
@@ -438,6 +477,21 @@ def _check_metrics(metrics) -> dict[str, float]:
         if not isinstance(k, str) or not k:
             raise UsageError(f"metric names must be non-empty strings, got {k!r}")
         out[k] = _to_float(k, v)
+    return out
+
+
+def _check_metric_steps(steps, metrics: dict) -> dict[str, int | None]:
+    """``metric_steps`` of add(): name (one of ``metrics``) -> step (int >= 0) or None."""
+    if steps is None:
+        return {}
+    if not isinstance(steps, dict):
+        raise UsageError(f"metric_steps must be a dict name -> step, got {type(steps).__name__}")
+    out: dict[str, int | None] = {}
+    for k, v in steps.items():
+        if k not in metrics:
+            raise UsageError(f"metric_steps names {k!r}, which is not one of the metrics given "
+                             f"({', '.join(sorted(metrics)) or 'none'})")
+        out[k] = None if v is None else _check_step(v)
     return out
 
 
@@ -522,7 +576,11 @@ def _spool_entry_problem(e) -> str | None:
                   ("metrics", metrics_ok(e.get("metrics"), False)),
                   ("tags", isinstance(e.get("tags"), dict)
                    and all(is_str(k) and isinstance(v, str) for k, v in e["tags"].items())),
-                  ("replace", isinstance(e.get("replace"), bool)),
+                  ("replace", isinstance(e.get("replace"), bool) or e.get("replace") == "stale"),
+                  ("metric_steps", e.get("metric_steps") is None
+                   or (isinstance(e["metric_steps"], dict) and all(
+                       is_str(k) and k in (e.get("metrics") or {}) and (v is None or is_int(v, 0))
+                       for k, v in e["metric_steps"].items()))),
                   ("created", when(e.get("created"))),
                   ("info", isinstance(e.get("info"), dict))]
         info = e.get("info")
@@ -553,8 +611,12 @@ def _spool_entry_problem(e) -> str | None:
                   ("metrics", metrics_ok(e.get("metrics"), True)),
                   ("step", e.get("step") is None or is_int(e["step"], 0)),
                   ("created", when(e.get("created")))]
+    elif op == "params":
+        checks = [("run", is_str(e.get("run")) and "@" not in e["run"]),
+                  ("params", isinstance(e.get("params"), dict)),
+                  ("created", when(e.get("created")))]
     else:
-        return f"unknown op {op!r} (expected 'add' or 'log')"
+        return f"unknown op {op!r} (expected 'add', 'log' or 'params')"
     for name, ok in checks:
         if not ok:
             cur = e
@@ -609,16 +671,58 @@ def _db_error(path, e: BaseException) -> CkptregError | None:
     return None
 
 
+# --------------------------------------------------------------------------- lock bounds
+
+#: Seconds an interactive caller (the CLI, a script) waits for a busy database before the
+#: operation spools (add / log) or fails (LockTimeout, exit 11).
+DEFAULT_LOCK_TIMEOUT = 30.0
+#: Seconds a training loop (trainer callbacks, ``ckptreg.add``) waits before spooling and
+#: returning: a busy database must never stall training.
+TRAINING_LOCK_TIMEOUT = 1.0
+
+
+def _check_timeout(v, what="lock_timeout") -> float:
+    if isinstance(v, bool):
+        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}") from None
+    if not math.isfinite(f) or f < 0:
+        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}")
+    return f
+
+
+def lock_timeout_from_env(default: float = DEFAULT_LOCK_TIMEOUT) -> float:
+    """``$CKPTREG_LOCK_TIMEOUT`` (seconds) when set, else ``default``. UsageError for a value
+    that is not a number of seconds >= 0. Every entry point builds its Registry through this."""
+    t = os.environ.get("CKPTREG_LOCK_TIMEOUT")
+    if t is None or not t.strip():
+        return float(default)
+    return _check_timeout(t.strip(), "CKPTREG_LOCK_TIMEOUT")
+
+
+def lock_timeout_for_training() -> float:
+    """The bound for calls made from a training loop: ``$CKPTREG_LOCK_TIMEOUT`` when set, else
+    :data:`TRAINING_LOCK_TIMEOUT` (1 s)."""
+    return lock_timeout_from_env(TRAINING_LOCK_TIMEOUT)
+
+
 # --------------------------------------------------------------------------- registry
 
 class Registry:
     """A checkpoint registry in one DuckDB file. See the module docstring for concurrency."""
 
-    def __init__(self, path=None, *, lock_timeout: float = 30.0):
+    def __init__(self, path=None, *, lock_timeout: float | None = None):
         if path is None:
             path = os.environ.get("CKPTREG_DB") or "ckptreg.duckdb"
         self.path = pathlib.Path(path).expanduser().absolute()
-        self.lock_timeout = float(lock_timeout)
+        # None: $CKPTREG_LOCK_TIMEOUT, else DEFAULT_LOCK_TIMEOUT (interactive / CLI wait); the
+        # training-loop entry points pass lock_timeout_for_training() instead (short, then spool)
+        self.lock_timeout = lock_timeout_from_env() if lock_timeout is None else _check_timeout(lock_timeout)
+        #: What the last add() on this object did: {"id", "ref", "status": "added" | "unchanged"
+        #: | "replaced" | "spooled", ...} (see add); None before the first add.
+        self.last_add: dict | None = None
         self.lock_path = pathlib.Path(str(self.path) + ".lock")
         self.spool_dir = pathlib.Path(str(self.path) + ".spool")
         self.rejected_dir = self.spool_dir / "rejected"
@@ -641,8 +745,8 @@ class Registry:
     def _acquire_lock(self, deadline: float):
         import filelock
 
+        self._check_parent()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = filelock.FileLock(str(self.lock_path), is_singleton=False)
         except (OSError, NotImplementedError) as e:
             self._raise_no_access(e)
@@ -786,6 +890,7 @@ class Registry:
             except (_Busy, DiskFullError, AccessError):  # a read goes on; the entries stay spooled
                 pass
         if not self.path.exists():
+            self._check_parent()
             con = _duckdb().connect(":memory:")
             try:
                 self._schema_ok = False  # the file is gone (or never was): the cache means nothing
@@ -912,10 +1017,13 @@ class Registry:
               "aliases", "events")
 
     @staticmethod
-    def _event(con, op: str, *, run=None, checkpoint_id=None, ref=None, detail=None, time=None) -> None:
+    def _event(con, op: str, *, run=None, checkpoint_id=None, ref=None, detail=None, time=None,
+               actor=None) -> None:
         """Append one row to the events table (inside the caller's transaction). Every change of
-        the registry records one: add, log, replace, rm, alias, tag, gc, merge."""
-        host, user, pid = _actor()
+        the registry records one: add, log, replace, rm, alias, tag, gc, merge. ``actor``:
+        (host, user, pid) of the process that made the change (a spooled entry's writer), else
+        this process."""
+        host, user, pid = _actor() if actor is None else actor
         con.execute('INSERT INTO events (seq, time, op, run, checkpoint_id, ref, detail, host, "user", pid) '
                     "VALUES (nextval('event_seq'), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [time or _now(), op, run, checkpoint_id, ref, _jdumps(detail), host, user, pid])
@@ -1121,15 +1229,23 @@ class Registry:
                 return  # already there (ingested before, or added twice): idempotent
             full = e.get("full_hash") if isinstance(e.get("full_hash"), dict) else None
             self._tx(con, lambda: self._insert(con, info, e["run"], e["step"], None, e["metrics"],
-                                               e["tags"], False, e["replace"], created, full))
+                                               e["tags"], False, e["replace"], created, full,
+                                               actor=_spooled_actor(e),
+                                               metric_steps=e.get("metric_steps") or None))
         elif e.get("op") == "log":
             metrics = e["metrics"]
             cid = self._resolve(con, e["ckpt"]).id
             have = self._latest_metrics(con, [cid]).get(cid, {})
             if all(k in have and _same(have[k], v) for k, v in metrics.items()):
                 return
-            self._tx(con, lambda: self._insert_metrics(con, cid, metrics, e.get("step"),
-                                                       datetime.fromisoformat(e["created"])))
+            def do_log():
+                self._insert_metrics(con, cid, metrics, e.get("step"), datetime.fromisoformat(e["created"]))
+                self._log_event(con, cid, metrics, e.get("step"), datetime.fromisoformat(e["created"]),
+                                _spooled_actor(e))
+            self._tx(con, do_log)
+        elif e.get("op") == "params":
+            created = datetime.fromisoformat(e["created"])
+            self._tx(con, lambda: self._set_params(con, e["run"], e["params"], created, _spooled_actor(e)))
         else:
             raise UsageError(f"unknown spool entry op {e.get('op')!r}")
 
@@ -1150,19 +1266,35 @@ class Registry:
             raise
 
     def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created,
-                full: dict | None = None) -> int:
+                full: dict | None = None, *, actor=None, version: int = 1,
+                metric_steps: dict | None = None) -> int:
         # One query answers both "is RUN@STEP taken?" and "does the run exist?": the run row is
         # inserted only for a new run (writers are serialised, so check-then-insert is safe),
         # which spares an add to an existing run a statement (~1 ms in DuckDB).
         # (UNION ALL of two point lookups: ~0.3 ms faster than scalar subqueries in DuckDB.)
         col, key, what = ("step", step, f"{run}@{step}") if step is not None else ("name", name, f"{run}@{name}")
         old, have_run = None, False
-        for tag, i in con.execute(f"SELECT 0, id FROM checkpoints WHERE run = $1 AND {col} = $2 "
-                                  "UNION ALL SELECT 1, NULL FROM runs WHERE name = $1", [run, key]).fetchall():
+        old_row = None
+        for tag, i, ofp, opath in con.execute(
+                f"SELECT 0, id, fingerprint, path FROM checkpoints WHERE run = $1 AND {col} = $2 "
+                + ("" if step is not None else f"AND version = {int(version)} ") +
+                "UNION ALL SELECT 1, NULL, NULL, NULL FROM runs WHERE name = $1", [run, key]).fetchall():
             if tag == 0:
-                old = i
+                old, old_row = i, (int(i), ofp, opath)
             else:
                 have_run = True
+        if step is not None and not merged:
+            self._refuse_same_files(con, info, run, step, what)
+        self._outcome = {"id": None, "ref": what, "status": "added"}
+        if old is not None and step is not None and not merged:
+            # same files again: a no-op returning the existing id; other files: a relaunch
+            # (DuplicateError naming both unless replace)
+            same = self._plain_conflict(old_row, info, what, replace)
+            if same:
+                self._outcome = {"id": int(old), "ref": what, "status": "unchanged"}
+                return int(old)
+            self._outcome = {"id": int(old), "ref": what, "status": "replaced",
+                             "previous": {"path": old_row[2], "fingerprint": old_row[1]}}
         if old is not None:
             if not replace:
                 raise DuplicateError(f"{what} is already registered (id {old}); "
@@ -1177,8 +1309,8 @@ class Registry:
         # a replaced checkpoint keeps its id (an integer from the database, inlined)
         id_sql = "nextval('checkpoint_id_seq')" if cid is None else str(int(cid))
         cid = con.execute(
-            f"INSERT INTO checkpoints ({_CK_COLS}, full_hash) VALUES "
-            f"({id_sql},?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            f"INSERT INTO checkpoints ({_CK_COLS}, full_hash, version) VALUES "
+            f"({id_sql},?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,{int(version)}) RETURNING id",
             [run, step, name, str(info.path), info.format, info.kind, info.base_model,
              len(info.tensors), int(info.n_params), int(info.nbytes), info.fingerprint, created,
              _jdumps(tags or {}), _jdumps(info.lora), bool(merged), _jdumps(_file_stats(info.files)),
@@ -1201,30 +1333,37 @@ class Registry:
                 [cid, [t.name for t in ts], [list(t.shape) for t in ts], di, fi,
                  [int(t.offset) for t in ts], [int(t.nbytes) for t in ts], list(dtypes), list(files)])
         if metrics:
-            self._insert_metrics(con, cid, metrics, step, created, fresh=True)
+            self._insert_metrics(con, cid, metrics, {**{k: step for k in metrics}, **metric_steps}
+                                 if metric_steps else step, created, fresh=True)
+        if step is not None and not merged:
+            self._outcome["id"] = int(cid)
+            self._record_add_event(con, info, run, step, int(cid), metrics, tags, created, actor)
         return cid
 
     @staticmethod
     def _insert_metrics(con, cid, metrics: dict, step, logged, fresh: bool = False) -> None:
+        """``step``: the step every value was logged at, or a dict name -> step (per value;
+        names it lacks get None)."""
         names = list(metrics)
+        steps = [step.get(k) for k in names] if isinstance(step, dict) else [step] * len(names)
         if not fresh:
             con.execute("UPDATE metrics SET latest = false WHERE checkpoint_id = $1 AND latest "
                         "AND list_contains($2::VARCHAR[], name)", [cid, names])
         if len(names) <= 8:
             # the usual few metrics: a VALUES row each (~0.7 ms for one, vs ~1.2 ms via unnest)
-            rows = ", ".join(f"(nextval('metric_seq'), $1, ${4 + 2 * i}, ${5 + 2 * i}, $2, $3, true)"
+            rows = ", ".join(f"(nextval('metric_seq'), $1, ${3 + 3 * i}, ${4 + 3 * i}, ${5 + 3 * i}, $2, true)"
                              for i in range(len(names)))
-            params = [cid, step, logged]
-            for k in names:
-                params += [k, float(metrics[k])]
+            params = [cid, logged]
+            for k, s in zip(names, steps):
+                params += [k, float(metrics[k]), s]
             con.execute("INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest) "
                         f"VALUES {rows}", params)
             return
         con.execute(
             "INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest) "
-            "SELECT nextval('metric_seq'), $1, n, v, $4, $5, true "
-            "FROM (SELECT unnest($2::VARCHAR[]) AS n, unnest($3::DOUBLE[]) AS v)",
-            [cid, names, [float(metrics[k]) for k in names], step, logged])
+            "SELECT nextval('metric_seq'), $1, n, v, s, $5, true "
+            "FROM (SELECT unnest($2::VARCHAR[]) AS n, unnest($3::DOUBLE[]) AS v, unnest($4::BIGINT[]) AS s)",
+            [cid, names, [float(metrics[k]) for k in names], steps, logged])
 
     @staticmethod
     def _delete_rows(con, cid: int) -> None:
@@ -1237,46 +1376,65 @@ class Registry:
     # ----------------------------------------------------------------- add / log
 
     def add(self, path, run, step=None, metrics=None, tags=None, replace=False, allow_pickle=False,
-            *, full_hash: bool = False, spool_on_full: bool = True):
+            *, full_hash: bool = False, spool_on_full: bool = True, metric_steps: dict | None = None):
         """Register a checkpoint. Returns its id, or None when the database was busy (or its
         filesystem full, with ``spool_on_full``) and the (fully validated) entry was spooled for
         the next opener to ingest; beside the database, or in :meth:`fallback_spool_dir` when
         that cannot be written. ``full_hash``: also record a hash of every byte of the tensor
-        files (what ``verify(full=True)`` compares with)."""
+        files (what ``verify(full=True)`` compares with). ``metric_steps``: name -> the step a
+        value of ``metrics`` was logged at (default: the checkpoint's step).
+
+        RUN@STEP already registered: the same files (path and fingerprint) again are a no-op
+        returning the existing id; other files are a DuplicateError saying they differ from the
+        registered ones, unless ``replace`` (True: replace; ``"stale"``, what the trainer
+        callbacks pass: replace only an entry whose files were overwritten in place, i.e. a
+        relaunch into the same folder). :attr:`last_add` says which happened."""
         from . import formats
 
         run = _check_name("run", run)
         metrics = _check_metrics(metrics)
         tags = _check_tags(tags)
+        metric_steps = _check_metric_steps(metric_steps, metrics)
         if not os.path.exists(os.fspath(path)):
             raise NotFoundError(f"{path}: no such file or folder")
+        # what the path is comes first: a folder that is not a checkpoint is reported as such,
+        # not as a missing step
+        info = formats.inspect(path, allow_pickle=allow_pickle)
         if step is None:
             step = formats.infer_step(path)
             if step is None:
                 raise UsageError(f"step required: cannot infer a step from {path} "
                                  f"(name it checkpoint-N / step=N, or pass step=)")
         step = _check_step(step)
-        info = formats.inspect(path, allow_pickle=allow_pickle)
         full = self._full_hashes(info.files) if full_hash else None
         created = _now()
+        self.last_add = None
         try:
             with self._writer() as con:
-                return self._tx(con, lambda: self._insert(con, info, run, step, None, metrics, tags,
-                                                          False, replace, created, full))
+                cid = self._tx(con, lambda: self._insert(con, info, run, step, None, metrics, tags,
+                                                         False, replace, created, full,
+                                                         metric_steps=metric_steps))
+                self.last_add = dict(self._outcome, path=str(info.path), fingerprint=info.fingerprint)
+                return cid
         except (_Busy, DiskFullError) as e:
             if isinstance(e, DiskFullError) and not spool_on_full:
                 raise
             entry = {"op": "add", "run": run, "step": step, "metrics": metrics, "tags": tags,
-                     "replace": bool(replace), "created": created.isoformat(),
-                     "info": _info_to_dict(info)}
+                     "replace": replace if replace == "stale" else bool(replace),
+                     "created": created.isoformat(), "info": _info_to_dict(info), "actor": list(_actor())}
             if full is not None:
                 entry["full_hash"] = full
-            self._spool(entry)
+            if metric_steps:
+                entry["metric_steps"] = metric_steps
+            where = self._spool(entry)
+            self.last_add = {"id": None, "ref": f"{run}@{step}", "status": "spooled", "path": str(info.path),
+                             "fingerprint": info.fingerprint, "spool_file": where, "reason": str(e)}
             return None
 
-    def log(self, ckpt, metrics: dict, *, step: int | None = None) -> None:
+    def log(self, ckpt, metrics: dict, *, step: int | None = None) -> int | None:
         """Add metric values to a registered checkpoint (history is kept; the latest value wins).
-        Spools when the database is busy (the checkpoint must then be given as id or RUN@STEP)."""
+        Returns the checkpoint's id, or None when the database was busy and the entry was
+        spooled (the checkpoint must then be given as id or RUN@STEP)."""
         metrics = _check_metrics(metrics)
         if not metrics:
             raise UsageError("log: no metrics given")
@@ -1287,22 +1445,28 @@ class Registry:
         try:
             with self._writer() as con:
                 c = self._resolve(con, ref)
-                self._tx(con, lambda: self._insert_metrics(con, c.id, metrics,
-                                                           c.step if step is None else step, created))
+
+                def do_log():
+                    self._insert_metrics(con, c.id, metrics, c.step if step is None else step, created)
+                    self._log_event(con, c.id, metrics, c.step if step is None else step, created)
+                self._tx(con, do_log)
+                return c.id
         except _Busy:
             if isinstance(ckpt, Checkpoint):
                 ref = ckpt.ref
             self._spool({"op": "log", "ckpt": ref, "metrics": metrics, "step": step,
-                         "created": created.isoformat()})
+                         "created": created.isoformat(), "actor": list(_actor())})
 
     def record_merge(self, *, path, run, name, method, params: dict, inputs, base=None,
                      replace=False) -> int:
         """Inspect the merge output at ``path`` and register it (merged=True) with its lineage, in
-        one transaction."""
+        one transaction. Merged names are versioned: under a name the run already has, the output
+        becomes the next version (RUN@NAME is then the newest, RUN@NAME:vK a given one);
+        ``replace`` replaces the newest version instead (same id, same version)."""
         from . import formats
 
         run = _check_name("run", run)
-        name = _check_name("name", name)
+        name = _check_ref_name("merged name", _check_name("name", name))
         if not isinstance(method, str) or not method:
             raise UsageError(f"method must be a non-empty string, got {method!r}")
         try:
@@ -1327,7 +1491,31 @@ class Registry:
             base_id = None if base_ref is None else self._resolve(con, base_ref).id
 
             def do():
-                cid = self._insert(con, info, run, None, name, {}, {}, True, replace, created)
+                al = con.execute("SELECT checkpoint_id FROM aliases WHERE run = ? AND name = ?",
+                                 [run, name]).fetchone()
+                if al is not None:
+                    raise DuplicateError(f"{run}@{name} is a user alias (of id {al[0]}); a merged name may "
+                                         f"not shadow it: choose another name, or delete the alias "
+                                         f"(ckptreg alias {run}@{name} {name} --delete)")
+                newest = con.execute("SELECT max(version) FROM checkpoints WHERE run = ? AND name = ?",
+                                     [run, name]).fetchone()[0]
+                if newest is not None and not replace:
+                    same = con.execute("SELECT id, version FROM checkpoints WHERE run = ? AND name = ? "
+                                       "AND path = ? ORDER BY version DESC LIMIT 1",
+                                       [run, name, str(info.path)]).fetchone()
+                    if same is not None:
+                        raise DuplicateError(
+                            f"{_ref_of(run, None, name, same[1])} is already registered (id {same[0]}) "
+                            f"from {info.path}; a new version of {run}@{name} needs another output "
+                            "path (pass replace=True / --overwrite to replace the newest version)")
+                version = 1 if newest is None else int(newest) if replace else int(newest) + 1
+                cid = self._insert(con, info, run, None, name, {}, {}, True, replace, created,
+                                   version=version)
+                self._event(con, "merge", run=run, checkpoint_id=cid,
+                            ref=f"{run}@{name}" + (f":v{version}" if version > 1 else ""),
+                            detail={"name": name, "version": version, "method": method,
+                                    "replaced": bool(replace and newest is not None),
+                                    "path": str(info.path)}, time=created)
                 mid = int(con.execute("SELECT nextval('merge_id_seq')").fetchone()[0])
                 con.execute("INSERT INTO merges VALUES (?, ?, ?, ?, ?, ?)",
                             [mid, cid, method, params_json, base_id, created])
@@ -1344,7 +1532,8 @@ class Registry:
     def _rows_to_ckpts(self, con, rows) -> list[Checkpoint]:
         if not rows:
             return []
-        mets = self._latest_metrics(con, [r[0] for r in rows])
+        msteps: dict[int, dict[str, int | None]] = {}
+        mets = self._latest_metrics(con, [r[0] for r in rows], steps_out=msteps)
         out = []
         for r in rows:
             files = _jloads(r[16]) or []
@@ -1354,32 +1543,38 @@ class Registry:
                 fingerprint=r[11], created=r[12], tags=_jloads(r[13]) or {},
                 metrics=mets.get(int(r[0]), {}), lora=_jloads(r[14]), merged=bool(r[15]),
                 files=[f["path"] if isinstance(f, dict) else f for f in files],
-                config_files=_jloads(r[17]) or []))
+                config_files=_jloads(r[17]) or [],
+                version=int(r[18]) if len(r) > 18 and r[18] is not None else 1,
+                metric_steps=msteps.get(int(r[0]), {})))
         return out
 
     @staticmethod
-    def _latest_metrics(con, ids) -> dict[int, dict[str, float]]:
+    def _latest_metrics(con, ids, steps_out: dict | None = None) -> dict[int, dict[str, float]]:
+        """Latest value of each metric per checkpoint id; ``steps_out`` (a dict) also receives
+        id -> {name: the step that value was logged at}."""
         if not ids:
             return {}
         ids = [int(i) for i in ids]
         if len(ids) == 1:
-            q = "SELECT checkpoint_id, name, value FROM metrics WHERE checkpoint_id = ? AND latest ORDER BY name"
+            q = "SELECT checkpoint_id, name, value, step FROM metrics WHERE checkpoint_id = ? AND latest ORDER BY name"
             params = [ids[0]]
         else:
             # the (redundant) BETWEEN lets DuckDB skip row groups by their min/max: metrics are
             # appended in checkpoint order, so a run's recent checkpoints sit in few row groups
-            q = ("SELECT checkpoint_id, name, value FROM metrics WHERE latest "
+            q = ("SELECT checkpoint_id, name, value, step FROM metrics WHERE latest "
                  "AND checkpoint_id BETWEEN $2 AND $3 AND list_contains($1::BIGINT[], checkpoint_id) "
                  "ORDER BY name")
             params = [ids, min(ids), max(ids)]
         out: dict[int, dict[str, float]] = {}
-        for cid, name, value in con.execute(q, params).fetchall():
+        for cid, name, value, step in con.execute(q, params).fetchall():
             out.setdefault(int(cid), {})[name] = float("nan") if value is None else value
+            if steps_out is not None:
+                steps_out.setdefault(int(cid), {})[name] = None if step is None else int(step)
         return out
 
     def _query(self, con, where: str = "TRUE", params=(), order: str = "run, step NULLS LAST, name, id",
                limit: int | None = None) -> list[Checkpoint]:
-        q = f"SELECT {_CK_COLS} FROM checkpoints WHERE {where} ORDER BY {order}"
+        q = f"SELECT {_CK_SEL} FROM checkpoints WHERE {where} ORDER BY {order}"
         if limit is not None:
             q += f" LIMIT {int(limit)}"
         return self._rows_to_ckpts(con, con.execute(q, list(params)).fetchall())
@@ -1412,10 +1607,89 @@ class Registry:
             got = self._query(con, "run = ? AND step = ?", [run, int(what)])
             if got:
                 return got[0]
-        got = self._query(con, "run = ? AND name = ?", [run, what])
+        else:
+            got = self._resolve_name(con, ref, run, what)
+            if got is not None:
+                return got
+        raise NotFoundError(f"no checkpoint {ref!r}" + self._candidates(con, ref, run))
+
+    def _resolve_name(self, con, ref: str, run: str, what: str) -> Checkpoint | None:
+        """RUN@WHAT for a WHAT that is not a step: the built-in aliases ``final`` (highest-step
+        plain checkpoint), ``latest`` (most recently registered, merged included) and
+        ``best:METRIC[:max|min]`` (direction from the metric's name by default), then
+        ``NAME:vK`` (version K of a merged name), a merged name (its newest version), a user
+        alias. None when nothing matches; NotFoundError when a built-in cannot be satisfied."""
+        if what == "final":
+            got = self._query(con, "run = ? AND NOT merged AND step IS NOT NULL", [run],
+                              order="step DESC", limit=1)
+            if not got:
+                raise NotFoundError(f"no checkpoint {ref!r}: run {run!r} has no plain checkpoints"
+                                    + self._candidates(con, f"{run}@0", run))
+            return got[0]
+        if what == "latest":
+            got = self._query(con, "run = ?", [run], order="created DESC, id DESC", limit=1)
+            if not got:
+                raise NotFoundError(f"no checkpoint {ref!r}: run {run!r} has no checkpoints"
+                                    + self._candidates(con, f"{run}@0", run))
+            return got[0]
+        if what == "best" or what.startswith("best:"):
+            return self._resolve_best(con, ref, run, what[5:])
+        m = _VERSION_SUFFIX.match(what)
+        if m:
+            name, k = m.group(1), int(m.group(2))
+            got = self._query(con, "run = ? AND name = ? AND version = ?", [run, name, k])
+            if got:
+                return got[0]
+            vs = [int(v) for (v,) in con.execute(
+                "SELECT version FROM checkpoints WHERE run = ? AND name = ? ORDER BY version",
+                [run, name]).fetchall()]
+            if vs:
+                raise NotFoundError(f"no checkpoint {ref!r}: {run}@{name} has version(s) "
+                                    + ", ".join(f"v{v}" for v in vs))
+        got = self._query(con, "run = ? AND name = ?", [run, what], order="version DESC", limit=1)
         if got:
             return got[0]
-        raise NotFoundError(f"no checkpoint {ref!r}" + self._candidates(con, ref, run))
+        al = con.execute("SELECT checkpoint_id FROM aliases WHERE run = ? AND name = ?", [run, what]).fetchone()
+        if al is not None:
+            got = self._query(con, "id = ?", [int(al[0])])
+            if got:
+                return got[0]
+            raise NotFoundError(f"alias {ref!r} points at checkpoint id {al[0]}, which is no longer "
+                                f"registered (move it: ckptreg alias REF {what}; or --delete it)")
+        return None
+
+    def _resolve_best(self, con, ref: str, run: str, spec: str) -> Checkpoint:
+        """RUN@best:METRIC[:max|min]."""
+        metric, direction = spec, None
+        head, sep, tail = spec.rpartition(":")
+        if sep and tail in ("max", "min"):
+            metric, direction = head, tail
+        if not metric:
+            raise UsageError(f"{ref!r}: expected RUN@best:METRIC or RUN@best:METRIC:max|min")
+        if direction is None:
+            from .weights import default_direction
+
+            direction = default_direction(metric)
+        order = "DESC" if direction == "max" else "ASC"
+        row = con.execute(
+            f"SELECT {_CK_SEL} FROM checkpoints WHERE id = ("
+            "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
+            "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
+            f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1)",
+            [metric, run]).fetchone()
+        if row is not None:
+            return self._rows_to_ckpts(con, [row])[0]
+        n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]
+        if n == 0:
+            raise NotFoundError(f"no checkpoint {ref!r}" + self._candidates(con, f"{run}@0", run))
+        names = [r[0] for r in con.execute(
+            "SELECT DISTINCT m.name FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
+            "WHERE c.run = ? ORDER BY 1", [run]).fetchall()]
+        close = difflib.get_close_matches(metric, names, n=3, cutoff=0.4)
+        raise NotFoundError(f"no checkpoint {ref!r}: no checkpoint of run {run!r} has a (non-NaN) value "
+                            f"for metric {metric!r}"
+                            + (f"; closest: {', '.join(close)}" if close else "")
+                            + (f"; metrics logged: {', '.join(names)}" if names else "; no metrics logged"))
 
     @staticmethod
     def _candidates(con, ref: str, run: str | None) -> str:
@@ -1428,7 +1702,8 @@ class Registry:
                     "SELECT step FROM checkpoints WHERE run = ? AND step IS NOT NULL "
                     "ORDER BY abs(step - ?), step LIMIT 3", [run, int(what)]).fetchall()]
             names = [n for (n,) in con.execute(
-                "SELECT name FROM checkpoints WHERE run = ? AND name IS NOT NULL", [run]).fetchall()]
+                "SELECT DISTINCT name FROM checkpoints WHERE run = ? AND name IS NOT NULL "
+                "UNION SELECT name FROM aliases WHERE run = ?", [run, run]).fetchall()]
             cands += [f"{run}@{n}" for n in difflib.get_close_matches(what, names, n=3, cutoff=0.4)]
             if not cands:
                 n = con.execute("SELECT count(*) FROM checkpoints WHERE run = ?", [run]).fetchone()[0]
@@ -1470,13 +1745,14 @@ class Registry:
             rows = con.execute(
                 "SELECT r.name, r.created, count(c.id) FILTER (WHERE NOT c.merged), "
                 "count(c.id) FILTER (WHERE c.merged), min(c.step), max(c.step), "
-                "arg_max(c.id, c.step) FILTER (WHERE NOT c.merged) "
+                "arg_max(c.id, c.step) FILTER (WHERE NOT c.merged), any_value(r.params) "
                 "FROM runs r LEFT JOIN checkpoints c ON c.run = r.name GROUP BY r.name, r.created "
                 "ORDER BY r.created, r.name").fetchall()
             mets = self._latest_metrics(con, [r[6] for r in rows if r[6] is not None])
         return [{"run": r[0], "n": int(r[2]), "n_merged": int(r[3]), "first_step": r[4],
                  "last_step": r[5], "created": r[1], "final_id": r[6],
-                 "metrics": mets.get(r[6], {}) if r[6] is not None else {}} for r in rows]
+                 "metrics": mets.get(r[6], {}) if r[6] is not None else {},
+                 "params": _jloads(r[7])} for r in rows]
 
     def final(self, run) -> Checkpoint:
         """Highest-step plain checkpoint of the run."""
@@ -1494,9 +1770,11 @@ class Registry:
                 raise NotFoundError(f"run {run!r} has no plain checkpoints" + self._candidates(con, f"{run}@0", run))
             return got[0]
 
-    def select(self, run, last, every=1, exclude_final=False) -> list[Checkpoint]:
+    def select(self, run, last, every=1, exclude_final=False, skip_missing=False) -> list[Checkpoint]:
         """METHODS.md "last K [every M]": the newest plain checkpoint (the one before the final
-        with ``exclude_final``), then every M-th going back, K in all; returned by step ascending."""
+        with ``exclude_final``), then every M-th going back, K in all; returned by step ascending.
+        ``skip_missing``: checkpoints whose registered files are not all present (a cheap stat,
+        :meth:`status`) are left out before selecting, as if they were not registered."""
         for what, v in (("last", last), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SelectionError(f"{what} must be an integer >= 1, got {v!r}")
@@ -1504,10 +1782,18 @@ class Registry:
         skip = 1 if exclude_final else 0
         with self._reader() as con:
             rows = con.execute(
-                f"SELECT {_CK_COLS}, (SELECT count(*) FROM checkpoints WHERE run = $1 AND NOT merged) "
-                f"FROM checkpoints WHERE run = $1 AND NOT merged ORDER BY step DESC LIMIT {need + skip}",
-                [run]).fetchall()
+                f"SELECT {_CK_SEL}, (SELECT count(*) FROM checkpoints WHERE run = $1 AND NOT merged) "
+                f"FROM checkpoints WHERE run = $1 AND NOT merged ORDER BY step DESC"
+                + ("" if skip_missing else f" LIMIT {need + skip}"), [run]).fetchall()
             n = rows[0][-1] if rows else 0
+            if skip_missing and rows:
+                present = [r for r in rows if _files_present(r[16], r[4])]
+                if skip and present and present[0] is not rows[0]:
+                    skip = 0  # the run's final checkpoint is missing: it is already left out
+                rows, n = present, len(present)
+                if n == 0:
+                    raise SelectionError(f"run {run!r}: none of its plain checkpoints has its files "
+                                         f"present (skip_missing / --skip-missing)")
             if n == 0:
                 raise SelectionError(f"run {run!r} has no plain checkpoints"
                                      + self._candidates(con, f"{run}@0", run))
@@ -1527,7 +1813,7 @@ class Registry:
         order = "DESC" if maximize else "ASC"
         with self._reader() as con:
             row = con.execute(
-                f"SELECT {_CK_COLS} FROM checkpoints WHERE id = ("
+                f"SELECT {_CK_SEL} FROM checkpoints WHERE id = ("
                 "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
                 "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
                 f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1)",
@@ -1544,9 +1830,12 @@ class Registry:
             return self._rows_to_ckpts(con, [row])[0]
 
     def ls(self, run=None, sort=None, last=None, *, merged: bool | None = None,
-           maximize: bool = False) -> list[Checkpoint]:
+           maximize: bool = False, tags: dict | None = None) -> list[Checkpoint]:
         """Checkpoints, optionally of one run, only the ``last`` K by step (per run), sorted by a
-        metric (ascending, NaN/missing last; ``maximize`` descending)."""
+        metric (ascending, NaN/missing last; ``maximize`` descending), only those whose tags hold
+        every ``tags`` item (AND). NotFoundError, naming the closest names, for a run that does
+        not exist or a sort metric none of the listed checkpoints has."""
+        want_tags = _check_tags(tags)
         where, params = ["TRUE"], []
         if run is not None:
             where.append("run = ?")
@@ -1561,6 +1850,21 @@ class Registry:
                          f"QUALIFY row_number() OVER (PARTITION BY run ORDER BY step DESC NULLS LAST, id DESC) <= {int(last)})")
         with self._reader() as con:
             got = self._query(con, " AND ".join(where), params)
+            if run is not None and not got:
+                runs = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY name").fetchall()]
+                if run not in runs:
+                    close = difflib.get_close_matches(run, runs, n=3, cutoff=0.3)
+                    raise NotFoundError(f"no run {run!r}" + (
+                        f"; closest: {', '.join(close)}" if close else
+                        f"; runs: {', '.join(runs[:10])}" if runs else "; the registry is empty"))
+        if want_tags:
+            got = [c for c in got if all(k in c.tags and c.tags[k] == v for k, v in want_tags.items())]
+        if sort and got and not any(sort in c.metrics for c in got):
+            names = sorted({k for c in got for k in c.metrics})
+            close = difflib.get_close_matches(sort, names, n=3, cutoff=0.4)
+            raise NotFoundError(f"no metric {sort!r} on the listed checkpoints"
+                                + (f"; closest: {', '.join(close)}" if close else "")
+                                + (f"; metrics logged: {', '.join(names[:20])}" if names else "; no metrics logged"))
         if sort:
             def key(c):
                 v = c.metrics.get(sort)
@@ -1758,10 +2062,11 @@ class Registry:
         def ref(run, step, name):
             return None if run is None else f"{run}@{name if step is None else step}"
 
-        return {"method": row[1], "params": _jloads(row[2]) or {},
-                "inputs": [{"id": int(i), "ref": ref(r, s, n), "weight": w, "position": int(p)}
-                           for i, w, p, r, s, n in ins],
-                "base": row[3], "base_ref": base_ref, "created": row[4]}
+        out = {"method": row[1], "params": _jloads(row[2]) or {},
+               "inputs": [{"id": int(i), "ref": ref(r, s, n), "weight": w, "position": int(p)}
+                          for i, w, p, r, s, n in ins],
+               "base": row[3], "base_ref": base_ref, "created": row[4]}
+        return self._lineage_removed(out)
 
     def sql(self, query: str, timeout: float | None = 30.0) -> tuple[list[str], list[tuple]]:
         """Run one SQL statement against the registry, read-only BY CONSTRUCTION: the file is opened
@@ -1855,6 +2160,392 @@ class Registry:
             self._sleep(attempt)
             attempt += 1
 
+    # ----------------------------------------------------------------- lifecycle: status, rm, gc
+
+    def _check_parent(self) -> None:
+        """NotFoundError when the database's folder does not exist: a typo in ``--db`` /
+        ``$CKPTREG_DB`` must not silently start a second registry somewhere new."""
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise NotFoundError(f"{self.path}: the registry's folder {parent} does not exist "
+                                f"(check --db / CKPTREG_DB; create the folder to start a new registry there)")
+
+    def _refuse_same_files(self, con, info, run, step, what) -> None:
+        """DuplicateError naming the entry when the same files (same fingerprint) are already
+        registered at another step of ``run``."""
+        row = con.execute("SELECT id, step FROM checkpoints WHERE run = ? AND fingerprint = ? "
+                          "AND NOT merged AND step IS NOT NULL AND step <> ? ORDER BY step LIMIT 1",
+                          [run, info.fingerprint, int(step)]).fetchone()
+        if row is not None:
+            raise DuplicateError(f"{info.path}: the same files (fingerprint {info.fingerprint}) are "
+                                 f"already registered as {run}@{row[1]} (id {row[0]}); not registering "
+                                 f"them again as {what}")
+
+    @staticmethod
+    def _lineage_removed(lin: dict) -> dict:
+        """Fill the refs of removed inputs / base from the snapshot ``rm --force`` stored in the
+        merge's params (under :data:`_REMOVED_KEY`), which is then not shown among the params."""
+        params = lin.get("params")
+        snap = params.pop(_REMOVED_KEY, None) if isinstance(params, dict) else None
+        if not isinstance(snap, dict):
+            return lin
+        ins = snap.get("inputs") or {}
+        for i in lin["inputs"]:
+            s = ins.get(str(i["id"]))
+            if i["ref"] is None and isinstance(s, dict):
+                i.update(ref=s.get("ref"), fingerprint=s.get("fingerprint"), path=s.get("path"),
+                         removed=True)
+        b = snap.get("base")
+        if lin.get("base") is not None and lin.get("base_ref") is None and isinstance(b, dict):
+            lin.update(base_ref=b.get("ref"), base_fingerprint=b.get("fingerprint"), base_removed=True)
+        return lin
+
+    def status(self, ckpts=None) -> dict[int, str]:
+        """{id: "ok" | "missing"} for the checkpoints (Checkpoint objects, ids or refs; None: all):
+        "missing" when any registered file of it is gone. A cheap stat, no hashing (``verify``
+        compares fingerprints)."""
+        if ckpts is None:
+            ckpts = self.checkpoints()
+        elif isinstance(ckpts, (str, int, Checkpoint)):
+            ckpts = [ckpts]
+        out: dict[int, str] = {}
+        todo = []
+        for c in ckpts:
+            if isinstance(c, Checkpoint):
+                out[c.id] = "ok" if _files_present(c.files, c.path) else "missing"
+            else:
+                todo.append(c)
+        if todo:
+            with self._reader() as con:
+                for r in todo:
+                    c = self._resolve(con, r)
+                    out[c.id] = "ok" if _files_present(c.files, c.path) else "missing"
+        return out
+
+    def _merge_users(self, con, ids) -> dict[int, list[dict]]:
+        """{checkpoint id: [{"merge_id", "id", "ref", "role": "input" | "base"}]} for the registered
+        merges that take each of ``ids`` as an input or as their base."""
+        if not ids:
+            return {}
+        rows = con.execute(
+            "SELECT i.input_id, 'input', m.id, c.id, c.run, c.name, c.version FROM merge_inputs i "
+            "JOIN merges m ON m.id = i.merge_id JOIN checkpoints c ON c.id = m.checkpoint_id "
+            "WHERE list_contains($1::BIGINT[], i.input_id) "
+            "UNION ALL SELECT m.base_id, 'base', m.id, c.id, c.run, c.name, c.version FROM merges m "
+            "JOIN checkpoints c ON c.id = m.checkpoint_id WHERE list_contains($1::BIGINT[], m.base_id) "
+            "ORDER BY 4, 2", [[int(i) for i in ids]]).fetchall()
+        out: dict[int, list[dict]] = {}
+        for cid, role, mid, mcid, run, name, version in rows:
+            ref = f"{run}@{name}" + (f":v{version}" if version and version > 1 else "")
+            lst = out.setdefault(int(cid), [])
+            if not any(u["merge_id"] == mid and u["role"] == role for u in lst):
+                lst.append({"merge_id": int(mid), "id": int(mcid), "ref": ref, "role": role})
+        return out
+
+    @staticmethod
+    def _snapshot_removed(con, c: Checkpoint, users: list[dict]) -> None:
+        """Keep a removed input's / base's ref, fingerprint and path in the params of every merge
+        that used it (merge_inputs keeps its id, position and weight), so lineage still names it."""
+        for u in users:
+            row = con.execute("SELECT params FROM merges WHERE id = ?", [u["merge_id"]]).fetchone()
+            if row is None:
+                continue
+            params = _jloads(row[0]) or {}
+            if not isinstance(params, dict):
+                params = {"value": params}
+            snap = params.setdefault(_REMOVED_KEY, {})
+            entry = {"ref": c.ref, "fingerprint": c.fingerprint, "path": c.path, "run": c.run,
+                     "step": c.step, "removed": _now().isoformat()}
+            if u["role"] == "input":
+                snap.setdefault("inputs", {})[str(c.id)] = entry
+            else:
+                snap["base"] = entry
+            con.execute("UPDATE merges SET params = ? WHERE id = ?", [_jdumps(params), u["merge_id"]])
+
+    def _deletion_plans(self, con, cs: list[Checkpoint]) -> dict[int, dict]:
+        """Per checkpoint, which of its files may be deleted: only files the registry lists for it
+        (tensor files and config files), only inside its folder (a file checkpoint: only the file
+        itself), not a file another remaining checkpoint lists, not one whose size or mtime
+        changed since registration. {id: {"folder", "delete": [paths], "keep": [{"path",
+        "reason"}]}}."""
+        ids = [c.id for c in cs]
+        rows = {int(r[0]): (_jloads(r[1]) or [], _jloads(r[2]) or []) for r in con.execute(
+            "SELECT id, files, config_files FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
+            [ids]).fetchall()}
+        others: set[str] = set()
+        for p, f, cf in con.execute("SELECT path, files, config_files FROM checkpoints "
+                                    "WHERE NOT list_contains(?::BIGINT[], id)", [ids]).fetchall():
+            others.add(os.path.realpath(p))
+            for x in (_jloads(f) or []) + (_jloads(cf) or []):
+                others.add(os.path.realpath(x["path"] if isinstance(x, dict) else x))
+        plans = {}
+        for c in cs:
+            files, cfgs = rows.get(c.id, ([], []))
+            root = os.path.realpath(c.path)
+            is_dir = os.path.isdir(root)
+            cands = [f if isinstance(f, dict) else {"path": f} for f in files]
+            cands += [{"path": f} for f in cfgs if isinstance(f, str)]
+            delete, keep, seen = [], [], set()
+            for f in cands:
+                p = f["path"]
+                rp = os.path.realpath(p)
+                if rp in seen:
+                    continue
+                seen.add(rp)
+                inside = rp.startswith(root + os.sep) if is_dir else rp == root
+                if not inside:
+                    keep.append({"path": p, "reason": "outside the checkpoint's folder"})
+                    continue
+                if rp in others:
+                    keep.append({"path": p, "reason": "also registered for another checkpoint"})
+                    continue
+                try:
+                    st = os.lstat(rp)
+                except OSError:
+                    continue  # already gone
+                if f.get("size") is not None and (st.st_size != f["size"]
+                                                  or st.st_mtime_ns != f.get("mtime_ns")):
+                    keep.append({"path": p, "reason": "changed since registration (size/mtime)"})
+                    continue
+                delete.append(rp)
+            plans[c.id] = {"folder": root if is_dir else None, "delete": delete, "keep": keep}
+        return plans
+
+    @staticmethod
+    def _delete_planned(plan: dict) -> dict:
+        """Delete the planned files, then empty folders up to and including the checkpoint's
+        folder (never one that still holds anything). {"deleted", "kept", "left" (files still in the folder), "errors", "folder_removed"}."""
+        deleted, errors = [], []
+        for p in plan["delete"]:
+            try:
+                os.unlink(p)
+                deleted.append(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                errors.append({"path": p, "error": e.strerror or str(e)})
+        removed = False
+        root = plan.get("folder")
+        if root:
+            dirs = sorted({os.path.dirname(p) for p in deleted}, key=len, reverse=True)
+            for d in dirs:
+                while d.startswith(root + os.sep):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        break
+                    d = os.path.dirname(d)
+            try:
+                os.rmdir(root)
+                removed = True
+            except OSError:
+                pass
+        left = []
+        if root and not removed:
+            try:
+                for dp, _, fns in os.walk(root):
+                    left += [os.path.join(dp, f) for f in fns]
+            except OSError:
+                pass
+        return {"deleted": deleted, "kept": plan["keep"], "left": sorted(left),
+                "errors": errors, "folder_removed": removed}
+
+    def _unregister(self, con, cs: list[Checkpoint], users: dict, op: str, detail: dict,
+                    delete_files: bool) -> tuple[dict, list[dict]]:
+        """Inside the writer: the deletion plans (when ``delete_files``), then in one transaction
+        each checkpoint's rows, aliases and (as snapshots in its merges) lineage, one ``op`` event
+        each. Returns (plans, the aliases removed)."""
+        plans = self._deletion_plans(con, cs) if delete_files else {}
+        gone_aliases: list[dict] = []
+
+        def do():
+            for c in cs:
+                live = [u for u in users.get(c.id, []) if u["id"] not in {x.id for x in cs}]
+                self._snapshot_removed(con, c, live)
+                al = con.execute("SELECT run, name FROM aliases WHERE checkpoint_id = ?", [c.id]).fetchall()
+                if al:
+                    con.execute("DELETE FROM aliases WHERE checkpoint_id = ?", [c.id])
+                    gone_aliases.extend({"alias": f"{r}@{n}", "id": c.id} for r, n in al)
+                self._delete_rows(con, c.id)
+                d = dict(detail, path=c.path, fingerprint=c.fingerprint, step=c.step, merged=c.merged,
+                         metrics={k: (v if math.isfinite(v) else str(v)) for k, v in c.metrics.items()},
+                         delete_files=bool(delete_files),
+                         used_by=[u["ref"] for u in live],
+                         aliases=[f"{r}@{n}" for r, n in al])
+                if delete_files:
+                    d["files_to_delete"] = plans[c.id]["delete"]
+                self._event(con, op, run=c.run, checkpoint_id=c.id, ref=c.ref, detail=d)
+
+        self._tx(con, do)
+        return plans, gone_aliases
+
+    def rm(self, refs, *, delete_files: bool = False, force: bool = False) -> list[dict]:
+        """Unregister checkpoints (ids, refs or Checkpoints) in one transaction, one ``rm`` event
+        each. Their files stay unless ``delete_files``: then only the files the registry lists for
+        each one, inside its folder, unchanged since registration, are deleted after the commit
+        (the folder too when nothing else is left in it). A checkpoint that is an input or the base
+        of a registered merge is refused (UsageError naming the merges) unless ``force``; those
+        merges' lineage keeps its ref, fingerprint and weight.
+
+        Returns per checkpoint {"id", "ref", "path", "used_by": [merge refs], "aliases": [...],
+        "files": {"deleted", "kept", "left", "errors", "folder_removed"} | None}."""
+        if isinstance(refs, (str, int, Checkpoint)):
+            refs = [refs]
+        refs = list(refs or [])
+        if not refs:
+            raise UsageError("rm: no checkpoint given")
+        with self._writer() as con:
+            cs: list[Checkpoint] = []
+            for r in refs:
+                c = self._resolve(con, r)
+                if all(x.id != c.id for x in cs):
+                    cs.append(c)
+            ids = {c.id for c in cs}
+            users = self._merge_users(con, list(ids))
+            blocked = {c.id: [u for u in users.get(c.id, []) if u["id"] not in ids] for c in cs}
+            blocked = {k: v for k, v in blocked.items() if v}
+            if blocked and not force:
+                by_id = {c.id: c for c in cs}
+                raise UsageError(
+                    "rm: refused: " + "; ".join(
+                        f"{by_id[k].ref} (id {k}) is the {'/'.join(sorted({u['role'] for u in v}))} of "
+                        f"registered merge(s) {', '.join(sorted({u['ref'] for u in v}))}"
+                        for k, v in blocked.items())
+                    + "; pass force=True / --force to remove it anyway (the merges' lineage keeps its "
+                      "ref, fingerprint and weight)")
+            plans, aliases = self._unregister(con, cs, users, "rm", {"force": bool(force)}, delete_files)
+        out = []
+        for c in cs:
+            res = self._delete_planned(plans[c.id]) if delete_files else None
+            out.append({"id": c.id, "ref": c.ref, "path": c.path,
+                        "used_by": sorted({u["ref"] for u in blocked.get(c.id, [])}),
+                        "aliases": [a["alias"] for a in aliases if a["id"] == c.id], "files": res})
+        return out
+
+    def gc_plan(self, run, *, keep_best=None, metric=None, direction=None, keep_last=None,
+                keep_every=None) -> dict:
+        """What :meth:`gc` would do (a dry run); see there."""
+        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every)
+        with self._reader() as con:
+            return self._gc_plan(con, run, pol)
+
+    def gc(self, run, *, keep_best=None, metric=None, direction=None, keep_last=None,
+           keep_every=None, yes: bool = False) -> dict:
+        """Retention over the plain checkpoints of ``run``. Kept: the union of the policies
+        (``keep_best`` K by the latest value of ``metric``, ``direction`` min|max, default from the
+        name, NaN/missing never best, ties to the later step; ``keep_last`` N highest steps;
+        ``keep_every`` M: steps that are multiples of M) plus, always, the final checkpoint,
+        every checkpoint with an alias, with a tag ``keep`` (any value), and every input or base
+        of a registered merge. Merged checkpoints are never touched.
+
+        Without ``yes`` a dry run; with ``yes`` the rest is unregistered (one ``gc`` event each)
+        and their files deleted as :meth:`rm` ``delete_files`` does (registered files only, only
+        inside each checkpoint's folder). Returns {"run", "dry_run", "policy", "keep": [{"id",
+        "ref", "step", "reasons"}], "delete": [{"id", "ref", "step", "path", "bytes"}],
+        "bytes_freed", "files": {id: rm-like file result} (with ``yes``)}."""
+        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every)
+        if not yes:
+            with self._reader() as con:
+                return self._gc_plan(con, run, pol)
+        with self._writer() as con:
+            plan = self._gc_plan(con, run, pol)
+            plan["dry_run"] = False
+            ids = [d["id"] for d in plan["delete"]]
+            cs = self._query(con, "list_contains(?::BIGINT[], id)", [ids]) if ids else []
+            plans, _ = self._unregister(con, cs, {}, "gc", {"policy": pol}, True) if cs else ({}, [])
+        files = {}
+        freed = 0
+        sizes = {d["id"]: d["bytes"] for d in plan["delete"]}
+        for c in cs:
+            files[c.id] = self._delete_planned(plans[c.id])
+            if files[c.id]["deleted"]:
+                freed += sizes.get(c.id, 0)
+        plan["files"] = files
+        plan["bytes_deleted"] = freed
+        return plan
+
+    def _gc_plan(self, con, run, pol: dict) -> dict:
+        rows = con.execute("SELECT id, step, path, files, tags FROM checkpoints "
+                           "WHERE run = ? AND NOT merged ORDER BY step", [run]).fetchall()
+        if not rows:
+            have = con.execute("SELECT count(*) FROM runs WHERE name = ?", [run]).fetchone()[0]
+            if not have:
+                raise NotFoundError(f"gc: no run {run!r}" + self._candidates(con, f"{run}@0", None))
+        keep: dict[int, list[str]] = {}
+
+        def mark(i, why):
+            keep.setdefault(int(i), []).append(why)
+
+        if rows:
+            mark(rows[-1][0], "final")
+        if pol.get("keep_last"):
+            for r in rows[-pol["keep_last"]:]:
+                mark(r[0], f"last {pol['keep_last']}")
+        if pol.get("keep_every"):
+            m = pol["keep_every"]
+            for r in rows:
+                if r[1] % m == 0:
+                    mark(r[0], f"every {m} steps")
+        if pol.get("keep_best"):
+            k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
+            vals = con.execute(
+                "SELECT c.id, c.step, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
+                "WHERE c.run = ? AND NOT c.merged AND m.name = ? AND m.latest AND NOT isnan(m.value)",
+                [run, metric]).fetchall()
+            vals.sort(key=lambda v: ((v[2] if d == "min" else -v[2]), -v[1]))
+            for i, _, _ in vals[:k]:
+                mark(i, f"best {k} by {metric} ({d})")
+        for i, a in con.execute(
+                "SELECT a.checkpoint_id, a.run || '@' || a.name FROM aliases a JOIN checkpoints c "
+                "ON c.id = a.checkpoint_id WHERE c.run = ? AND NOT c.merged ORDER BY 2", [run]).fetchall():
+            mark(i, f"alias {a}")
+        for r in rows:
+            tags = _jloads(r[4]) or {}
+            if isinstance(tags, dict) and "keep" in tags:
+                mark(r[0], "tag keep")
+        plain = [int(r[0]) for r in rows]
+        for cid, us in self._merge_users_of_run(con, run).items():
+            for u in us:
+                mark(cid, f"{u['role']} of merge {u['ref']}")
+        keep_rows, delete_rows, freed = [], [], 0
+        for cid, step, path, files, _ in rows:
+            ref = f"{run}@{step}"
+            if int(cid) in keep:
+                keep_rows.append({"id": int(cid), "ref": ref, "step": step, "reasons": keep[int(cid)]})
+                continue
+            fl = _jloads(files) or []
+            b = sum(int(f.get("size") or 0) for f in fl if isinstance(f, dict))
+            delete_rows.append({"id": int(cid), "ref": ref, "step": step, "path": path, "bytes": b})
+            freed += b
+        del plain
+        return {"run": run, "dry_run": True, "policy": pol, "keep": keep_rows, "delete": delete_rows,
+                "bytes_freed": freed}
+
+    def _merge_users_of_run(self, con, run) -> dict[int, list[dict]]:
+        """:meth:`_merge_users` for every plain checkpoint of ``run`` (one query)."""
+        rows = con.execute(
+            "SELECT i.input_id, 'input', c.run, c.name, c.version FROM merge_inputs i "
+            "JOIN merges m ON m.id = i.merge_id JOIN checkpoints c ON c.id = m.checkpoint_id "
+            "JOIN checkpoints x ON x.id = i.input_id WHERE x.run = $1 AND NOT x.merged "
+            "UNION ALL SELECT m.base_id, 'base', c.run, c.name, c.version FROM merges m "
+            "JOIN checkpoints c ON c.id = m.checkpoint_id JOIN checkpoints x ON x.id = m.base_id "
+            "WHERE x.run = $1 AND NOT x.merged ORDER BY 1, 2, 3, 4, 5", [run]).fetchall()
+        out: dict[int, list[dict]] = {}
+        for cid, role, r, n, v in rows:
+            ref = f"{r}@{n}" + (f":v{v}" if v and v > 1 else "")
+            lst = out.setdefault(int(cid), [])
+            if not any(u["ref"] == ref and u["role"] == role for u in lst):
+                lst.append({"ref": ref, "role": role})
+        return out
+
+    def retain(self, run, retention) -> dict | None:
+        """Apply a retention policy (a dict of :meth:`gc` keywords, see :func:`retention_policy`)
+        to ``run`` now (``yes=True``); None when ``retention`` is None. What the trainer callbacks
+        call after each save."""
+        if retention is None:
+            return None
+        return self.gc(run, yes=True, **retention_policy(retention))
+
     # ----------------------------------------------------------------- maintenance
 
     def dump(self) -> dict[str, list[tuple]]:
@@ -1869,6 +2560,594 @@ class Registry:
         with self._writer(ingest=False) as con:
             return self._ingest_spool(con)
 
+    # ----------------------------------------------------------------- aliases, tags, data out
+
+    def alias(self, ckpt, name: str, *, delete: bool = False) -> dict:
+        """Point the user alias RUN@NAME (RUN: the checkpoint's run) at ``ckpt``, or move it there
+        when it exists (one transaction); ``delete``: remove it (``ckpt`` then only names the run:
+        the alias itself, RUN@NAME, is fine). Returns {"ref", "run", "name", "id", "target",
+        "status": "created" | "moved" | "unchanged" | "deleted", "previous"}. An alias may not be a
+        number, a built-in (final, latest, best:...), a version suffix or a registered merged
+        name of the run (UsageError / DuplicateError); NotFoundError for deleting a missing one."""
+        name = _check_ref_name("alias", _check_name("alias", name))
+        created = _now()
+        with self._writer() as con:
+            if delete:
+                if isinstance(ckpt, str) and "@" in ckpt:
+                    run = parse_ref(ckpt.strip())[0]
+                else:
+                    run = self._resolve(con, ckpt).run
+                row = con.execute("SELECT checkpoint_id FROM aliases WHERE run = ? AND name = ?",
+                                  [run, name]).fetchone()
+                if row is None:
+                    have = [n for (n,) in con.execute("SELECT name FROM aliases WHERE run = ? ORDER BY name",
+                                                      [run]).fetchall()]
+                    close = difflib.get_close_matches(name, have, n=3, cutoff=0.4)
+                    raise NotFoundError(f"no alias {run}@{name}" + (
+                        f"; closest: {', '.join(close)}" if close else
+                        f"; aliases of run {run!r}: {', '.join(have)}" if have else
+                        f"; run {run!r} has no aliases"))
+
+                def do_delete():
+                    con.execute("DELETE FROM aliases WHERE run = ? AND name = ?", [run, name])
+                    self._event(con, "alias", run=run, checkpoint_id=int(row[0]), ref=f"{run}@{name}",
+                                detail={"name": name, "deleted": True, "previous": int(row[0])}, time=created)
+                self._tx(con, do_delete)
+                return {"ref": f"{run}@{name}", "run": run, "name": name, "id": None, "target": None,
+                        "status": "deleted", "previous": int(row[0])}
+            c = self._resolve(con, ckpt)
+            run = c.run
+            m = con.execute("SELECT id FROM checkpoints WHERE run = ? AND name = ? ORDER BY version DESC LIMIT 1",
+                            [run, name]).fetchone()
+            if m is not None:
+                raise DuplicateError(f"{run}@{name} is a registered merged checkpoint (id {m[0]}); an alias "
+                                     "may not shadow it: choose another alias name")
+            old = con.execute("SELECT checkpoint_id FROM aliases WHERE run = ? AND name = ?",
+                              [run, name]).fetchone()
+            prev = None if old is None else int(old[0])
+            out = {"ref": f"{run}@{name}", "run": run, "name": name, "id": c.id, "target": c.ref,
+                   "previous": prev}
+            if prev == c.id:
+                return dict(out, status="unchanged")
+
+            def do():
+                if prev is None:
+                    con.execute("INSERT INTO aliases (run, name, checkpoint_id, created) VALUES (?, ?, ?, ?)",
+                                [run, name, c.id, created])
+                else:
+                    con.execute("UPDATE aliases SET checkpoint_id = ?, created = ? WHERE run = ? AND name = ?",
+                                [c.id, created, run, name])
+                self._event(con, "alias", run=run, checkpoint_id=c.id, ref=f"{run}@{name}",
+                            detail={"name": name, "target": c.ref, "previous": prev}, time=created)
+            self._tx(con, do)
+            return dict(out, status="created" if prev is None else "moved")
+
+    def aliases(self, run=None, *, ckpt=None) -> list[dict]:
+        """User aliases: [{"ref", "run", "name", "id", "target", "created"}] by run and name;
+        only those of ``run``, or only those pointing at ``ckpt``. ``target`` is None for an
+        alias whose checkpoint is no longer registered."""
+        with self._reader() as con:
+            where, params = ["TRUE"], []
+            if run is not None:
+                where.append("a.run = ?")
+                params.append(run)
+            if ckpt is not None:
+                where.append("a.checkpoint_id = ?")
+                params.append(self._resolve(con, ckpt).id)
+            rows = con.execute(
+                "SELECT a.run, a.name, a.checkpoint_id, a.created, c.run, c.step, c.name, c.version "
+                "FROM aliases a LEFT JOIN checkpoints c ON c.id = a.checkpoint_id "
+                f"WHERE {' AND '.join(where)} ORDER BY a.run, a.name", params).fetchall()
+        return [{"ref": f"{r[0]}@{r[1]}", "run": r[0], "name": r[1], "id": int(r[2]),
+                 "target": None if r[4] is None else _ref_of(r[4], r[5], r[6], r[7]), "created": r[3]}
+                for r in rows]
+
+    def tag(self, ckpt, tags: dict | None = None, *, remove: Iterable[str] = ()) -> dict[str, str]:
+        """Set (``tags``: name -> value) and remove (``remove``: names) tags of a checkpoint, in one
+        transaction with a ``tag`` event; returns its tags afterwards. Tags are mutable: a value
+        set again replaces the old one. NotFoundError for removing a tag the checkpoint lacks;
+        UsageError for nothing to do, or a name both set and removed."""
+        tags = _check_tags(tags)
+        remove = list(remove or ())
+        for k in remove:
+            if not isinstance(k, str) or not k:
+                raise UsageError(f"tag names must be non-empty strings, got {k!r}")
+        if not tags and not remove:
+            raise UsageError("tag: nothing to set or remove (give NAME=VALUE and/or --remove NAME)")
+        both = sorted(set(tags) & set(remove))
+        if both:
+            raise UsageError(f"tag: {', '.join(both)} both set and removed")
+        created = _now()
+        with self._writer() as con:
+            c = self._resolve(con, ckpt)
+            cur = dict(c.tags)
+            missing = [k for k in remove if k not in cur]
+            if missing:
+                raise NotFoundError(f"{c.ref} (id {c.id}) has no tag {', '.join(map(repr, missing))}"
+                                    + (f"; its tags: {', '.join(sorted(cur))}" if cur else "; it has no tags"))
+            new = dict(cur)
+            new.update(tags)
+            for k in remove:
+                new.pop(k, None)
+            if new == cur:
+                return new
+
+            def do():
+                con.execute("UPDATE checkpoints SET tags = ? WHERE id = ?", [_jdumps(new), c.id])
+                self._event(con, "tag", run=c.run, checkpoint_id=c.id, ref=c.ref,
+                            detail={"set": tags, "removed": remove, "before": cur}, time=created)
+            self._tx(con, do)
+            return new
+
+    #: The export's fixed columns, in order; then one ``metrics.NAME`` column per metric (latest
+    #: value), then the lineage columns.
+    EXPORT_COLUMNS = ("id", "ref", "run", "step", "name", "version", "merged", "path", "format", "kind",
+                      "base_model", "n_tensors", "n_params", "nbytes", "fingerprint", "created", "tags")
+    EXPORT_LINEAGE = ("method", "params", "base_id", "base_ref", "inputs")
+
+    def _export_sql(self, con, flat: bool = False) -> str:
+        """One query over every checkpoint: its fields, its latest metrics as ``metrics.NAME``
+        columns, and its lineage (method, params, base, inputs: [{id, ref, weight, position}]).
+        ``flat``: inputs as JSON text (CSV)."""
+        names = [r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE latest ORDER BY 1").fetchall()]
+
+        def ident(s):
+            return '"' + s.replace('"', '""') + '"'
+
+        def ref_sql(t):
+            return (f"CASE WHEN {t}.id IS NULL THEN NULL ELSE {t}.run || '@' || coalesce(CAST({t}.step AS VARCHAR), "
+                    f"{t}.name || CASE WHEN coalesce({t}.version, 1) > 1 THEN ':v' || {t}.version ELSE '' END) END")
+
+        mcols = ", ".join(f"max(value) FILTER (WHERE name = {_sql_str(n)}) AS {ident('metrics.' + n)}"
+                          for n in names)
+        met = (f", met AS (SELECT checkpoint_id, {mcols} FROM metrics WHERE latest GROUP BY checkpoint_id)"
+               if names else "")
+        inputs = ("list({'id': i.input_id, 'ref': " + ref_sql("ci") + ", 'weight': i.weight, "
+                  "'position': i.position} ORDER BY i.position) FILTER (WHERE i.input_id IS NOT NULL)")
+        sel = ", ".join(f"c.{ident(k)}" for k in self.EXPORT_COLUMNS if k not in ("ref",))
+        sel = sel.replace('c."run"', ref_sql("c") + ' AS "ref", c."run"', 1)
+        mets = "".join(f", met.{ident('metrics.' + n)}" for n in names)
+        ins = "to_json(lin.inputs)::VARCHAR" if flat else "lin.inputs"
+        return (f"WITH lin AS (SELECT g.checkpoint_id, g.method, g.params, g.base_id, {ref_sql('b')} AS base_ref, "
+                f"{inputs} AS inputs FROM merges g LEFT JOIN merge_inputs i ON i.merge_id = g.id "
+                "LEFT JOIN checkpoints ci ON ci.id = i.input_id LEFT JOIN checkpoints b ON b.id = g.base_id "
+                f"GROUP BY ALL){met} "
+                f"SELECT {sel}{mets}, lin.method, lin.params, lin.base_id, lin.base_ref, {ins} AS inputs "
+                "FROM checkpoints c " + ("LEFT JOIN met ON met.checkpoint_id = c.id " if names else "")
+                + "LEFT JOIN lin ON lin.checkpoint_id = c.id "
+                "ORDER BY c.run, c.step NULLS LAST, c.name, c.version, c.id")
+
+    def export_rows(self) -> list[dict]:
+        """Every checkpoint with its metrics and lineage as plain dicts (the rows ``export``
+        writes): the :attr:`EXPORT_COLUMNS`, ``metrics`` {name: latest value}, ``method``,
+        ``params``, ``base_id``, ``base_ref``, ``inputs`` [{id, ref, weight, position}] (None for a
+        plain checkpoint)."""
+        with self._reader() as con:
+            cur = con.execute(self._export_sql(con))
+            cols = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            row = {k: d[k] for k in self.EXPORT_COLUMNS}
+            row["tags"] = _jloads(row["tags"]) or {}
+            row["metrics"] = {k[len("metrics."):]: v for k, v in d.items()
+                              if k.startswith("metrics.") and v is not None}
+            row["method"] = d["method"]
+            row["params"] = _jloads(d["params"]) if d["params"] is not None else None
+            row["base_id"] = d["base_id"]
+            row["base_ref"] = d["base_ref"]
+            row["inputs"] = None if d["inputs"] is None else [
+                {"id": int(i["id"]), "ref": i["ref"], "weight": i["weight"], "position": int(i["position"])}
+                for i in d["inputs"]]
+            out.append(row)
+        return out
+
+    def to_arrow(self):
+        """The export (every checkpoint, ``metrics.NAME`` columns, lineage) as a pyarrow Table.
+        UsageError naming the package when pyarrow is not installed."""
+        _need("pyarrow", "Registry.to_arrow()")
+        with self._reader() as con:
+            res = con.execute(self._export_sql(con))
+            t = res.fetch_arrow_table() if hasattr(res, "fetch_arrow_table") else res.arrow()
+        return t.read_all() if hasattr(t, "read_all") else t
+
+    def to_pandas(self):
+        """The export (every checkpoint, ``metrics.NAME`` columns, lineage) as a pandas DataFrame.
+        UsageError naming the package when pandas (or pyarrow, which DuckDB needs for it) is
+        not installed."""
+        _need("pandas", "Registry.to_pandas()")
+        with self._reader() as con:
+            return con.execute(self._export_sql(con)).df()
+
+    EXPORT_FORMATS = ("parquet", "csv", "json")
+
+    def export(self, path, format: str | None = None, *, overwrite: bool = False) -> dict:
+        """Write every checkpoint with its metrics and lineage to ``path`` as parquet, csv or json
+        (``format`` None: from the file's suffix). Atomic: written to a temporary beside ``path``
+        (``.NAME.ckptreg-tmp-...``), fsync'ed, then renamed; on any error the temporary is removed
+        and ``path`` is as it was. OutputExistsError for an existing ``path`` unless ``overwrite``,
+        and always for a folder, the registry's own files or a registered checkpoint's file or
+        folder; NotFoundError for a missing parent folder. Returns {"path", "format", "rows",
+        "columns", "bytes"}."""
+        p = pathlib.Path(os.fspath(path)).expanduser().absolute()
+        fmt = format or p.suffix.lstrip(".").lower()
+        if fmt not in self.EXPORT_FORMATS:
+            raise UsageError(f"export: format {fmt or format!r} is not one of {', '.join(self.EXPORT_FORMATS)}"
+                             + ("" if format else f" (from the suffix of {p}; pass format=)"))
+        if not p.parent.is_dir():
+            raise NotFoundError(f"export: {p.parent} does not exist (no folder to write {p.name} in)")
+        own = {str(self.path), str(self.path) + ".wal", str(self.lock_path)}
+        real = os.path.realpath(p)
+        if str(p) in own or real in {os.path.realpath(x) for x in own}:
+            raise OutputExistsError(f"export: {p} is the registry's own file; choose another -o")
+        if p.is_dir() and not p.is_symlink():
+            raise OutputExistsError(f"export: {p} is a folder; give a file name")
+        if os.path.lexists(p) and not overwrite:
+            raise OutputExistsError(f"export: {p} exists (use --overwrite / overwrite=True to replace it)")
+        from .writer import HOST_TAG, TMP_MARK
+
+        with self._reader() as con:
+            for cid, cref_run, cstep, cname, cpath, files in con.execute(
+                    "SELECT id, run, step, name, path, files FROM checkpoints").fetchall():
+                cp = os.path.realpath(str(cpath))
+                fl = [os.path.realpath(f["path"] if isinstance(f, dict) else f) for f in (_jloads(files) or [])]
+                if real == cp or real in fl or real.startswith(cp.rstrip(os.sep) + os.sep):
+                    raise OutputExistsError(f"export: {p} is (inside) registered checkpoint "
+                                            f"{cref_run}@{cname if cstep is None else cstep} (id {cid}, {cpath}); "
+                                            "choose another -o")
+            tmp = p.parent / f".{p.name}{TMP_MARK}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}"
+            try:
+                if fmt == "json":
+                    cur = con.execute(self._export_sql(con))
+                    cols = [d[0] for d in cur.description]
+                    n = 0
+                    rows = cur.fetchall()
+                    n = len(rows)
+                    data = self._export_json(cols, rows)
+                    with open(tmp, "x", encoding="utf-8") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                else:
+                    q = self._export_sql(con, flat=(fmt == "csv"))
+                    cur = con.execute(f"SELECT * FROM ({q}) LIMIT 0")
+                    cols = [d[0] for d in cur.description]
+                    n = int(con.execute(f"SELECT count(*) FROM checkpoints").fetchone()[0])
+                    opts = "FORMAT parquet" if fmt == "parquet" else "FORMAT csv, HEADER true"
+                    con.execute(f"COPY ({q}) TO {_sql_str(str(tmp))} ({opts})")
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                if overwrite:
+                    os.replace(tmp, p)
+                else:
+                    try:
+                        os.link(tmp, p)  # refuses a file created meanwhile; never replaces
+                    except FileExistsError:
+                        raise OutputExistsError(f"export: {p} exists (use --overwrite / overwrite=True "
+                                                "to replace it)") from None
+                    except OSError:  # no hard links here: rename (the check above ran just now)
+                        if os.path.lexists(p):
+                            raise OutputExistsError(f"export: {p} exists (use --overwrite to replace it)") from None
+                        os.replace(tmp, p)
+            except BaseException as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if isinstance(e, OSError):
+                    import errno as _errno
+
+                    if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+                        raise DiskFullError(f"export: no space left to write {p}; nothing was written") from e
+                    if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+                        raise AccessError(f"export: cannot write {p}: {e.strerror}") from e
+                conv = _db_error(p, e) if isinstance(e, _duckdb().Error) else None
+                if conv is not None:
+                    raise conv from e
+                raise
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        try:
+            dfd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+        return {"path": str(p), "format": fmt, "rows": n, "columns": cols, "bytes": p.stat().st_size}
+
+    def _export_json(self, cols, rows) -> str:
+        """A JSON array of nested rows (``metrics`` {name: value}; NaN/inf as "nan"/"inf", as in
+        every --json output)."""
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            row = {k: d[k] for k in self.EXPORT_COLUMNS}
+            row["created"] = None if row["created"] is None else row["created"].isoformat()
+            row["tags"] = _jloads(row["tags"]) or {}
+            row["metrics"] = {k[len("metrics."):]: v for k, v in d.items()
+                              if k.startswith("metrics.") and v is not None}
+            row["method"] = d["method"]
+            row["params"] = _jloads(d["params"]) if d["params"] is not None else None
+            row["base_id"], row["base_ref"] = d["base_id"], d["base_ref"]
+            row["inputs"] = None if d["inputs"] is None else [
+                {"id": int(i["id"]), "ref": i["ref"], "weight": i["weight"], "position": int(i["position"])}
+                for i in d["inputs"]]
+            out.append(row)
+        return json.dumps(_jsafe(out), indent=1, allow_nan=False) + "\n"
+
+    # ----------------------------------------------------------------- run identity and history
+
+    def _plain_conflict(self, old_row, info, what: str, replace: bool) -> bool:
+        """RUN@STEP is taken by ``old_row`` (id, fingerprint, path). True when ``info`` is the
+        same files (same path, fingerprint matching): adding them again is a no-op. Otherwise a
+        relaunch overwrote them (or other files are offered for that step): DuplicateError
+        saying the files differ unless ``replace``; False (go on and replace) with it."""
+        oid, ofp, opath = old_row
+        same_path = os.path.realpath(str(opath)) == os.path.realpath(str(info.path))
+        same_fp = ofp == info.fingerprint or self._fp_matches_quiet(ofp, info.files)
+        if same_path and same_fp:
+            return True
+        if replace is True or (replace == "stale" and same_path):
+            return False  # replace="stale" (the callbacks): only files overwritten in place
+        if same_fp:
+            raise DuplicateError(
+                f"{what} is already registered (id {oid}) from {opath}; {info.path} holds the same "
+                f"files. Pass replace=True / --replace to point {what} at {info.path}")
+        where = f"at {info.path}" if same_path else f"at {info.path} (registered from {opath})"
+        raise DuplicateError(
+            f"{what} is already registered (id {oid}) and the files {where} differ from the "
+            f"registered ones (fingerprint {str(ofp)[:16]} registered, {str(info.fingerprint)[:16]} "
+            f"now): a relaunch into the same run overwrote them? Pass replace=True / --replace to "
+            f"replace the stale entry")
+
+    def _fp_matches_quiet(self, stored, files) -> bool:
+        try:
+            return self._fingerprint_ok(stored, files)
+        except CkptregError:
+            return False
+
+    def _record_add_event(self, con, info, run, step, cid, metrics, tags, created, actor=None) -> None:
+        out = getattr(self, "_outcome", None) or {}
+        op = "replace" if out.get("status") == "replaced" else "add"
+        detail = {"path": str(info.path), "fingerprint": info.fingerprint, "format": info.format,
+                  "kind": info.kind, "n_tensors": len(info.tensors), "step": step}
+        if metrics:
+            detail["metrics"] = _jsafe(dict(metrics))
+        if tags:
+            detail["tags"] = dict(tags)
+        if op == "replace":
+            detail["previous"] = dict(out.get("previous") or {})
+        self._event(con, op, run=run, checkpoint_id=cid, ref=f"{run}@{step}", detail=detail,
+                    time=created, actor=actor)
+
+    def _log_event(self, con, cid, metrics, step, created, actor=None) -> None:
+        row = con.execute("SELECT run, step, name FROM checkpoints WHERE id = ?", [cid]).fetchone()
+        run, cstep, name = row if row is not None else (None, None, None)
+        ref = None if run is None else f"{run}@{name if cstep is None else cstep}"
+        self._event(con, "log", run=run, checkpoint_id=int(cid), ref=ref,
+                    detail={"metrics": _jsafe(dict(metrics)), "step": step}, time=created, actor=actor)
+
+    def history(self, ref=None, *, limit: int | None = None) -> list[dict]:
+        """The events (append-only audit trail) of the registry, oldest first: every add, log,
+        replace, rm, alias, tag, gc, params ... with its time, host, user and pid. ``ref``:
+        None (everything), a run name, or a checkpoint (id, RUN@STEP, RUN@NAME, an alias, a
+        path; a checkpoint removed since is still found by its ref). ``limit``: the newest N.
+        NotFoundError (with the closest names) for a ref or run the registry never had."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UsageError(f"limit must be an integer >= 1, got {limit!r}")
+        with self._reader() as con:
+            where, params = self._history_filter(con, ref)
+            q = ('SELECT seq, time, op, run, checkpoint_id, ref, detail, host, "user", pid FROM events '
+                 f"WHERE {where} ORDER BY seq DESC")
+            if limit is not None:
+                q += f" LIMIT {int(limit)}"
+            rows = con.execute(q, params).fetchall()
+        return [{"seq": int(r[0]), "time": r[1], "op": r[2], "run": r[3],
+                 "checkpoint_id": None if r[4] is None else int(r[4]), "ref": r[5],
+                 "detail": _jloads(r[6]) if r[6] is not None else {}, "host": r[7], "user": r[8],
+                 "pid": r[9]} for r in reversed(rows)]
+
+    def _history_filter(self, con, ref) -> tuple[str, list]:
+        if ref is None:
+            return "TRUE", []
+        if isinstance(ref, Checkpoint):
+            ref = ref.id
+        if isinstance(ref, bool) or not isinstance(ref, (int, str)):
+            raise UsageError(f"history: not a run or checkpoint reference: {ref!r}")
+        s = str(ref).strip()
+        if not s:
+            raise UsageError("history: empty reference")
+        is_ckpt = isinstance(ref, int) or s.isdigit() or "@" in s or os.path.exists(s)
+        if not is_ckpt:
+            n = con.execute("SELECT (SELECT count(*) FROM runs WHERE name = $1) + "
+                            "(SELECT count(*) FROM events WHERE run = $1)", [s]).fetchone()[0]
+            if n:
+                return "run = ?", [s]
+            runs = sorted({r[0] for r in con.execute(
+                "SELECT name FROM runs UNION SELECT DISTINCT run FROM events WHERE run IS NOT NULL").fetchall()})
+            close = difflib.get_close_matches(s, runs, n=3, cutoff=0.3)
+            raise NotFoundError(f"history: no run {s!r}" + (
+                f"; closest runs: {', '.join(close)}" if close else
+                f"; runs: {', '.join(runs[:10])}" if runs else "; the registry is empty"))
+        try:
+            c = self._resolve(con, ref if isinstance(ref, int) else s)
+        except NotFoundError:
+            # a checkpoint removed since: its events keep its ref / id
+            if s.isdigit():
+                if con.execute("SELECT count(*) FROM events WHERE checkpoint_id = ?", [int(s)]).fetchone()[0]:
+                    return "checkpoint_id = ?", [int(s)]
+            elif con.execute("SELECT count(*) FROM events WHERE ref = ?", [s]).fetchone()[0]:
+                return "checkpoint_id IN (SELECT checkpoint_id FROM events WHERE ref = $1) OR ref = $1", [s]
+            raise
+        return "checkpoint_id = ? OR (checkpoint_id IS NULL AND ref = ?)", [c.id, c.ref]
+
+    def set_run_params(self, run, params: dict) -> bool | None:
+        """Record a run's hyperparameters (``runs.params``; the trainer callbacks call this once
+        per run with TrainingArguments / Lightning hparams and the git commit). Values that are
+        not JSON (paths, dataclasses, enums) are stored as their ``str``. The same params again
+        change nothing (False); new or changed ones replace them (True) with a ``params`` event
+        naming the changed keys. Creates the run when it does not exist yet. Spools when the
+        database is busy (returns None)."""
+        run = _check_name("run", run)
+        if not isinstance(params, dict):
+            raise UsageError(f"params must be a dict, got {type(params).__name__}")
+        try:
+            norm = json.loads(json.dumps(_jsafe(params), sort_keys=True, default=str))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"params of run {run!r} cannot be stored as JSON: {e}") from None
+        created = _now()
+        try:
+            with self._writer() as con:
+                return self._tx(con, lambda: self._set_params(con, run, norm, created))
+        except _Busy:
+            self._spool({"op": "params", "run": run, "params": norm, "created": created.isoformat(),
+                         "actor": list(_actor())})
+            return None
+
+    def _set_params(self, con, run, params: dict, created, actor=None) -> bool:
+        row = con.execute("SELECT params FROM runs WHERE name = ?", [run]).fetchone()
+        old = None if row is None else _jloads(row[0])
+        if old == params:
+            return False
+        if row is None:
+            con.execute("INSERT INTO runs (name, created, params) VALUES (?, ?, ?)",
+                        [run, created, _jdumps(params)])
+        else:
+            con.execute("UPDATE runs SET params = ? WHERE name = ?", [_jdumps(params), run])
+        if isinstance(old, dict):
+            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+            detail = {"changed": changed}
+        else:
+            detail = {"keys": sorted(params)}
+        self._event(con, "params", run=run, detail=detail, time=created, actor=actor)
+        return True
+
+    def run_params(self, run) -> dict | None:
+        """The hyperparameters recorded for ``run`` (None when none were). NotFoundError for a
+        run the registry does not have."""
+        with self._reader() as con:
+            row = con.execute("SELECT params FROM runs WHERE name = ?", [run]).fetchone()
+            if row is None:
+                raise NotFoundError(f"no run {run!r}" + self._candidates(con, f"{run}@0", None))
+        return _jloads(row[0])
+
+
+def _jsafe(v):
+    """``v`` with non-finite floats as strings ("nan", "inf", "-inf"): DuckDB's JSON type
+    refuses NaN/Infinity literals (event details, run params)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _jsafe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsafe(x) for x in v]
+    return v
+
+
+def _spooled_actor(e: dict):
+    """(host, user, pid) recorded in a spool entry by the process that wrote it, or None."""
+    a = e.get("actor")
+    if (isinstance(a, list) and len(a) == 3 and isinstance(a[0], str) and isinstance(a[1], str)
+            and isinstance(a[2], int) and not isinstance(a[2], bool)):
+        return (a[0], a[1], a[2])
+    return None
+
+
+def _ref_of(run, step, name, version=1) -> str:
+    """The ref of a checkpoint row: RUN@STEP, RUN@NAME, RUN@NAME:vK for versions after the first."""
+    if step is not None:
+        return f"{run}@{step}"
+    return f"{run}@{name}" + (f":v{version}" if version and int(version) > 1 else "")
+
+
+def _need(module: str, what: str) -> None:
+    """UsageError naming the package when the optional ``module`` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs the optional package {module!r}, which is not installed "
+                         f"(pip install {module}); `ckptreg export --format parquet|csv|json` "
+                         "works without it")
+
 
 def _same(a: float, b: float) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+# --------------------------------------------------------------------------- lifecycle helpers
+
+#: Key in ``merges.params`` under which ``rm --force`` keeps the ref, fingerprint and path of a
+#: removed input / base (:meth:`Registry.lineage` reads it and does not show it as a param).
+_REMOVED_KEY = "_ckptreg_removed"
+
+
+def _files_present(files, path) -> bool:
+    """Do all the registered files (a files JSON value, dicts or paths; else the checkpoint's
+    path) exist? A stat each, no reading."""
+    if isinstance(files, str):
+        files = _jloads(files)
+    paths = [f["path"] if isinstance(f, dict) else f for f in (files or [])] or [path]
+    for p in paths:
+        try:
+            os.stat(p)
+        except (OSError, TypeError, ValueError):
+            return False
+    return True
+
+
+_GC_KEYS = ("keep_best", "metric", "direction", "keep_last", "keep_every")
+
+
+def _gc_policy(keep_best, metric, direction, keep_last, keep_every) -> dict:
+    """Validated retention policy; UsageError naming the bad value."""
+    def count(name, v):
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"gc: {name} must be an integer >= 1, got {v!r}")
+        return int(v)
+
+    keep_best, keep_last, keep_every = (count("keep_best", keep_best), count("keep_last", keep_last),
+                                        count("keep_every", keep_every))
+    if keep_best is not None and not (isinstance(metric, str) and metric):
+        raise UsageError("gc: keep_best / --keep-best needs a metric (--metric NAME)")
+    if metric is not None and keep_best is None:
+        raise UsageError(f"gc: metric {metric!r} given without keep_best / --keep-best K")
+    if direction is not None and direction not in ("min", "max"):
+        raise UsageError(f"gc: direction must be 'min' or 'max', got {direction!r}")
+    if direction is not None and keep_best is None:
+        raise UsageError("gc: direction given without keep_best / --keep-best K")
+    if keep_best is None and keep_last is None and keep_every is None:
+        raise UsageError("gc: no retention policy: give keep_best + metric (--keep-best K --metric M), "
+                         "keep_last (--keep-last N) and/or keep_every (--keep-every M); the final "
+                         "checkpoint is always kept")
+    if keep_best is not None and direction is None:
+        from .weights import default_direction
+
+        direction = default_direction(metric)
+    pol = {"keep_best": keep_best, "metric": metric if keep_best else None,
+           "direction": direction if keep_best else None, "keep_last": keep_last,
+           "keep_every": keep_every}
+    return {k: v for k, v in pol.items() if v is not None}
+
+
+def retention_policy(retention) -> dict:
+    """A retention policy for the trainer callbacks (``retention=``): a dict of :meth:`Registry.gc`
+    keywords (``{"keep_best": 2, "metric": "eval_loss"}``, ``{"keep_last": 3}``, ...), validated;
+    UsageError for an unknown key or a bad value."""
+    if not isinstance(retention, dict):
+        raise UsageError(f"retention must be a dict of gc options ({', '.join(_GC_KEYS)}), "
+                         f"got {type(retention).__name__}")
+    bad = sorted(set(retention) - set(_GC_KEYS))
+    if bad:
+        raise UsageError(f"retention: unknown option(s) {', '.join(map(repr, bad))}; "
+                         f"expected {', '.join(_GC_KEYS)}")
+    return _gc_policy(*(retention.get(k) for k in _GC_KEYS))

@@ -23,12 +23,9 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON inst
 def _registry(db):
     from ..registry import Registry
 
-    t = os.environ.get("CKPTREG_LOCK_TIMEOUT")
-    try:
-        timeout = 30.0 if not t else float(t)
-    except ValueError:
-        raise UsageError(f"CKPTREG_LOCK_TIMEOUT={t!r} is not a number of seconds") from None
-    return Registry(db, lock_timeout=timeout)
+    # lock_timeout=None: $CKPTREG_LOCK_TIMEOUT, else the interactive wait (30 s);
+    # UsageError (exit 2) for a value that is not a number of seconds >= 0
+    return Registry(db)
 
 
 def parse_kv_number(s: str, arg: str) -> tuple[str, float]:
@@ -86,9 +83,11 @@ def _metric_columns(ckpts, limit=8) -> list[str]:
 @click.option("--allow-pickle", is_flag=True, help="Allow torch pickles (.bin/.pt/.ckpt).")
 @click.option("--full-hash", is_flag=True,
               help="Also record a hash of every byte (what `verify --full` compares with).")
+@json_opt
 @pass_db
-def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash):
-    """Register the checkpoint at PATH (PEFT adapter, HF folder, .safetensors). Prints its id."""
+def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash, as_json=False):
+    """Register the checkpoint at PATH (PEFT adapter, HF folder, .safetensors). Prints its id
+    (--json: what was stored) and confirms on stderr what it did."""
     m = _metrics_of(metrics, "--metric")
     t = dict(parse_kv_str(s, "--tag") for s in tags)
     reg = _registry(db)
@@ -102,63 +101,64 @@ def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash
             step = infer_step(path)
         info(f"spooled: {path} as {run}@{step} "
              f"(registry busy; ingested by the next writer, see {reg.spool_dir})")
+        if as_json:
+            emit_json({"id": None, "ref": f"{run}@{step}", "status": "spooled", "path": str(path),
+                       "metrics": m, "tags": t, "spool": str(reg.spool_dir)})
         return
-    click.echo(cid)
+    done = getattr(reg, "last_add", None) or {}
+    if as_json or done.get("status") not in ("unchanged", "replaced"):
+        c = reg.get(cid)
+        what = (f"{c.format} {c.kind}, {c.n_tensors} tensors, {c.nbytes} bytes"
+                + (f"; metrics {', '.join(f'{k}={v:g}' for k, v in m.items())}" if m else "")
+                + (f"; tags {', '.join(f'{k}={v}' for k, v in t.items())}" if t else ""))
+        if done.get("status") not in ("unchanged", "replaced"):
+            info(f"added {c.ref} (id {cid}): {what}")
+        if as_json:
+            emit_json({"id": cid, "ref": c.ref, "status": done.get("status") or "added", "path": c.path,
+                       "format": c.format, "kind": c.kind, "n_tensors": c.n_tensors, "nbytes": c.nbytes,
+                       "fingerprint": c.fingerprint, "metrics": m, "tags": c.tags})
+    if done.get("status") == "unchanged":
+        info(f"{done['ref']} is already registered with the same files (id {cid}): nothing changed")
+    elif done.get("status") == "replaced":
+        prev = done.get("previous") or {}
+        info(f"replaced {done['ref']} (id {cid}): the files differ from the registered ones "
+             f"(fingerprint {str(prev.get('fingerprint', ''))[:16]} -> {str(done.get('fingerprint', ''))[:16]})")
+    if not as_json:
+        click.echo(cid)
 
 
 @click.command("log")
 @click.argument("ckpt")
 @click.argument("values", nargs=-1, required=True, metavar="NAME=VALUE...")
+@json_opt
 @pass_db
-def log_cmd(db, ckpt, values):
-    """Add metric values to checkpoint CKPT (id, RUN@STEP or RUN@NAME)."""
+def log_cmd(db, ckpt, values, as_json=False):
+    """Add metric values to checkpoint CKPT (id, RUN@STEP, RUN@NAME or an alias); confirms on
+    stderr what was stored (--json: on stdout)."""
     m = _metrics_of(values, "metric")
     reg = _registry(db)
-    reg.log(ckpt, m)
+    cid = reg.log(ckpt, m)
+    shown = ", ".join(f"{k}={v:g}" for k, v in m.items())
+    if cid is None:
+        info(f"spooled: database busy; {shown} for {ckpt} is ingested by the next writer (see {reg.spool_dir})")
+        if as_json:
+            emit_json({"id": None, "ref": ckpt, "status": "spooled", "metrics": m, "spool": str(reg.spool_dir)})
+        return
+    c = reg.get(cid)
+    info(f"logged {shown} to {c.ref} (id {cid})")
+    if as_json:
+        emit_json({"id": cid, "ref": c.ref, "status": "logged", "metrics": m})
 
 
 # ----------------------------------------------------------------------------- scan
 
 _CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
-_SKIP_KEYS = ("runtime", "per_second", "_flos")
 
 
 def _trainer_state(folder: str, ckpt_dirs: list[tuple[int, str]]) -> dict | None:
-    cands = [os.path.join(folder, "trainer_state.json")] + [os.path.join(d, "trainer_state.json")
-                                                            for _, d in ckpt_dirs]
-    best, best_key = None, None
-    for p in cands:
-        if not os.path.isfile(p):
-            continue
-        try:
-            with open(p) as f:
-                st = json.load(f)
-        except (OSError, ValueError):
-            continue
-        key = (st.get("global_step") or 0, len(st.get("log_history") or []), os.path.getmtime(p))
-        if best_key is None or key > best_key:
-            best, best_key = st, key
-    return best
+    from ..integrations.hf_state import read_trainer_state
 
-
-def _metrics_at(history: list[dict], step: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    train = None
-    for e in history:
-        s = e.get("step")
-        if not isinstance(s, int) or s > step:
-            continue
-        if "loss" in e and isinstance(e["loss"], (int, float)):
-            if train is None or s >= train[0]:
-                train = (s, float(e["loss"]))
-        if s == step:
-            for k, v in e.items():
-                if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool) \
-                        and not any(x in k for x in _SKIP_KEYS):
-                    out[k] = float(v)
-    if train is not None:
-        out["train_loss"] = train[1]
-    return out
+    return read_trainer_state(folder, ckpt_dirs)
 
 
 @click.command("scan")
@@ -169,7 +169,8 @@ def _metrics_at(history: list[dict], step: int) -> dict[str, float]:
 @pass_db
 def scan_cmd(db, folder, run, allow_pickle, as_json):
     """Import an HF Trainer output folder: every checkpoint-N with its step, the train loss logged
-    at or just before N and the eval metrics of step N (from the newest trainer_state.json)."""
+    since the previous save (with the step it was logged at) and the eval metrics of step N (from
+    the newest trainer_state.json)."""
     dirs = []
     for name in os.listdir(folder):
         m = _CKPT_DIR.match(name)
@@ -179,8 +180,11 @@ def scan_cmd(db, folder, run, allow_pickle, as_json):
     dirs.sort()
     if not dirs:
         raise NotFoundError(f"{folder}: no checkpoint-N folders")
+    from ..integrations.hf_state import metrics_for_save, previous_save, saves_every
+
     state = _trainer_state(folder, dirs)
     history = (state or {}).get("log_history") or []
+    every = saves_every(state, [s for s, _ in dirs])
     reg = _registry(db)
     added, skipped = [], []
     with reg.batch():
@@ -189,14 +193,17 @@ def scan_cmd(db, folder, run, allow_pickle, as_json):
             if step in have:
                 skipped.append({"step": step, "path": path, "status": "already registered"})
                 continue
-            metrics = _metrics_at(history, step)
+            metrics, msteps = metrics_for_save(history, step, previous_save(step, [s for s, _ in dirs], every))
             try:
-                cid = reg.add(path, run, step=step, metrics=metrics, allow_pickle=allow_pickle)
+                cid = reg.add(path, run, step=step, metrics=metrics, allow_pickle=allow_pickle,
+                              metric_steps=msteps)
             except DuplicateError:
                 skipped.append({"step": step, "path": path, "status": "already registered"})
                 continue
             row = {"id": cid, "ref": f"{run}@{step}", "step": step}
             row.update(metrics)
+            if as_json:
+                row["metric_steps"] = msteps
             added.append(row)
     if as_json:
         emit_json({"added": added, "skipped": skipped, "trainer_state": state is not None})
@@ -241,19 +248,34 @@ def runs_cmd(db, as_json):
 @click.option("--max", "maximize", is_flag=True, help="With --sort: descending.")
 @click.option("--last", "last", type=click.IntRange(min=1), default=None, help="Only the last K by step.")
 @click.option("--merged/--plain", "merged", default=None, help="Only merged / only plain checkpoints.")
+@click.option("--tag", "tag_filter", multiple=True, metavar="NAME=VALUE",
+              help="Only checkpoints with this tag value (repeatable: all must hold).")
 @json_opt
 @pass_db
-def ls_cmd(db, run, sort, maximize, last, merged, as_json):
-    """List checkpoints (merged ones are marked)."""
-    ckpts = _registry(db).ls(run=run, sort=sort, last=last, merged=merged, maximize=maximize)
+def ls_cmd(db, run, sort, maximize, last, merged, as_json, tag_filter=()):
+    """List checkpoints (merged ones are marked, with their version). An unknown --run or --sort
+    metric is an error naming the closest names (exit 3)."""
+    reg = _registry(db)
+    want = dict(parse_kv_str(x, "--tag") for x in tag_filter)
+    ckpts = reg.ls(run=run, sort=sort, last=last, merged=merged, maximize=maximize, tags=want or None)
+    st = reg.status(ckpts)  # ok | missing: a stat per registered file, no hashing
     if as_json:
-        emit_json([c.to_dict() for c in ckpts])
+        emit_json([dict(c.to_dict(), status=st[c.id]) for c in ckpts])
         return
     names = _metric_columns(ckpts)
     if sort and sort not in names:
         names = [sort] + names
-    cols = ["id", "ref", "step", "merged", "kind", "format", "tensors", "params"] + names
-    table([_row(c, names) for c in ckpts], cols)
+    cols = ["id", "ref", "step", "merged", "kind", "format", "tensors", "params", "status"] + names
+    rows = [dict(_row(c, names), status=st[c.id]) for c in ckpts]
+    if any(c.merged for c in ckpts):
+        cols.insert(cols.index("merged") + 1, "version")
+        for r, c in zip(rows, ckpts):
+            r["version"] = c.version if c.merged else None
+    if want:
+        cols.append("tags")
+        for r, c in zip(rows, ckpts):
+            r["tags"] = c.tags
+    table(rows, cols)
 
 
 def _inventory_summary(inv: dict) -> dict:
@@ -276,14 +298,20 @@ def show_cmd(db, ckpt, as_json):
     inv = reg.inventory(c.id)
     lin = reg.lineage(c.id)
     d = c.to_dict()
+    d["status"] = reg.status([c])[c.id]
     d["inventory"] = _inventory_summary(inv)
     d["lineage"] = lin
+    d["aliases"] = [a["ref"] for a in reg.aliases(ckpt=c.id)]
     if as_json:
         emit_json(d)
         return
-    fields = {k: d[k] for k in ("id", "ref", "run", "step", "name", "merged", "path", "format", "kind",
+    fields = {k: d[k] for k in ("id", "ref", "run", "step", "name", "merged", "status", "path", "format", "kind",
                                 "base_model", "n_tensors", "n_params", "nbytes", "fingerprint", "created")}
+    if c.merged:
+        fields["version"] = c.version
     fields["tags"] = c.tags or ""
+    if d.get("aliases"):
+        fields["aliases"] = ", ".join(d["aliases"])
     if c.lora:
         fields["lora"] = ", ".join(f"{k}={v}" for k, v in c.lora.items())
     kv(fields)
@@ -303,7 +331,8 @@ def show_cmd(db, ckpt, as_json):
                    + (f", base {lin['base_ref']} (id {lin['base']})" if lin["base"] is not None else ""))
         if lin["params"]:
             click.echo("  params: " + json.dumps(lin["params"], sort_keys=True))
-        table([{"position": i["position"], "id": i["id"], "ref": i["ref"] or "(deleted)", "weight": i["weight"]}
+        table([{"position": i["position"], "id": i["id"], "weight": i["weight"],
+                "ref": (f"{i['ref']} (removed)" if i.get("removed") else i["ref"]) or "(deleted)"}
                for i in lin["inputs"]], ["position", "id", "ref", "weight"], title="inputs")
 
 
@@ -436,3 +465,249 @@ def doctor_cmd(db, as_json):
 
 
 COMMANDS = [add_cmd, log_cmd, scan_cmd, runs_cmd, ls_cmd, show_cmd, best_cmd, sql_cmd, verify_cmd, doctor_cmd]
+
+
+# ----------------------------------------------------------------------------- history
+
+def _event_summary(e: dict) -> str:
+    d = e.get("detail") or {}
+    if not isinstance(d, dict):
+        return json.dumps(d, default=str)
+    op = e.get("op")
+    if op in ("add", "replace"):
+        s = f"{d.get('path', '')} fp {str(d.get('fingerprint', ''))[:12]}"
+        if d.get("metrics"):
+            s += " " + ",".join(f"{k}={v}" for k, v in d["metrics"].items())
+        prev = d.get("previous") or {}
+        if prev:
+            s += f" (was fp {str(prev.get('fingerprint', ''))[:12]}"
+            s += f" at {prev['path']})" if prev.get("path") and prev.get("path") != d.get("path") else ")"
+        return s
+    if op == "log":
+        return ",".join(f"{k}={v}" for k, v in (d.get("metrics") or {}).items()) + (
+            f" (step {d['step']})" if d.get("step") is not None else "")
+    if op == "params":
+        if "changed" in d:
+            return "changed: " + ", ".join(d["changed"])
+        return f"{len(d.get('keys') or [])} params recorded"
+    return json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
+
+
+@click.command("history")
+@click.argument("ref", required=False)
+@click.option("--limit", "limit", type=click.IntRange(min=1), default=None, help="Only the newest N events.")
+@json_opt
+@pass_db
+def history_cmd(db, ref, limit, as_json):
+    """The registry's audit trail, oldest first: every add, log, replace, rm, alias, tag, gc ...
+    with its time, user, host and pid. REF: a run name or a checkpoint (id, RUN@STEP, RUN@NAME;
+    a removed checkpoint is still found by its ref); none: everything."""
+    rows = _registry(db).history(ref, limit=limit)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        info("no events" + (f" for {ref}" if ref else ""))
+        return
+    out = [{"seq": e["seq"], "time": e["time"].isoformat(sep=" ", timespec="seconds")
+            if hasattr(e["time"], "isoformat") else e["time"], "op": e["op"],
+            "ref": e["ref"] or e["run"] or "", "user": e["user"], "host": e["host"], "pid": e["pid"],
+            "detail": _event_summary(e)} for e in rows]
+    table(out, ["seq", "time", "op", "ref", "user", "host", "pid", "detail"])
+
+
+COMMANDS.append(history_cmd)
+
+
+# ----------------------------------------------------------------------------- rm / gc
+
+def _nbytes(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _report_files(ref, res) -> list[dict]:
+    """Print what happened to a checkpoint's files; returns the deletion errors."""
+    if res is None:
+        return []
+    for k in res["kept"]:
+        info(f"{ref}: kept {k['path']} ({k['reason']})")
+    if res["left"]:
+        info(f"{ref}: folder kept: {len(res['left'])} file(s) ckptreg did not register are still in it"
+             f" (e.g. {res['left'][0]})")
+    for e in res["errors"]:
+        info(f"{ref}: could not delete {e['path']}: {e['error']}")
+    return res["errors"]
+
+
+def _raise_delete_errors(errors) -> None:
+    if errors:
+        from ..errors import AccessError
+
+        raise AccessError(f"{len(errors)} registered file(s) could not be deleted (they are no longer "
+                          f"registered): " + ", ".join(f"{e['path']} ({e['error']})" for e in errors[:5]))
+
+
+@click.command("rm")
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.option("--delete-files", is_flag=True,
+              help="Also delete the files ckptreg registered for each checkpoint (only inside its "
+                   "folder; the folder too once it is empty). Default: files stay.")
+@click.option("--force", is_flag=True,
+              help="Remove checkpoints that are inputs or bases of registered merges (their lineage "
+                   "keeps the ref, fingerprint and weight).")
+@json_opt
+@pass_db
+def rm_cmd(db, refs, delete_files, force, as_json):
+    """Unregister checkpoints REF... (ids, RUN@STEP, RUN@NAME), in one transaction."""
+    res = _registry(db).rm(list(refs), delete_files=delete_files, force=force)
+    errors = []
+    if as_json:
+        emit_json(res)
+        errors = [e for r in res for e in ((r["files"] or {}).get("errors") or [])]
+    else:
+        for r in res:
+            what = f"removed {r['ref']} (id {r['id']})"
+            if r["files"] is not None:
+                what += f", deleted {len(r['files']['deleted'])} file(s)"
+                if r["files"]["folder_removed"]:
+                    what += " and its folder"
+            else:
+                what += "; files kept at " + r["path"]
+            if r["used_by"]:
+                what += f"; lineage of {', '.join(r['used_by'])} keeps it"
+            if r["aliases"]:
+                what += f"; aliases removed: {', '.join(r['aliases'])}"
+            info(what)
+            errors += _report_files(r["ref"], r["files"])
+    _raise_delete_errors(errors)
+
+
+@click.command("gc")
+@click.option("--run", "run", required=True, help="The run whose plain checkpoints to prune.")
+@click.option("--keep-best", "keep_best", type=int, default=None, metavar="K",
+              help="Keep the K best by --metric.")
+@click.option("--metric", "metric", default=None, help="Metric for --keep-best.")
+@click.option("--direction", type=click.Choice(["min", "max"]), default=None,
+              help="For --keep-best (default: from the metric's name; loss-like -> min).")
+@click.option("--keep-last", "keep_last", type=int, default=None, metavar="N",
+              help="Keep the N highest steps.")
+@click.option("--keep-every", "keep_every", type=int, default=None, metavar="M",
+              help="Keep steps that are multiples of M.")
+@click.option("--yes", is_flag=True, help="Really unregister and delete (default: a dry run).")
+@json_opt
+@pass_db
+def gc_cmd(db, run, keep_best, metric, direction, keep_last, keep_every, yes, as_json):
+    """Retention: keep the union of the policies plus, always, the final checkpoint, aliased ones,
+    ones tagged `keep` and every input/base of a registered merge; the rest goes. Without --yes a
+    dry run listing what would go and the bytes freed; with --yes they are unregistered and the
+    files ckptreg registered for them deleted (only inside each checkpoint's folder)."""
+    res = _registry(db).gc(run, keep_best=keep_best, metric=metric, direction=direction,
+                           keep_last=keep_last, keep_every=keep_every, yes=yes)
+    errors = [e for f in (res.get("files") or {}).values() for e in f["errors"]]
+    if as_json:
+        emit_json(res)
+        _raise_delete_errors(errors)
+        return
+    rows = [{"id": d["id"], "ref": d["ref"], "step": d["step"], "action": "delete" if yes else "would delete",
+             "bytes": _nbytes(d["bytes"]), "why": ""} for d in res["delete"]]
+    rows += [{"id": k["id"], "ref": k["ref"], "step": k["step"], "action": "keep", "bytes": "",
+              "why": "; ".join(k["reasons"])} for k in res["keep"]]
+    rows.sort(key=lambda r: r["step"])
+    table(rows, ["id", "ref", "step", "action", "bytes", "why"],
+          title=f"gc {run}" + ("" if yes else " (dry run: nothing changed; --yes to apply)"))
+    n = len(res["delete"])
+    if yes:
+        for d in res["delete"]:
+            errors_ = _report_files(d["ref"], res["files"].get(d["id"]))
+            del errors_
+        info(f"removed {n} checkpoint(s), kept {len(res['keep'])}; {_nbytes(res['bytes_freed'])} of "
+             f"registered files")
+    else:
+        info(f"would remove {n} checkpoint(s), keep {len(res['keep'])}, free {_nbytes(res['bytes_freed'])}")
+    _raise_delete_errors(errors)
+
+
+COMMANDS += [rm_cmd, gc_cmd]
+
+
+# ----------------------------------------------------------------------------- alias / tag / export
+
+@click.command("alias")
+@click.argument("ckpt")
+@click.argument("name")
+@click.option("--delete", "delete", is_flag=True, help="Remove the alias RUN@NAME (CKPT names its run).")
+@json_opt
+@pass_db
+def alias_cmd(db, ckpt, name, delete, as_json):
+    """Make RUN@NAME point at CKPT (RUN: CKPT's run); an existing alias is moved in one
+    transaction. Works wherever a ref does (merge inputs, --base, show, log). Built-ins need no
+    alias: RUN@final, RUN@latest, RUN@best:METRIC[:max|min]."""
+    r = _registry(db).alias(ckpt, name, delete=delete)
+    if as_json:
+        emit_json(r)
+        return
+    if r["status"] == "deleted":
+        info(f"deleted alias {r['ref']} (pointed at id {r['previous']})")
+    elif r["status"] == "unchanged":
+        info(f"{r['ref']} already points at {r['target']} (id {r['id']})")
+    elif r["status"] == "moved":
+        info(f"moved {r['ref']} to {r['target']} (id {r['id']}; was id {r['previous']})")
+    else:
+        info(f"{r['ref']} -> {r['target']} (id {r['id']})")
+
+
+@click.command("aliases")
+@click.option("--run", "run", default=None, help="Only this run.")
+@json_opt
+@pass_db
+def aliases_cmd(db, run, as_json):
+    """List user aliases and the checkpoints they point at."""
+    rows = _registry(db).aliases(run)
+    if as_json:
+        emit_json(rows)
+        return
+    table([dict(r, target=r["target"] or "(removed)") for r in rows], ["ref", "id", "target", "created"])
+
+
+@click.command("tag")
+@click.argument("ckpt")
+@click.argument("pairs", nargs=-1, metavar="NAME=VALUE...")
+@click.option("--remove", "remove", multiple=True, metavar="NAME", help="Remove this tag (repeatable).")
+@json_opt
+@pass_db
+def tag_cmd(db, ckpt, pairs, remove, as_json):
+    """Set (NAME=VALUE) and remove (--remove NAME) tags of CKPT; prints its tags afterwards."""
+    t = dict(parse_kv_str(s, "tag") for s in pairs)
+    reg = _registry(db)
+    c = reg.get(ckpt)
+    tags = reg.tag(c.id, t, remove=remove)
+    if as_json:
+        emit_json({"id": c.id, "ref": c.ref, "tags": tags})
+        return
+    info(f"tags of {c.ref} (id {c.id}): " + (", ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "(none)"))
+
+
+@click.command("export")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json"]), default=None,
+              help="File format (default: from the suffix of FILE).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="File to write.")
+@click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
+@json_opt
+@pass_db
+def export_cmd(db, fmt, out, overwrite, as_json):
+    """Write every checkpoint with its metrics (metrics.NAME columns) and lineage (method,
+    params, base, inputs) to FILE, atomically (a temporary renamed into place)."""
+    r = _registry(db).export(out, fmt, overwrite=overwrite)
+    if as_json:
+        emit_json(r)
+        return
+    info(f"wrote {r['rows']} checkpoint(s), {len(r['columns'])} columns, to {r['path']} ({r['format']}, "
+         f"{r['bytes']} bytes)")
+
+
+COMMANDS += [alias_cmd, aliases_cmd, tag_cmd, export_cmd]
