@@ -48,16 +48,24 @@ class _Reporter:
         self.db = db
         self.tags = dict(tags or {})
         self.strict = strict
+        # None (default): a relaunch that overwrote a registered checkpoint in place replaces
+        # the stale entry (said once, as a warning); another folder at a registered step is
+        # refused (a warning unless strict). True: always replace; False: never.
         self.replace = replace
-        self.lock_timeout = lock_timeout   # None: the Registry default; short bounds spool sooner
+        # None: $CKPTREG_LOCK_TIMEOUT, else the training-loop bound (1 s), then spool and return
+        self.lock_timeout = lock_timeout
+        self.replaced: list[str] = []     # refs whose stale entry a relaunch replaced
+        self._relaunch_said = False
+        self._params_done = False
         self.registered: dict[int, int | None] = {}   # step -> id (None: spooled)
+        self.failed: dict[int, str] = {}              # step -> why it was not registered
         self.errors: list[str] = []
 
     def _registry(self):
-        from ..registry import Registry
+        from ..registry import Registry, lock_timeout_for_training
 
         if self.lock_timeout is None:
-            return Registry(self.db)
+            return Registry(self.db, lock_timeout=lock_timeout_for_training())
         return Registry(self.db, lock_timeout=self.lock_timeout)
 
     def _guard(self, what, fn):
@@ -80,15 +88,39 @@ class _Reporter:
             warnings.warn(f"ckptreg: {what}: {e}", RuntimeWarning, stacklevel=3)
         return None
 
-    def _add(self, path, step, metrics, allow_pickle=False):
+    def _add(self, path, step, metrics, allow_pickle=False, metric_steps=None):
+        """Register ``path`` as RUN@step; ``metric_steps``: name -> the step each value of
+        ``metrics`` was logged at. The outcome is in :meth:`results`."""
+        metric_steps = {k: v for k, v in (metric_steps or {}).items() if k in (metrics or {})} or None
+
         def do():
-            cid = self._registry().add(path, run=self.run, step=step, metrics=metrics or None,
-                                       tags=self.tags or None, replace=self.replace,
-                                       allow_pickle=allow_pickle)
+            reg = self._registry()
+            cid = reg.add(path, run=self.run, step=step, metrics=metrics or None,
+                          tags=self.tags or None,
+                          replace="stale" if self.replace is None else bool(self.replace),
+                          allow_pickle=allow_pickle, metric_steps=metric_steps)
             self.registered[step] = cid
+            self.failed.pop(step, None)
+            self._said_relaunch(getattr(reg, "last_add", None))
             return cid
 
-        return self._guard(f"registering {path} as {self.run}@{step}", do)
+        n_err = len(self.errors)
+        try:
+            return self._guard(f"registering {path} as {self.run}@{step}", do)
+        finally:
+            if step not in self.registered:
+                self.failed[step] = self.errors[-1] if len(self.errors) > n_err else "not registered"
+
+    def results(self) -> dict[int, dict]:
+        """What happened to each checkpoint this callback saw, by step: ``{"status":
+        "registered", "id": N}``, ``{"status": "spooled", "id": None}`` (the database was busy;
+        the next opener ingests it) or ``{"status": "failed", "id": None, "reason": "..."}``."""
+        out: dict[int, dict] = {}
+        for step, cid in self.registered.items():
+            out[step] = {"status": "spooled" if cid is None else "registered", "id": cid}
+        for step, why in self.failed.items():
+            out[step] = {"status": "failed", "id": None, "reason": why}
+        return dict(sorted(out.items()))
 
     def _log(self, step, metrics):
         if not metrics:
@@ -99,3 +131,52 @@ class _Reporter:
 
         return self._guard(f"logging metrics to {self.run}@{step}", do)
 
+    # ------------------------------------------------------------------ run identity
+
+    def _said_relaunch(self, done) -> None:
+        """A relaunch into this run overwrote a registered checkpoint: its stale entry was
+        replaced. Said once per callback (a RuntimeWarning); every such ref is kept in
+        ``replaced``."""
+        if not done or done.get("status") != "replaced":
+            return
+        self.replaced.append(done["ref"])
+        if self._relaunch_said:
+            return
+        self._relaunch_said = True
+        prev = done.get("previous") or {}
+        warnings.warn(
+            f"ckptreg: run {self.run!r} was relaunched over registered checkpoints: the files of "
+            f"{done['ref']} (id {done['id']}) differ from the registered ones (fingerprint "
+            f"{str(prev.get('fingerprint', ''))[:16]} -> {str(done.get('fingerprint', ''))[:16]}); "
+            f"replaced the stale entry (later replacements in this run are not reported again; "
+            f"see `ckptreg history {self.run}`)", RuntimeWarning, stacklevel=3)
+
+    def _record_params(self, params: dict) -> None:
+        """Record the run's hyperparameters (plus the git commit of the working directory) in
+        ``runs.params``, once per callback; a busy database spools them."""
+        if self._params_done:
+            return
+        self._params_done = True
+        params = dict(params or {})
+        commit = git_commit()
+        if commit is not None:
+            params.setdefault("git_commit", commit)
+        self._guard(f"recording the hyperparameters of run {self.run!r}",
+                    lambda: self._registry().set_run_params(self.run, params))
+
+
+def git_commit(cwd=None, timeout: float = 2.0) -> str | None:
+    """``git rev-parse HEAD`` of ``cwd`` (default: the working directory), or None when it is
+    not a git repository, git is missing, or it takes longer than ``timeout`` s. Never raises."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=timeout,
+                           text=True)
+    except Exception:  # noqa: BLE001 - no git, a timeout, a vanished cwd: no commit recorded
+        return None
+    out = (r.stdout or "").strip()
+    if r.returncode != 0 or not out or any(c not in "0123456789abcdef" for c in out.lower()):
+        return None
+    return out

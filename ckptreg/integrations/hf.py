@@ -5,10 +5,15 @@
 On ``on_save`` (main process only) the folder ``{output_dir}/checkpoint-{global_step}`` is
 registered with ``step = global_step`` and metrics:
 
-* ``train_loss``: the ``loss`` of the last ``log_history`` entry with one at or before the step
-  (the name ``ckptreg scan`` and the README use);
+* ``train_loss``: the last ``loss`` logged since the previous save (the name ``ckptreg scan``
+  and the README use), stored with the step it was logged at (``logging_steps=7,
+  save_steps=10``: the checkpoint of step 10 holds step 7's loss and says 7; none is attached
+  when no loss was logged since the previous save);
 * every ``eval_*`` value logged at that step (speed counters ``*_runtime``/``*_per_second`` are
   left out unless ``keep_speed=True``).
+
+The rule is :func:`ckptreg.integrations.hf_state.metrics_for_save`, the one ``ckptreg scan``
+uses. What happened to each save is in ``results()`` (registered id, spooled, failed + reason).
 
 Evaluation can also run after the save of the same step (or a separate ``trainer.evaluate()``
 at the end): ``on_evaluate`` then attaches the new eval metrics with ``Registry.log`` to the
@@ -22,13 +27,14 @@ import os
 from transformers import TrainerCallback
 
 from . import _Reporter, to_float_metrics
+from .hf_state import metrics_for_save, previous_save
 
 _SPEED = ("_runtime", "_per_second")
 
 
 class CkptregCallback(_Reporter, TrainerCallback):
     def __init__(self, run: str, db=None, tags: dict | None = None, *, strict: bool = False,
-                 replace: bool = False, keep_speed: bool = False, lock_timeout: float | None = None):
+                 replace: bool | None = None, keep_speed: bool = False, lock_timeout: float | None = None):
         self._init_common(run, db, tags, strict, replace, lock_timeout)
         self.keep_speed = keep_speed
 
@@ -37,24 +43,36 @@ class CkptregCallback(_Reporter, TrainerCallback):
     def _eval_ok(self, k) -> bool:
         return k.startswith("eval_") and (self.keep_speed or not k.endswith(_SPEED))
 
-    def metrics_at(self, log_history, step: int) -> dict[str, float]:
-        """Train loss at/just before ``step`` and eval metrics logged at ``step``."""
-        out: dict[str, float] = {}
-        loss = None
-        for e in log_history:
-            s = e.get("step")
-            if s is None:
-                continue
-            if "loss" in e and s <= step:
-                loss = e["loss"]
-            if s == step:
-                for k, v in to_float_metrics({k: v for k, v in e.items() if self._eval_ok(k)}).items():
-                    out[k] = v
-        if loss is not None:
-            out = {"train_loss": float(loss), **out}
-        return out
+    def metrics_at(self, log_history, step: int, prev: int | None = None) -> dict[str, float]:
+        """The metrics stored with the checkpoint of ``step`` (``prev``: the previous save's
+        step): see :func:`ckptreg.integrations.hf_state.metrics_for_save`."""
+        return metrics_for_save(log_history, step, prev, keep_speed=self.keep_speed)[0]
+
+    def _previous_save(self, args, state, step: int) -> int | None:
+        """The step of the save before ``step``: saves this callback saw, the checkpoint-N folders
+        still in output_dir, and (step-based saving) the last multiple of save_steps."""
+        seen = set(self.registered) | set(self.failed)
+        try:
+            for name in os.listdir(args.output_dir):
+                if name.startswith("checkpoint-") and name[11:].isdigit():
+                    seen.add(int(name[11:]))
+        except OSError:
+            pass
+        strategy = getattr(args.save_strategy, "value", args.save_strategy)
+        every = getattr(state, "save_steps", None) if strategy == "steps" else None
+        return previous_save(step, seen, every if isinstance(every, int) else None)
 
     # ------------------------------------------------------------------ hooks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the run's hyperparameters, once per run (TrainingArguments + the git commit of the cwd)
+        if not state.is_world_process_zero:
+            return
+        try:
+            targs = args.to_dict()
+        except Exception:  # noqa: BLE001 - an exotic args object must not stop training
+            targs = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        self._record_params({"training_args": targs})
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -64,7 +82,9 @@ class CkptregCallback(_Reporter, TrainerCallback):
         if not os.path.isdir(folder):
             self._guard(f"registering {folder}", lambda: _missing(folder))
             return
-        self._add(folder, step, self.metrics_at(state.log_history, step))
+        metrics, steps = metrics_for_save(state.log_history, step, self._previous_save(args, state, step),
+                                          keep_speed=self.keep_speed)
+        self._add(folder, step, metrics, metric_steps=steps)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero:
