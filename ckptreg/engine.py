@@ -51,6 +51,13 @@ Choices documented here (DESIGN/METHODS leave them open)
   ``B = U√S``, ``A = √S Vh``). ``rank_pattern`` is kept when the rank is not changed, with an
   ``alpha_pattern`` equal to it (scaling 1 per module). Delta space supports linear, uniform, mwa,
   task_arithmetic and cart; other methods are a ParameterError (they are not linear in ΔW).
+- LoRA ``space="factors"`` (the default, and every sweep) combines the stored A/B factors as
+  tensors and writes the first input's adapter_config.json, so it needs every module to have the
+  same scaling s = alpha/r (alpha/sqrt(r) with rsLoRA; alpha_pattern/rank_pattern resolved per
+  module the way PEFT resolves them, ``formats.lora_module_config``) in every input and the base.
+  Differing scalings, or a mix of adapters with and without an adapter_config.json, are a
+  MismatchError before anything is read or written (a sweep checks all its merges first); the
+  message names the adapters and their values and points to ``space="delta"``, which is exact.
 - The merged checkpoint goes to the run of the newest input.
 """
 from __future__ import annotations
