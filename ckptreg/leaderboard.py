@@ -14,6 +14,7 @@ never dropped. No torch.
 """
 from __future__ import annotations
 
+import difflib
 import math
 
 from .errors import NotFoundError, UsageError
@@ -72,10 +73,27 @@ def leaderboard(registry, run: str, score, base=None) -> list[dict]:
     weights = parse_score(score)
     ckpts = registry.checkpoints(run)
     if not ckpts:
-        raise NotFoundError(f"run {run!r} has no checkpoints")
+        runs = sorted({r["run"] for r in registry.runs()})
+        close = difflib.get_close_matches(str(run), runs, n=3, cutoff=0.3)
+        raise NotFoundError(f"run {run!r} has no checkpoints" + (
+            f"; closest runs: {', '.join(close)}" if close else
+            f"; runs: {', '.join(runs[:10])}" if runs else "; the registry is empty"))
+    base_ck = registry.get(base) if base is not None else None
+    logged = {k for c in ckpts + ([base_ck] if base_ck is not None else []) for k in c.metrics}
+    unknown = [k for k in weights if k not in logged]
+    if unknown:
+        names = sorted(logged)
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.4)
+            if close:
+                hints.append(f"{k!r}: closest {', '.join(close)}")
+        raise NotFoundError(f"score metric{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                            f"not logged for any checkpoint of run {run!r}"
+                            + (f" ({'; '.join(hints)})" if hints else "")
+                            + (f"; metrics logged: {', '.join(names[:20])}" if names else "; no metrics logged"))
     plain = [c for c in ckpts if not c.merged and c.step is not None]
     final = max(plain, key=lambda c: c.step) if plain else None
-    base_ck = registry.get(base) if base is not None else None
     scores = {c.id: _score(c, weights) for c in ckpts}
     if base_ck is not None and base_ck.id not in scores:
         scores[base_ck.id] = _score(base_ck, weights)

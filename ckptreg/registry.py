@@ -2770,6 +2770,8 @@ class Registry:
         and always for a folder, the registry's own files or a registered checkpoint's file or
         folder; NotFoundError for a missing parent folder. Returns {"path", "format", "rows",
         "columns", "bytes"}."""
+        from .errors import OutputExistsError
+
         p = pathlib.Path(os.fspath(path)).expanduser().absolute()
         fmt = format or p.suffix.lstrip(".").lower()
         if fmt not in self.EXPORT_FORMATS:
@@ -2845,9 +2847,14 @@ class Registry:
                         raise DiskFullError(f"export: no space left to write {p}; nothing was written") from e
                     if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
                         raise AccessError(f"export: cannot write {p}: {e.strerror}") from e
-                conv = _db_error(p, e) if isinstance(e, _duckdb().Error) else None
-                if conv is not None:
-                    raise conv from e
+                if isinstance(e, _duckdb().Error):
+                    msg = str(e)
+                    if any(k in msg for k in _NOSPACE_MARKERS):
+                        raise DiskFullError(f"export: no space left to write {p}; nothing was written "
+                                            f"({_short(msg)})") from e
+                    if any(k in msg for k in _ACCESS_MARKERS):
+                        raise AccessError(f"export: cannot write {p}: permission denied or read-only "
+                                          f"filesystem ({_short(msg)})") from e
                 raise
             try:
                 os.unlink(tmp)
