@@ -170,7 +170,9 @@ def _trainer_state(folder: str, ckpt_dirs: list[tuple[int, str]]) -> dict | None
 def scan_cmd(db, folder, run, allow_pickle, as_json):
     """Import an HF Trainer output folder: every checkpoint-N with its step, the train loss logged
     since the previous save (with the step it was logged at) and the eval metrics of step N (from
-    the newest trainer_state.json)."""
+    the newest trainer_state.json). Or a Lightning checkpoints/ folder (needs --allow-pickle):
+    every epoch=E-step=S.ckpt with the step from its name and the monitored value its
+    ModelCheckpoint state holds (step unknown)."""
     dirs = []
     for name in os.listdir(folder):
         m = _CKPT_DIR.match(name)
@@ -179,7 +181,13 @@ def scan_cmd(db, folder, run, allow_pickle, as_json):
             dirs.append((int(m.group(1)), p))
     dirs.sort()
     if not dirs:
-        raise NotFoundError(f"{folder}: no checkpoint-N folders")
+        from ..integrations.lightning_state import find_ckpts
+
+        ckpts = find_ckpts(folder)
+        if not ckpts:
+            raise NotFoundError(f"{folder}: no checkpoint-N folders and no Lightning "
+                                f"epoch=E-step=S.ckpt files (here or in {folder}/checkpoints)")
+        return _scan_lightning(db, folder, run, ckpts, allow_pickle, as_json)
     from ..integrations.hf_state import metrics_for_save, previous_save, saves_every
 
     state = _trainer_state(folder, dirs)
@@ -216,6 +224,44 @@ def scan_cmd(db, folder, run, allow_pickle, as_json):
         info("nothing added")
     if not state:
         info(f"note: no trainer_state.json under {folder}: no metrics recorded")
+    for s in skipped:
+        info(f"skipped {run}@{s['step']} ({s['path']}): {s['status']}")
+
+
+def _scan_lightning(db, folder, run, ckpts, allow_pickle, as_json):
+    from ..errors import FormatError
+    from ..integrations.lightning_state import ckpt_metrics
+
+    if not allow_pickle:
+        raise FormatError(f"{folder}: Lightning .ckpt files are torch pickles; pass --allow-pickle to "
+                          "import them (only the state_dict is read, without running code from the file)")
+    reg = _registry(db)
+    added, skipped = [], []
+    with reg.batch():
+        have = {c.step for c in reg.checkpoints(run, merged=False)}
+        for step, path in ckpts:
+            if step in have:
+                skipped.append({"step": step, "path": path, "status": "already registered"})
+                continue
+            metrics, msteps = ckpt_metrics(path)
+            try:
+                cid = reg.add(path, run, step=step, metrics=metrics, allow_pickle=True, metric_steps=msteps)
+            except DuplicateError as e:
+                skipped.append({"step": step, "path": path, "status": str(e)})
+                continue
+            have.add(step)
+            row = {"id": cid, "ref": f"{run}@{step}", "step": step, **metrics}
+            if as_json:
+                row["metric_steps"] = msteps
+            added.append(row)
+    if as_json:
+        emit_json({"added": added, "skipped": skipped, "trainer_state": False, "lightning": True})
+        return
+    cols = ["id", "ref", "step"] + sorted({k for r in added for k in r} - {"id", "ref", "step"})
+    if added:
+        table(added, cols, title=f"added {len(added)} checkpoint(s) to run {run}")
+    else:
+        info("nothing added")
     for s in skipped:
         info(f"skipped {run}@{s['step']} ({s['path']}): {s['status']}")
 

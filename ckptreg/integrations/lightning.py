@@ -7,9 +7,12 @@ How it finds saves: ``ModelCheckpoint`` (and any user code) saves through
 ``trainer.save_checkpoint(filepath, ...)``; in ``setup`` the callback wraps that method on this
 trainer instance, so it learns the exact path, ``trainer.global_step`` and
 ``trainer.callback_metrics`` (tensors -> floats) of each save, right after the file is written.
-Validation that runs after the save at the same step (the usual order with
-``every_n_train_steps``) is attached in ``on_validation_end`` with ``Registry.log`` (the values
-that are new or changed since the save).
+Metrics at their step: ``callback_metrics`` keeps a value until it is logged again, so the
+callback notes the global step at which each value appeared or changed (batch end, validation
+end, epoch end, save) and a save gets only the values produced since the previous save, each with
+its step (a ``val_loss`` of step 10 is not stored under step 15). Validation that runs after the
+save at the same step (the usual order with ``every_n_train_steps``) is attached in
+``on_validation_end`` with ``Registry.log``.
 The wrap is removed in ``teardown``. Saves whose file is not on disk yet (asynchronous checkpoint
 IO) are retried at the next batch end / validation end / train end.
 
@@ -17,7 +20,11 @@ Rules: only the global-zero process registers; one checkpoint per step (the firs
 step; a second file at the same step, e.g. a monitored top-k copy, is skipped); ``last*.ckpt``
 files are skipped unless ``include_last=True`` (they are overwritten in place, so a registry
 entry for them would go stale). Lightning ``.ckpt`` files are pickles written by the user's own
-trainer, so they are registered with ``allow_pickle=True`` (loaded ``weights_only``).
+trainer, so they are registered with ``allow_pickle=True``: loaded ``weights_only``, and a file
+whose ``hyper_parameters`` hold other objects (a ``Path``, a dataclass) has only its
+``state_dict`` read, by a restricted unpickler that runs none of its code
+(:mod:`ckptreg.safe_pickle`). ``results()`` says what happened to each save: registered (id),
+spooled, or failed with the reason.
 A busy database never stops training (``Registry.add`` spools); other registry errors become
 warnings unless ``strict=True``.
 """
@@ -33,12 +40,20 @@ from . import _Reporter, to_float_metrics
 
 class CkptregCallback(_Reporter, pl.Callback):
     def __init__(self, run: str, db=None, tags: dict | None = None, *, strict: bool = False,
-                 replace: bool = False, include_last: bool = False, lock_timeout: float | None = None):
+                 replace: bool | None = None, include_last: bool = False, lock_timeout: float | None = None,
+                 retention: dict | None = None):
         super().__init__()
         self._init_common(run, db, tags, strict, replace, lock_timeout)
+        self.retention = _retention_policy(retention)   # gc policy applied after each save
+        self.last_retention = None
         self.include_last = include_last
         self._pending: list[tuple[str, int, dict]] = []
         self._saved_metrics: dict[int, dict[str, float]] = {}
+        # name -> (value, the global step that value was produced at): callback_metrics keeps a
+        # value until it is logged again, so a save must not take an old one for its own
+        self._metric_at: dict[str, tuple[float, int]] = {}
+        self._save_steps: dict[int, dict[str, int]] = {}   # step -> metric_steps of its save
+        self._last_save: int | None = None
         self._wrapped = None
 
     # ------------------------------------------------------------------ wrap trainer.save_checkpoint
@@ -74,11 +89,24 @@ class CkptregCallback(_Reporter, pl.Callback):
         if not self.include_last and os.path.basename(path).startswith("last"):
             return
         step = int(trainer.global_step)
-        if step in self.registered or any(s == step for _, s, _ in self._pending):
+        if step in self.registered or step in self.failed or any(s == step for _, s, _ in self._pending):
             return
-        metrics = to_float_metrics(trainer.callback_metrics)
+        self._observe(trainer)
+        prev, self._last_save = self._last_save, step
+        # only values produced since the previous save (at this step or after `prev`), with their step
+        now = self._metric_at
+        metrics = {k: v for k, (v, s) in now.items() if prev is None or s > prev}
+        self._save_steps[step] = {k: now[k][1] for k in metrics}
         self._pending.append((path, step, metrics))
         self._flush()
+
+    def _observe(self, trainer):
+        """Note the step of every callback_metrics value that is new or changed since last seen."""
+        step = int(trainer.global_step)
+        for k, v in to_float_metrics(trainer.callback_metrics).items():
+            old = self._metric_at.get(k)
+            if old is None or not (old[0] == v or (old[0] != old[0] and v != v)):
+                self._metric_at[k] = (v, step)
 
     def _flush(self):
         keep = []
@@ -86,14 +114,17 @@ class CkptregCallback(_Reporter, pl.Callback):
             if not os.path.exists(path):
                 keep.append((path, step, metrics))
                 continue
-            self._add(path, step, metrics, allow_pickle=True)
-            self.registered.setdefault(step, None)
-            self._saved_metrics[step] = dict(metrics)
+            _apply_retention(self, self._add(path, step, metrics, allow_pickle=True,
+                                             metric_steps=self._save_steps.pop(step, None)))
+            if step in self.registered:   # registered or spooled; a failure is in self.failed
+                self._saved_metrics[step] = dict(metrics)
         self._pending = keep
 
     # ------------------------------------------------------------------ retries for async IO
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            self._observe(trainer)
         if self._pending:
             self._flush()
 
@@ -103,15 +134,61 @@ class CkptregCallback(_Reporter, pl.Callback):
         # Validation that ran after this step's save (ModelCheckpoint(every_n_train_steps) saves at
         # batch end, validation follows): attach the values that are new or changed since the save.
         step = int(trainer.global_step)
-        if trainer.sanity_checking or not trainer.is_global_zero or step not in self._saved_metrics:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._observe(trainer)
+        if step not in self._saved_metrics:
             return
         before = self._saved_metrics[step]
-        now = to_float_metrics(trainer.callback_metrics)
-        late = {k: v for k, v in now.items() if k not in before or before[k] != v}
+        late = {k: v for k, (v, s) in self._metric_at.items()
+                if s == step and (k not in before or before[k] != v)}
         if late:
             self._log(step, late)
             before.update(late)
 
+    def on_train_start(self, trainer, pl_module):
+        # the run's hyperparameters, once per run (save_hyperparameters() + the git commit)
+        if not trainer.is_global_zero:
+            return
+        params = {}
+        try:
+            hp = dict(getattr(pl_module, "hparams", None) or {})
+            if hp:
+                params["hparams"] = hp
+            dm = getattr(trainer, "datamodule", None)
+            dhp = dict(getattr(dm, "hparams", None) or {}) if dm is not None else {}
+            if dhp:
+                params["datamodule_hparams"] = dhp
+        except Exception:  # noqa: BLE001 - odd hparams containers must not stop training
+            pass
+        self._record_params(params)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self._observe(trainer)   # epoch-level values belong to the epoch's last step
+
     def on_train_end(self, trainer, pl_module):
         if self._pending:
             self._flush()
+
+
+def _retention_policy(retention):
+    """The validated ``retention=`` policy (a dict of Registry.gc keywords) or None."""
+    if retention is None:
+        return None
+    from ..registry import retention_policy
+
+    return retention_policy(retention)
+
+
+def _apply_retention(cb, cid) -> None:
+    """After a registered save: apply ``cb.retention`` through the registry's gc (``yes=True``:
+    only registered files inside each pruned checkpoint's folder are deleted). A spooled or
+    failed add skips it (the next save applies it); errors warn like registration errors."""
+    if cb.retention is None or cid is None:
+        return
+
+    def do():
+        cb.last_retention = cb._registry().retain(cb.run, cb.retention)
+
+    cb._guard(f"applying retention {cb.retention} to run {cb.run}", do)
