@@ -37,14 +37,19 @@ def __getattr__(name):
     raise AttributeError(f"module 'ckptreg' has no attribute {name!r}")
 
 
-def add(path, run, step=None, metrics=None, tags=None, *, db=None, replace=False, allow_pickle=False):
+def add(path, run, step=None, metrics=None, tags=None, *, db=None, replace=False, allow_pickle=False,
+        lock_timeout=None):
     """Register a checkpoint in the default registry (``CKPTREG_DB`` or ./ckptreg.duckdb).
 
-    Meant for training loops: if the database stays locked past the bound, the entry is spooled
-    beside the database and ingested by the next opener, and this returns None instead of an id.
+    Meant for training loops: if the database stays busy past a short bound (``lock_timeout``
+    seconds; default ``$CKPTREG_LOCK_TIMEOUT``, else 1 s), the entry is spooled beside the
+    database and ingested by the next opener, and this returns None instead of an id. The same
+    files at the same step again return the existing id (nothing changes).
     """
-    from .registry import Registry
+    from .registry import Registry, lock_timeout_for_training
 
-    return Registry(db).add(
+    if lock_timeout is None:
+        lock_timeout = lock_timeout_for_training()
+    return Registry(db, lock_timeout=lock_timeout).add(
         path, run=run, step=step, metrics=metrics, tags=tags, replace=replace, allow_pickle=allow_pickle
     )

@@ -85,8 +85,9 @@ def test_errors_exit_nonzero_and_change_nothing(cli, db_path, tmp_path):
                           "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16)
     trunc = tmp_path / "step-4.safetensors"
     raw_safetensors(trunc, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 3)
+    other = write_peft_adapter(tmp_path / "b" / "checkpoint-1", 2)  # other files at a registered step
     cases = [
-        (("add", p, "--run", "r"), 4, "already registered"),
+        (("add", other, "--run", "r"), 4, "already registered"),
         (("add", tmp_path / "missing", "--run", "r", "--step", "2"), 3, "missing"),
         (("add", bad, "--run", "r"), 2, "overlaps"),
         (("add", trunc, "--run", "r"), 2, str(trunc)),
