@@ -508,9 +508,12 @@ def load_pickle_state(path) -> dict:
                 raise
             obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{p}: cannot load with weights_only=True (it holds objects other than "
-                          f"tensors and plain containers): {first}") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines() if x.strip()]
+        first = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else type(e).__name__)
+        # e.g. a Lightning .ckpt whose hyper_parameters hold a Path or a dataclass: read it again
+        # without running anything and keep only its state_dict
+        obj = _state_dict_only(p, f"cannot load with weights_only=True (it holds objects other than "
+                                  f"tensors and plain containers): {first}")
     except Exception as e:  # corrupt/truncated zip, EOF, ...
         raise FormatError(f"{p}: not a loadable torch pickle: {type(e).__name__}: {e}") from None
     _refuse_training_state(p, obj)
@@ -555,6 +558,36 @@ def _refuse_training_state(p: str, obj) -> None:
         return
     raise FormatError(f"{p}: is {what}, not model weights (no tensor named like a parameter); "
                       "refused even with --allow-pickle (register the model's weights file instead)")
+
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def _state_dict_only(p: str, why: str) -> dict:
+    """A pickle that weights_only refuses, read by :mod:`ckptreg.safe_pickle` (no callable from
+    the file runs; unknown objects are inert placeholders): its ``state_dict`` (or
+    model_state_dict / model / module) when that is plain tensors in plain dicts, returned as
+    ``{key: state_dict}``; FormatError ``why`` (+ the reason) otherwise."""
+    from . import safe_pickle
+
+    try:
+        obj = safe_pickle.torch_load(p)
+    except Exception as e:  # noqa: BLE001 - a refused opcode, a corrupt file: the file is not usable
+        raise FormatError(f"{p}: {why}; reading it without running code failed too: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    sub, key = None, None
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                sub = obj[key]
+                break
+    if sub is None:
+        raise FormatError(f"{p}: {why}; and it has no state_dict to read alone")
+    bad = safe_pickle.inert_names(sub)
+    if bad:
+        raise FormatError(f"{p}: {why}; its {key} holds objects other than tensors ({', '.join(bad)})")
+    _refuse_training_state(p, obj)
+    return {key: sub}
 
 
 def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
