@@ -155,6 +155,10 @@ def test_aliases_and_versions_everywhere_a_ref_is_accepted(reg, cli, tmp_path):
     assert d["id"] == v2 and d["version"] == 2 and d["ref"] == "r@soup:v2"
     out = cli("show", "r@old-soup").stdout
     assert "version" in out and f"{v1}" in out
+    got = json.loads(cli("ls", "--merged", "--json").stdout)
+    assert [(d["ref"], d["version"]) for d in got] == [("r@soup", 1), ("r@soup:v2", 2)]
+    table = cli("ls", "--run", "r").stdout
+    assert "version" in table.splitlines()[0] and "r@soup:v2" in table
     # log
     cli("log", "r@prod", "extra=1.5")
     cli("log", "r@soup:v1", "extra=2.5")
