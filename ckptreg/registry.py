@@ -374,6 +374,15 @@ class Checkpoint:
     # with the checkpoint of step 10 says 7); None for a value logged without a step
     metric_steps: dict[str, int | None] = field(default_factory=dict)
 
+    def metric_lag(self, name: str) -> int | None:
+        """How many steps before this checkpoint the value of metric ``name`` was logged (0: at
+        its step); None when there is no value, its step is unknown or the checkpoint has no step.
+        MWA/metric weighting by a value with a lag > 0 weighs the checkpoint by an older score."""
+        s = self.metric_steps.get(name)
+        if s is None or self.step is None or name not in self.metrics:
+            return None
+        return self.step - s
+
     @property
     def ref(self) -> str:
         if self.step is None and self.version and self.version > 1:

@@ -157,3 +157,25 @@ def test_lightning_top_k_with_path_hparams_and_scan(tmp_path):
         assert c.fingerprint == ck[c.step].fingerprint
         assert c.metrics == {"val_loss": pytest.approx(val[c.step], rel=1e-6)}
         assert c.metric_steps == {"val_loss": None}
+
+
+def test_lightning_failed_add_is_reported_failed_not_spooled(tmp_path):
+    """A registry error (here: the database's folder does not exist) is a warning, training
+    finishes, and results() says failed with the reason; before, the entry read as spooled."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ckptreg.integrations.lightning import CkptregCallback
+
+    db = tmp_path / "no-such-folder" / "reg.duckdb"
+    cb = CkptregCallback(run="f", db=db)
+    mc = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[mc, cb], enable_progress_bar=False, logger=False,
+                         accelerator="cpu", enable_model_summary=False, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="no-such-folder"):
+        trainer.fit(_HPModule(tmp_path, _Cfg()), torch.utils.data.DataLoader(_xy(16, 0), batch_size=4))
+    res = cb.results()
+    assert sorted(res) == [2, 4]
+    for r in res.values():
+        assert r["status"] == "failed" and r["id"] is None and "no-such-folder" in r["reason"]
+    assert cb.registered == {}
+    assert not db.parent.exists()

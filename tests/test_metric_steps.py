@@ -59,6 +59,21 @@ def test_spooled_add_keeps_metric_steps(tmp_path, db_path):
     assert c.metrics == {"train_loss": 0.5} and c.metric_steps == {"train_loss": 7}
 
 
+def test_weights_says_when_a_score_is_older_than_its_checkpoint(tmp_path, db_path):
+    reg = Registry(db_path)
+    for s, loss, at in ((10, 1.0, 7), (20, 0.8, 20), (30, 0.6, 28)):
+        reg.add(write_peft_adapter(tmp_path / f"checkpoint-{s}", s), "r", metrics={"train_loss": loss},
+                metric_steps={"train_loss": at})
+    c = reg.get("r@10")
+    assert (c.metric_lag("train_loss"), reg.get("r@20").metric_lag("train_loss"), c.metric_lag("nope")) == (3, 0, None)
+    r = CliRunner().invoke(main, ["--db", str(db_path), "weights", "--run", "r", "--last", "3",
+                                  "--metric", "train_loss", "--penalty", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)) == 3                 # the JSON on stdout is unchanged
+    assert "note: train_loss of r@10 was logged at step 7, 3 step(s) before the checkpoint" in r.stderr
+    assert "r@30 was logged at step 28, 2 step(s)" in r.stderr and "r@20" not in r.stderr
+
+
 # ------------------------------------------------------------------ the shared log_history parser
 
 def test_metrics_for_save_window():

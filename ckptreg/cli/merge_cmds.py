@@ -157,6 +157,11 @@ def weights_cmd(db, run, last, every, exclude_final, metric, penalty, power, sch
             _fmt.info(f"wrote {plot}")
     _fmt.table(rows, ["checkpoint", "id", "step", "metric", "position", "weight"], as_json=as_json,
                title=None if as_json else f"{scheme} weights, {metric or 'uniform'}")
+    for c in ckpts if metric else ():   # a score logged before the checkpoint weighs it (stderr)
+        lag = c.metric_lag(metric) if hasattr(c, "metric_lag") else None
+        if lag:
+            _fmt.info(f"note: {metric} of {c.ref} was logged at step {c.metric_steps[metric]}, "
+                      f"{lag} step(s) before the checkpoint: its weight uses that older value")
 
 
 # ----------------------------------------------------------------------------------------- merge
