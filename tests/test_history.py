@@ -205,3 +205,39 @@ def test_hf_relaunch_replaces_stale_rows_warns_once_and_records_params(tmp_path,
     ops = [(e["op"], e["ref"]) for e in reg.history("sft")]
     assert ops.count(("replace", "sft@2")) == 1 and ops.count(("replace", "sft@4")) == 1
     assert [o for o, _ in ops].count("params") == 2  # recorded once per run, then the change
+
+
+def test_lightning_records_hparams_once(tmp_path, monkeypatch):
+    """A real Lightning fit: save_hyperparameters() (a Path among them) lands in runs.params
+    (non-JSON values as their str), with no git commit outside a repository."""
+    import pathlib
+
+    import torch
+
+    pl = pytest.importorskip("pytorch_lightning")
+    from ckptreg.integrations.lightning import CkptregCallback
+
+    class M(pl.LightningModule):
+        def __init__(self, lr=0.05, data_dir=pathlib.Path("/data/x")):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    db = tmp_path / "reg.duckdb"
+    cb = CkptregCallback(run="pl", db=db, strict=True)
+    x = torch.randn(16, 4)
+    trainer = pl.Trainer(max_steps=4, callbacks=[cb], enable_progress_bar=False, logger=False,
+                         accelerator="cpu", enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(M(lr=0.01), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4))
+    assert cb.errors == []
+    reg = Registry(db)
+    assert reg.run_params("pl") == {"hparams": {"lr": 0.01, "data_dir": "/data/x"}}
+    assert [e["op"] for e in reg.history("pl")] == ["params"]
