@@ -36,6 +36,8 @@ def test_add_and_log_record_each_values_step(tmp_path, db_path):
     d = _show(db_path, "r@10")
     assert d["metric_steps"] == {"train_loss": 9, "acc": 10, "eval_loss": 10}
     assert d["metrics"]["train_loss"] == 1.25
+    txt = CliRunner().invoke(main, ["--db", str(db_path), "show", "r@10"]).output
+    assert "1.25 (logged at step 9)" in txt and "(logged at step 10)" not in txt
     # listings carry them too
     r = CliRunner().invoke(main, ["--db", str(db_path), "ls", "--json"])
     assert json.loads(r.output)[0]["metric_steps"]["train_loss"] == 9

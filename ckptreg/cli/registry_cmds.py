@@ -363,7 +363,9 @@ def show_cmd(db, ckpt, as_json):
     kv(fields)
     click.echo("\nmetrics:")
     if c.metrics:
-        kv({f"  {k}": v for k, v in c.metrics.items()})
+        # a value logged at another step than the checkpoint's says which (metric_steps)
+        kv({f"  {k}": v if c.metric_steps.get(k) in (None, c.step) else f"{v} (logged at step {c.metric_steps[k]})"
+            for k, v in c.metrics.items()})
     else:
         click.echo("  (none)")
     s = d["inventory"]
