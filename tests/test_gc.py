@@ -149,13 +149,16 @@ def _tokens(n, seed):
     return [{"input_ids": x, "labels": x.clone()} for x in ids]
 
 
-@pytest.mark.parametrize("metric", ["eval_loss", "train_loss"])
-def test_hf_trainer_retention_keeps_best_k(tmp_path, metric):
+@pytest.mark.parametrize("metric, direction", [("eval_loss", "min"), ("train_loss", "max")])
+def test_hf_trainer_retention_keeps_best_k(tmp_path, metric, direction):
+    """retention= applied after each save keeps the best 2 by the metric plus the newest; with
+    direction max (the worst losses: the earliest steps here) what is kept is not the newest."""
     from ckptreg.integrations.hf import CkptregCallback
     from ckptreg.registry import Registry
 
     db, out = tmp_path / "reg.duckdb", tmp_path / "out"
-    cb = CkptregCallback(run="t", db=db, strict=True, retention={"keep_best": 2, "metric": metric})
+    cb = CkptregCallback(run="t", db=db, strict=True, retention={"keep_best": 2, "metric": metric,
+                                                                "direction": direction})
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=10, per_device_train_batch_size=4, per_device_eval_batch_size=8,
         learning_rate=2e-2, logging_steps=1, save_steps=2, eval_strategy="steps", eval_steps=2,
@@ -169,8 +172,10 @@ def test_hf_trainer_retention_keeps_best_k(tmp_path, metric):
     for ref, detail in reg.sql("SELECT ref, detail FROM events WHERE op = 'gc'")[1]:
         value[int(ref.split("@")[1])] = json.loads(detail)["metrics"][metric]
     assert sorted(value) == [2, 4, 6, 8, 10] and not any(math.isnan(v) for v in value.values())
-    best = sorted(value, key=lambda s: (value[s], -s))[:2]
+    best = sorted(value, key=lambda s: (value[s] if direction == "min" else -value[s], -s))[:2]
     expect = set(best) | {10}
+    if direction == "max":
+        assert expect != {6, 8, 10}, value  # not what save_total_limit would have kept
     assert {c.step for c in reg.checkpoints("t")} == expect
     for s in (2, 4, 6, 8, 10):
         folder = out / f"checkpoint-{s}"
