@@ -39,7 +39,38 @@ def _jsonable(v: Any) -> Any:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    data = _jsonable(data)
+    if isinstance(data, list) and len(data) > 50:
+        # a long listing: one compact object per line (still one JSON array; 10k checkpoints
+        # print in a fraction of the time indent=2 takes, and stay greppable line by line)
+        out = sys.stdout
+        out.write("[\n")
+        last = len(data) - 1
+        for i, row in enumerate(data):
+            out.write(json.dumps(row, separators=(", ", ": ")) + (",\n" if i < last else "\n"))
+        out.write("]\n")
+        return
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+#: Above this many rows a table is aligned by hand: rich lays out every cell of every row
+#: (about 1 ms a row), which makes `ls` of a 10,000-checkpoint run take seconds.
+_RICH_MAX_ROWS = 200
+
+
+def _plain_table(cells, columns, numeric, title) -> None:
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric)).rstrip()
+
+    out = sys.stdout
+    if title:
+        out.write(title + "\n")
+    out.write(line(list(columns)) + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    out.writelines(line(row) + "\n" for row in cells)
 
 
 def table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, title: str | None = None,
@@ -54,13 +85,17 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, title: 
     from rich.table import Table
     from rich import box
 
-    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     right = set(right)
-    for c in columns:
-        numeric = c in right or (rows and all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
-                                 and any(r.get(c) is not None for r in rows))
-        t.add_column(c, justify="right" if numeric else "left", no_wrap=True, overflow="fold")
+    numeric = [bool(c in right or (rows and all(isinstance(r.get(c), (int, float)) or r.get(c) is None
+                                               for r in rows)
+                                   and any(r.get(c) is not None for r in rows))) for c in columns]
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    if len(rows) > _RICH_MAX_ROWS:
+        _plain_table(cells, columns, numeric, title)
+        return
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for c, num in zip(columns, numeric):
+        t.add_column(c, justify="right" if num else "left", no_wrap=True, overflow="fold")
     for row in cells:
         t.add_row(*row)
     # Size the console to the content so columns are never truncated or folded: a wide table
