@@ -8,7 +8,10 @@ How a merge runs
 3. The output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
    or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
 4. Tensors are streamed in name order. Inputs are read with ``preadv`` into per-input chunk
-   buffers allocated once and reused (:class:`_Source`), never through an mmap: an input
+   buffers allocated once and reused (:class:`_Source`), or, for streamed methods where Linux
+   grants a read lease on the file, as zero-copy views of a map that no writer can truncate
+   while the lease is held (a writer's open waits for the next chunk, when the lease is handed
+   over and reading goes on with ``preadv``): an input
    truncated in place mid-merge (a trainer re-saving with ``open('wb')``) is a short read and a
    ChangedError naming the file (exit 10), not a SIGBUS; after the last read every input file is
    re-stat'ed (inode, size, mtime against the identity taken before its fingerprint was checked)
@@ -360,9 +363,12 @@ def plan(registry, inputs, base=None) -> Plan:
 
 class _Source:
     """Tensors of one checkpoint, read with ``preadv`` (:meth:`SafeFile.read`) into buffers this
-    source owns and reuses, never through an mmap: an input truncated in place while a merge
-    reads it (a trainer re-saving with ``open('wb')``) is then a ChangedError naming the file, not
-    a SIGBUS that kills the process. ``snaps`` maps real file paths to their
+    source owns and reuses, or, with ``lease=True`` where the kernel grants a read lease
+    (:meth:`SafeFile.lease`), as zero-copy views of a map that a writer cannot truncate while
+    they are in use (the lease is released to a waiting writer at the next chunk, and reads go
+    on with ``preadv``). Either way an input truncated in place while a merge reads it (a
+    trainer re-saving with ``open('wb')``) is a ChangedError naming the file, not a SIGBUS that
+    kills the process. ``snaps`` maps real file paths to their
     :func:`~ckptreg.safetensors_io.file_ident` taken just before the registry checked their
     fingerprint; :meth:`check` (called after the last read, before any output is committed)
     raises ChangedError when a file was rewritten, resized or replaced since then.
@@ -371,12 +377,13 @@ class _Source:
     of N inputs holds N input chunks; whole tensors (TIES thresholds, CART, LoRA factors) are
     read only where a method needs them."""
 
-    def __init__(self, info, snaps: dict | None = None):
+    def __init__(self, info, snaps: dict | None = None, lease: bool = False):
         self.info = info
         self._files: dict[str, object] = {}
         self._state = None
         self._snaps = snaps or {}
         self._bufs: dict = {}
+        self._lease = lease
 
     def _pickled(self, name):
         if self._state is None:   # torch pickle: load once (memory: the whole state dict)
@@ -391,6 +398,8 @@ class _Source:
             from .safetensors_io import open_tensors
 
             f = self._files[ti.file] = open_tensors(ti.file, expect=self._snaps.get(os.path.realpath(ti.file)))
+            if self._lease:
+                f.lease()
         return f
 
     def chunk(self, name, start: int, stop: int):
@@ -401,6 +410,9 @@ class _Source:
         if getattr(ti, "offset", 0) < 0:
             return _flat(self._pickled(name))[start:stop]
         f = self._file(ti)
+        v = f.view(name, start, stop)   # zero-copy while a read lease holds (SafeFile.lease)
+        if v is not None:
+            return v
         n = stop - start
         buf = self._bufs.get(ti.dtype)
         if buf is None or buf.numel() < n:
@@ -1401,8 +1413,11 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
     entries_shapes = dict(pl.shapes)
     adapter_cfg = None
     delta = None
-    sources = [_Source(i, snaps) for i in pl.infos]
-    base_src = _Source(pl.base_info, snaps) if pl.base_info is not None else None
+    # streamed methods read chunks as zero-copy views under a read lease where the kernel grants
+    # one (preadv otherwise); whole-tensor methods (CART, delta space) always read with preadv
+    lease = space == "factors" and method != "cart"
+    sources = [_Source(i, snaps, lease) for i in pl.infos]
+    base_src = _Source(pl.base_info, snaps, lease) if pl.base_info is not None else None
     try:
         if space == "delta":
             delta, entries_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user)
@@ -1676,7 +1691,7 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
         col = {c.id: j for j, c in enumerate(union)}
         pl = plan(registry, union)
         done_all[0] = 0   # progress is reported per one-pass group
-        sources = [_Source(i, snaps) for i in pl.infos]
+        sources = [_Source(i, snaps, lease=True) for i in pl.infos]
         targets = []
         try:
             W_ = torch.zeros((len(members), len(union)), dtype=torch.float32)

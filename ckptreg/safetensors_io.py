@@ -469,6 +469,26 @@ def _diff(old: tuple, new: tuple | None) -> str:
     return "modified in place (its modification time changed)"
 
 
+def _lease_signal_ready() -> bool:
+    """A read lease's break is signalled with SIGIO, whose default action kills the process. We
+    poll the lease state instead of handling the signal, so SIGIO must be ignored: set it to
+    SIG_IGN when it has its default action (main thread only); an application's own SIGIO
+    handler is left alone and no lease is taken."""
+    import signal
+    import threading
+
+    sig = getattr(signal, "SIGIO", None)
+    if sig is None:
+        return False
+    h = signal.getsignal(sig)
+    if h == signal.SIG_IGN:
+        return True
+    if h == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(sig, signal.SIG_IGN)
+        return True
+    return False
+
+
 def _pread_into(fd: int, mv: memoryview, offset: int) -> int:
     """Fill ``mv`` from ``fd`` at ``offset``; returns the bytes read (< len(mv) only at end of file)."""
     got, n = 0, len(mv)
@@ -507,6 +527,8 @@ class SafeFile:
         self._mm = None
         self._base = None
         self._fd = -1
+        self._leased = False
+        self._flat: dict = {}
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -523,6 +545,83 @@ class SafeFile:
             size = self._ident[2]
             self.close()
             raise _changed(self.path, f"size {self.header.file_size} -> {size} bytes while its header was read")
+
+    # -- read lease: zero-copy views that a truncation cannot fault -------------------------------
+
+    def lease(self) -> bool:
+        """Take a Linux read lease (``F_SETLEASE F_RDLCK``) on the file; True when held.
+
+        While it is held, another process's ``open()`` for writing or truncation of this file
+        blocks in the kernel until we release it, so pages of a map of it cannot disappear and
+        :meth:`view` may hand out zero-copy views. :meth:`view` and :meth:`read` poll the lease
+        (``F_GETLEASE``) on every call: when a writer waits, the lease is released at once (the
+        writer goes on after at most one chunk's work) and every later read goes through
+        ``preadv``, where a truncation is a short read, i.e. a ChangedError. Not available (False:
+        ``preadv`` only): not Linux, ``CKPTREG_NO_LEASE=1``, a file owned by another user
+        (EACCES), a file open for writing somewhere (EAGAIN), filesystems without leases, or an
+        application SIGIO handler (see :func:`_lease_signal_ready`).
+
+        Bound: the kernel breaks a lease by force after ``/proc/sys/fs/lease-break-time`` seconds
+        (45 by default); only a process stopped in the middle of one chunk's work for that long
+        could still meet a truncated page."""
+        if self._leased:
+            return True
+        if self._fd < 0 or os.environ.get("CKPTREG_NO_LEASE", "") not in ("", "0"):
+            return False
+        try:
+            import fcntl
+
+            setlease, rd = fcntl.F_SETLEASE, fcntl.F_RDLCK
+        except (ImportError, AttributeError):
+            return False
+        if not _lease_signal_ready():
+            return False
+        try:
+            fcntl.fcntl(self._fd, setlease, rd)
+        except OSError:
+            return False
+        self._leased = True
+        now = _ident(os.fstat(self._fd))
+        if now != self._ident:   # changed between the open and the lease
+            self._unlease()
+            raise _changed(self.path, _diff(self._ident, now))
+        return True
+
+    def _unlease(self) -> None:
+        if self._leased:
+            self._leased = False
+            self._flat.clear()
+            try:
+                import fcntl
+
+                fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            except OSError:
+                pass
+
+    def _lease_holds(self) -> bool:
+        """True while our lease is held and no writer waits for it (else release it now)."""
+        if not self._leased:
+            return False
+        import fcntl
+
+        try:
+            held = fcntl.fcntl(self._fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+        except OSError:
+            held = False
+        if not held:
+            self._unlease()
+        return held
+
+    def view(self, name, start: int, stop: int):
+        """Zero-copy flat view of elements ``[start, stop)`` while the read lease holds, else None
+        (the caller reads with :meth:`read`). Use it only until the next view()/read() call on
+        this file: that call may release the lease to a waiting writer."""
+        if not self._lease_holds():
+            return None
+        v = self._flat.get(name)
+        if v is None:
+            v = self._flat[name] = self.tensor(name).reshape(-1)
+        return v[start:stop]
 
     # -- reading (no mmap) ------------------------------------------------------------------------
 
@@ -551,6 +650,8 @@ class SafeFile:
             return out
         if self._fd < 0:
             raise FormatError(f"{self.path}: file is closed")
+        if self._leased:
+            self._lease_holds()   # a writer waiting for our lease goes on now
         nbytes = n * item
         mv = memoryview(out.view(torch.uint8).numpy()).cast("B")[:nbytes]
         off = ti.offset + start * item
@@ -572,6 +673,8 @@ class SafeFile:
         """ChangedError if the file was rewritten, resized or replaced since it was opened."""
         if self._fd < 0:
             return
+        if self._leased:
+            self._lease_holds()
         now = _ident(os.fstat(self._fd))
         if now != self._ident:
             raise _changed(self.path, _diff(self._ident, now))
@@ -629,6 +732,10 @@ class SafeFile:
         # live views dangling (segfault on access). Drop our references instead: every view
         # holds the mmap object, which unmaps when the last of them is garbage collected (the
         # mmap holds its own duplicate of the descriptor, so ours can be closed now).
+        # A lease belongs to the open file description, which the mmap's duplicate descriptor
+        # shares: release it explicitly, views left alive must not keep writers waiting.
+        self._unlease()
+        self._flat = {}
         self._base = None
         self._mm = None
         fd, self._fd = self._fd, -1

@@ -136,6 +136,53 @@ def test_open_refuses_a_file_changed_since_its_fingerprint_was_checked(tmp_path)
         f.check()
 
 
+WRITER = "import sys, time; t = time.time(); open(sys.argv[1], 'wb').close(); print(time.time() - t)"
+
+
+def _leased(f):
+    if not f.lease():
+        pytest.skip("no read lease here (not the file's owner, no SIGIO to spare, or no leases on this filesystem)")
+
+
+def test_read_lease_holds_a_writer_until_the_next_read(tmp_path, monkeypatch):
+    """Zero-copy views under a read lease: a trainer's open('wb') waits in the kernel (no page can
+    vanish under a view); the next view()/read() releases the lease to it and reads on with
+    preadv, where the truncation is a ChangedError."""
+    monkeypatch.setenv("CKPTREG_NO_LEASE", "0")
+    p = tmp_path / "a.safetensors"
+    ref = _state(1)
+    save_file(ref, str(p))
+    with open_tensors(p) as f:
+        _leased(f)
+        v = f.view("layer0.weight", 0, 100)
+        assert torch.equal(v, ref["layer0.weight"].reshape(-1)[:100])
+        w = subprocess.Popen([sys.executable, "-c", WRITER, str(p)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert w.poll() is None, "the writer's open('wb') went through while the lease was held"
+        assert p.stat().st_size > 0
+        assert torch.equal(v, ref["layer0.weight"].reshape(-1)[:100])   # still readable: nothing truncated
+        del v
+        assert f.view("layer0.weight", 100, 200) is None   # lease given up to the waiting writer
+        assert float(w.communicate(timeout=30)[0]) < 10.0
+        with pytest.raises(ChangedError, match=rf"^{p} changed while the merge read it \(truncated: "):
+            f.read("layer1.weight", 0, 100, out=torch.empty(100))
+
+
+def test_close_releases_the_lease_even_with_views_alive(tmp_path, monkeypatch):
+    """The map's duplicate descriptor shares the lease: close() must release it explicitly, or a
+    writer would wait out lease-break-time (45 s) because of a view left alive."""
+    monkeypatch.setenv("CKPTREG_NO_LEASE", "0")
+    p = tmp_path / "a.safetensors"
+    save_file(_state(1), str(p))
+    f = open_tensors(p)
+    _leased(f)
+    v = f.view("layer0.weight", 0, 100)
+    f.close()
+    w = subprocess.run([sys.executable, "-c", WRITER, str(p)], capture_output=True, text=True, timeout=60)
+    assert float(w.stdout) < 5.0, f"writer waited {w.stdout} s"
+    del v   # never touched again: its pages are gone
+
+
 # ------------------------------------------------------------------------------------------------
 # the engine, in process: changes that cannot fault an mmap (rename, same-size rewrite)
 
@@ -147,7 +194,10 @@ def _assert_nothing_left(reg, before, d, paths, out):
 
 @pytest.mark.parametrize("how", ["rename", "same_size"])
 @pytest.mark.parametrize("method", ["mwa", "ties", "sweep"])
-def test_merge_refuses_input_changed_mid_merge(tmp_path, how, method):
+def test_merge_refuses_input_changed_mid_merge(tmp_path, monkeypatch, how, method):
+    # preadv path: the change comes from this very process (the progress callback), which would
+    # wait on its own read lease
+    monkeypatch.setenv("CKPTREG_NO_LEASE", "1")
     reg, paths = _run(tmp_path, n=3)
     before = reg.dump()
     victim = paths[1]
@@ -258,8 +308,9 @@ def test_truncated_between_chunks_is_changed_error_not_sigbus(tmp_path):
         kw["n"] = n
         jobs.append((str(d / "reg.duckdb"), str(out), str(victim), kw))
         checks.append((case, d, reg, reg.dump(), victim, out))
+    # preadv path (the truncating callback runs in the merging process: it would wait on its own lease)
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], capture_output=True, text=True,
-                       timeout=300, cwd=str(ROOT))
+                       timeout=300, cwd=str(ROOT), env={**os.environ, "CKPTREG_NO_LEASE": "1"})
     lines = p.stdout.strip().splitlines()
     assert p.returncode >= 0, (f"merge of case {checks[len(lines)][0]!r} died with "
                                f"{signal.Signals(-p.returncode).name}: {p.stderr[-2000:]}")
@@ -297,9 +348,13 @@ def _big_run(d: Path, n=3, mib=32):
 
 
 @pytest.mark.slow
-def test_cli_merge_with_input_truncated_concurrently(tmp_path):
+@pytest.mark.parametrize("lease", ["lease", "no_lease"])
+def test_cli_merge_with_input_truncated_concurrently(tmp_path, lease):
     """Retried (bounded) until the truncation lands while the merge streams: the temporary output
-    exists and has grown past its header, and the merge has not finished."""
+    exists and has grown past its header, and the merge has not finished. With a read lease the
+    trainer's open('wb') waits for the merge's next chunk; without one (CKPTREG_NO_LEASE=1) it
+    truncates at once and the merge's next preadv comes up short."""
+    env = {**os.environ, "CKPTREG_NO_LEASE": "1" if lease == "no_lease" else "0"}
     outcomes = []
     for attempt in range(6):
         d = tmp_path / f"a{attempt}"
@@ -311,7 +366,8 @@ def test_cli_merge_with_input_truncated_concurrently(tmp_path):
         out.parent.mkdir()
         proc = subprocess.Popen([sys.executable, "-c", CLI, "--db", str(d / "reg.duckdb"), "merge", "--run", "r",
                                  "--last", "3", "--method", "linear", "-o", str(out), "--name", "m", "-q"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                env=env)
         landed = False
         deadline = time.time() + 60
         while proc.poll() is None and time.time() < deadline:
@@ -321,8 +377,10 @@ def test_cli_merge_with_input_truncated_concurrently(tmp_path):
             except OSError:
                 grown = False
             if grown:
+                t0 = time.time()
                 with open(victim, "wb"):   # the trainer re-saves in place
                     pass
+                waited = time.time() - t0
                 landed = proc.poll() is None
                 break
             time.sleep(0.0005)
@@ -335,5 +393,6 @@ def test_cli_merge_with_input_truncated_concurrently(tmp_path):
         assert f"error: {victim} changed while the merge read it (" in stderr, stderr[-3000:]
         assert reg.dump() == before
         assert list(out.parent.iterdir()) == []
+        assert waited < 5.0, f"the trainer's open('wb') waited {waited:.1f} s for the merge's lease"
         return
     pytest.fail(f"the truncation never landed mid-merge in {len(outcomes)} attempts: {outcomes}")
