@@ -620,6 +620,7 @@ class SafeFile:
             return None
         v = self._flat.get(name)
         if v is None:
+            self._flat.clear()   # one tensor at a time (an unaligned one is a copy)
             v = self._flat[name] = self.tensor(name).reshape(-1)
         return v[start:stop]
 
