@@ -6,6 +6,7 @@ file and the spool are exercised for real.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,14 +20,17 @@ N_PROCS = 4
 N_ADDS = 100
 
 WORKER = textwrap.dedent("""
-    import json, sys, time
+    import json, pathlib, struct, sys, time
     from ckptreg.registry import Registry
     db, path, worker, n, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
     reg = Registry(db, lock_timeout=timeout)
+    template = pathlib.Path(path).read_bytes()[:-12]   # the header; each step saves its own weights
     ids, spooled = 0, 0
     for i in range(n):
         step = worker * 100000 + i
-        cid = reg.add(path, "shared", step=step, metrics={"loss": 1.0 / (i + 1), "worker": worker})
+        f = pathlib.Path(path).with_name(f"w{worker}-{i}.safetensors")
+        f.write_bytes(template + struct.pack("<3f", step, i, worker))
+        cid = reg.add(f, "shared", step=step, metrics={"loss": 1.0 / (i + 1), "worker": worker})
         if cid is None:
             spooled += 1
         else:
@@ -104,7 +108,10 @@ def test_threads_in_one_process(tmp_path):
         reg = Registry(db, lock_timeout=60)
         try:
             for i in range(15):
-                if reg.add(p, "t", step=t * 1000 + i, metrics={"loss": i}) is None:
+                f = raw_safetensors(tmp_path / f"w{t}-{i}.safetensors",  # each step saves its own weights
+                                    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                                    struct.pack("<2f", t, i))
+                if reg.add(f, "t", step=t * 1000 + i, metrics={"loss": i}) is None:
                     spooled.append(1)
                 reg.checkpoints("t")
                 reg.get(f"t@{t * 1000}")
