@@ -1233,10 +1233,9 @@ def _check_target(registry, spec, out: Path, overwrite: bool):
         elif real.startswith(cp.rstrip(os.sep) + os.sep):
             raise OutputExistsError(f"{out} is inside registered checkpoint {ref} (id {cid}, {cpath}); writing "
                                     "there would change it: choose another -o")
-    if existing is not None:
-        if not overwrite:
-            raise DuplicateError(f"{run}@{spec.name} is already registered (id {existing.id}); "
-                                 "use --overwrite or another --name")
+    # Merged names are versioned: the same name at another path registers the next version
+    # (RUN@NAME:v2, ...); only --overwrite onto the newest version's own path replaces it.
+    if existing is not None and overwrite and os.path.normpath(str(existing.path)) == real:
         deps = _dependents(registry, existing.id, [c for c in everything if c.merged])
         if deps:
             raise OutputExistsError(f"{run}@{spec.name} (id {existing.id}, {existing.path}) is an input or base of "
@@ -1290,6 +1289,16 @@ def _registered_as(registry, spec, out_path) -> bool:
         return False
 
 
+def _is_newest_version_at(registry, spec, out_path) -> bool:
+    """Whether the newest version of RUN@NAME is registered at ``out_path`` (then --overwrite
+    replaces it; anywhere else the merge becomes the next version)."""
+    try:
+        c = registry.get(f"{_output_run(spec)}@{spec.name}")
+    except CkptregError:
+        return False
+    return bool(c.merged and os.path.normpath(str(c.path)) == os.path.realpath(out_path))
+
+
 def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, overwrite, target=None):
     """Register a committed output. If that fails, ``target`` (its _Output) is reverted: the
     output is removed again and the one it replaced put back, so a merge ends registered or
@@ -1298,7 +1307,8 @@ def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, ov
         cid = registry.record_merge(path=str(out_path), run=_output_run(spec), name=spec.name, method=method,
                                     params=_lineage_params(spec, p, space, rank, out_dtype),
                                     inputs=[(c.id, float(x)) for c, x in zip(spec.inputs, w)],
-                                    base=None if spec.base is None else spec.base.id, replace=overwrite)
+                                    base=None if spec.base is None else spec.base.id,
+                                    replace=overwrite and _is_newest_version_at(registry, spec, out_path))
     except BaseException:
         if target is not None:
             if _registered_as(registry, spec, out_path):

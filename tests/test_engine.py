@@ -327,9 +327,11 @@ def test_exists_overwrite_changed_and_registry_intact(lora, tmp_path):
     n = _n_rows(lora)
     with pytest.raises(OutputExistsError):
         engine.merge(lora, engine.make_spec(lora, "uniform", ins, selection={"last": 3}, out=c.path, name="other"))
-    with pytest.raises(DuplicateError):
-        engine.merge(lora, engine.make_spec(lora, "uniform", ins, selection={"last": 3},
-                                            out=str(tmp_path / "elsewhere")))
+    # the same name at another path is the next version (issue #10: merged names are versioned)
+    v2 = engine.merge(lora, engine.make_spec(lora, "uniform", ins, selection={"last": 3},
+                                             out=str(tmp_path / "elsewhere")))
+    assert v2.version == 2 and v2.name == c.name and lora.get(f"{c.run}@{c.name}:v1").id == c.id
+    lora.rm([v2.id], delete_files=True)
     # bad inputs: errors leave the registry and the earlier output intact
     with pytest.raises(WeightError):
         engine.make_spec(lora, "mwa", ins, metric="train_loss", penalty=-1)

@@ -218,28 +218,39 @@ main(sys.argv[3:], prog_name="ckptreg")
 @pytest.mark.slow
 def test_two_concurrent_merges_to_one_target_one_wins_one_exits_14(tmp_path):
     reg, db = _file_run(tmp_path, n=4, numel=1 << 22)      # 4 x 32 MiB inputs, 16 MiB output
-    out = tmp_path / "outs" / "merged.safetensors"
-    go = tmp_path / "go"
     env = dict(os.environ, CKPTREG_DB=str(db))
-    ready = [tmp_path / f"ready{i}" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(ready[i]), str(go), "--db", str(db), "merge",
-                               "--run", "files", "--last", "4", "--method", "ties", "--density", "0.3", "--base", "first",
-                               "-q", "-o", str(out), "--name", f"m{i}"],   # TIES: the winner holds the lock ~1 s
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
-             for i in range(2)]
-    deadline = time.time() + 120
-    while not all(r.exists() for r in ready) and time.time() < deadline and all(p.poll() is None for p in procs):
-        time.sleep(0.01)
-    go.write_text("go")   # both children have imported everything: they start within a millisecond
-    outs = [p.communicate(timeout=120) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, TargetBusyError.exit_code], (codes, outs)
-    loser = next(o for p, o in zip(procs, outs) if p.returncode != 0)
-    assert str(out) in loser[1].decode() and "another ckptreg process" in loser[1].decode()
-    merged = Registry(db).checkpoints(merged=True)
-    assert len(merged) == 1 and merged[0].path == str(out)
-    Registry(db).check_unchanged(merged[0])   # the files are the registered ones, not a mix
-    assert _leftovers(out.parent) == []
+    overlapped = False
+    # Each attempt races two real processes onto one new target. Either outcome of an attempt must
+    # be safe (one registered output, the other process exits non-zero and changes nothing); the
+    # loser meets the lock (14) when the two overlap, or the finished output (9) when one process
+    # started so late that the other was done. Up to 4 attempts until one overlaps.
+    for attempt in range(4):
+        out = tmp_path / f"outs{attempt}" / "merged.safetensors"
+        go = tmp_path / f"go{attempt}"
+        ready = [tmp_path / f"ready{attempt}-{i}" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", RACER, str(ready[i]), str(go), "--db", str(db), "merge",
+                                   "--run", "files", "--last", "4", "--method", "ties", "--density", "0.3",
+                                   "--base", "first", "-q", "-o", str(out), "--name", f"m{attempt}-{i}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
+                 for i in range(2)]   # TIES: the winner holds the lock ~1 s
+        deadline = time.time() + 120
+        while not all(r.exists() for r in ready) and time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        go.write_text("go")   # both children have imported everything: they start within a millisecond
+        outs = [p.communicate(timeout=120) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        assert codes in ([0, TargetBusyError.exit_code], [0, OutputExistsError.exit_code]), (codes, outs)
+        loser = next(o for p, o in zip(procs, outs) if p.returncode != 0)
+        assert str(out) in loser[1].decode()
+        merged = [c for c in Registry(db).checkpoints(merged=True) if c.path == str(out)]
+        assert len(merged) == 1
+        Registry(db).check_unchanged(merged[0])   # the files are the registered ones, not a mix
+        assert _leftovers(out.parent) == []
+        if codes[1] == TargetBusyError.exit_code:
+            assert "another ckptreg process" in loser[1].decode()
+            overlapped = True
+            break
+    assert overlapped, "the two merges never overlapped in 4 attempts"
 
 
 # ------------------------------------------------------------------------------------------ item 3
@@ -262,9 +273,12 @@ def test_single_file_output_needs_a_safetensors_name_checked_before_writing(tmp_
     c = reg.get(json.loads(res.output)["id"])
     assert c.path == str(out) and (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) == 2
-    # the rerun of the first command now is refused as taken, not as an orphan "exists"
-    res = _cli(db, "merge", "--run", "files", "--last", 2, "-q", "-o", str(out) + "2.safetensors")
-    assert res.exit_code == DuplicateError.exit_code
+    # the same merge to a correct file name now registers (the next version of the name),
+    # never an orphan refused as "exists"
+    res = _cli(db, "merge", "--run", "files", "--last", 2, "-q", "-o", str(out) + "2.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    c2 = reg.get(json.loads(res.output)["id"])
+    assert c2.path == str(out) + "2.safetensors" and c2.version == 2 and c2.name == c.name
 
 
 HOLD_DB = r"""
@@ -304,7 +318,9 @@ def test_failed_registration_removes_the_output_and_restores_the_replaced_one(lo
     assert _leftovers(Path(first.path).parent) == []
 
 
-def test_registration_lost_to_a_concurrent_merge_of_the_same_name_leaves_nothing(lora):
+def test_concurrent_merge_of_the_same_name_elsewhere_becomes_the_next_version(lora):
+    # (was: the second registration of one RUN@NAME failed and had to leave nothing behind; merged
+    # names are versioned now (issue #10), so both outputs are kept and registered)
     reg, db, tmp = lora
     out = tmp / "mine"
     other = tmp / "theirs"
@@ -316,10 +332,11 @@ def test_registration_lost_to_a_concurrent_merge_of_the_same_name_leaves_nothing
                                                           out=str(other))))
 
     spec = engine.make_spec(reg, "uniform", reg.select("sft", 3), name="same", out=str(out))
-    with pytest.raises(DuplicateError):
-        engine.merge(reg, spec, progress=progress)
-    assert not out.exists() and _leftovers(tmp) == []
-    assert [c.path for c in reg.checkpoints(merged=True)] == [str(other)]
+    mine = engine.merge(reg, spec, progress=progress)
+    assert _leftovers(tmp) == []
+    assert sorted((c.version, c.path) for c in reg.checkpoints(merged=True)) == [(1, str(other)), (2, str(out))]
+    assert reg.get("sft@same").id == mine.id and reg.get("sft@same:v1").id == won[0].id
+    assert mine.ref == "sft@same:v2"
 
 
 # ------------------------------------------------------------------------------------------ item 4
