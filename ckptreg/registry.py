@@ -836,8 +836,16 @@ class Registry:
         return FormatError(f"cannot open registry {self.path}: {_short(e)}")
 
     def _close(self, con) -> None:
-        """Detach the registry file (releasing it for other processes) and drop the connection."""
-        self._detach(con, self._aliases.pop(id(con), None))
+        """Detach the registry file (releasing it for other processes) and drop the connection.
+        A DuckDB error here (its checkpoint at DETACH failed: a disk that filled up) is raised as
+        the typed error, so it cannot reach a training loop as an untyped exception."""
+        try:
+            self._detach(con, self._aliases.pop(id(con), None))
+        except _duckdb().Error as e:
+            conv = _db_error(self.path, e)
+            if conv is None:
+                conv = FormatError(f"{self.path}: the registry could not be closed cleanly: {_short(str(e))}")
+            raise conv from e
 
     @staticmethod
     def _detach(con, alias) -> None:
