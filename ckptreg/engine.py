@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import (
+    ChangedError,
     CkptregError,
     DuplicateError,
     FormatError,
@@ -1114,14 +1115,24 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
             raise WeightError(f"{_ref(c)}: weight {x!r} is not finite")
     if not spec.name:
         raise ParameterError("a merge needs a name")
+    bad = []   # every missing or changed input, named at once (not the first one only)
     for c in inputs + ([spec.base] if spec.base is not None else []):
         if checked is not None and c.id in checked:
             continue
         if snaps is not None:
             _snapshot(c, snaps)
-        registry.check_unchanged(c)
+        try:
+            registry.check_unchanged(c)
+        except ChangedError as e:
+            bad.append(e)
+            continue
         if checked is not None:
             checked.add(c.id)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        raise ChangedError(f"{len(bad)} inputs are missing or changed since registration; nothing was "
+                           "written:\n  " + "\n  ".join(str(e) for e in bad))
     return method, inputs, w, p
 
 

@@ -219,3 +219,60 @@ def test_database_folder_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["add", str(ck), "--run", "r"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "ckptreg.duckdb").is_file()
+
+
+def test_merge_names_every_missing_or_changed_input_at_once(tmp_path):
+    """A merge over several missing/changed inputs lists all of them in one error (exit 10),
+    writes nothing and leaves the registry as it was."""
+    from safetensors.torch import save_file
+
+    from ckptreg.errors import ChangedError
+
+    db = tmp_path / "r.duckdb"
+    paths = []
+    for step in (1, 2, 3, 4):
+        p = tmp_path / "run" / f"step-{step}.safetensors"
+        p.parent.mkdir(exist_ok=True)
+        save_file({"w": torch.full((4, 4), float(step))}, str(p))
+        paths.append(p)
+        assert CliRunner().invoke(main, ["--db", str(db), "add", str(p), "--run", "r", "--step", str(step)]).exit_code == 0
+    before = Registry(db).dump()
+    paths[0].unlink()                                            # missing
+    save_file({"w": torch.full((4, 4), 9.0)}, str(paths[2]))    # changed
+    out = tmp_path / "out.safetensors"
+    res = CliRunner().invoke(main, ["--db", str(db), "merge", "--run", "r", "--last", "4", "-q", "-o", str(out)])
+    assert res.exit_code == ChangedError.exit_code, res.output
+    assert "2 inputs are missing or changed" in res.output
+    assert "r@1" in res.output and "r@3" in res.output and "r@2" not in res.output
+    assert not out.exists() and Registry(db).dump() == before
+    shutil.rmtree(tmp_path / "run")
+
+
+def test_merge_and_sweep_skip_missing(tmp_path):
+    """--skip-missing: a selection leaves out checkpoints whose files are gone (the output is
+    the merge of the present ones); without it the merge is refused naming the missing one."""
+    from safetensors.torch import load_file, save_file
+
+    from ckptreg.errors import ChangedError
+
+    db = tmp_path / "r.duckdb"
+    paths = []
+    for step in (1, 2, 3, 4):
+        p = tmp_path / "run" / f"step-{step}.safetensors"
+        p.parent.mkdir(exist_ok=True)
+        save_file({"w": torch.full((4, 4), float(step))}, str(p))
+        paths.append(p)
+        assert CliRunner().invoke(main, ["--db", str(db), "add", str(p), "--run", "r", "--step", str(step)]).exit_code == 0
+    paths[2].unlink()                                            # r@3 is gone
+    out = tmp_path / "o.safetensors"
+    base = ["--db", str(db), "merge", "--run", "r", "--last", "2", "--method", "uniform", "-q", "-o", str(out)]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == ChangedError.exit_code and "r@3" in res.output and not out.exists()
+    res = CliRunner().invoke(main, base + ["--skip-missing"])
+    assert res.exit_code == 0, res.output
+    assert torch.equal(load_file(str(out))["w"], torch.full((4, 4), 3.0))   # mean of steps 2 and 4
+    res = CliRunner().invoke(main, ["--db", str(db), "sweep", "--run", "r", "--last", "2", "--method", "uniform",
+                                    "--skip-missing", "-q", "-o", str(tmp_path / "sw")])
+    assert res.exit_code == 0, res.output
+    made = list((tmp_path / "sw").glob("*.safetensors"))
+    assert len(made) == 1 and torch.equal(load_file(str(made[0]))["w"], torch.full((4, 4), 3.0))

@@ -101,7 +101,11 @@ class _Progress:
         return False
 
 
-def _resolve_inputs(reg, run, last, every, exclude_final, ckpts):
+_SKIP_MISSING_HELP = ("Selections (--last) leave out checkpoints whose files are missing "
+                      "(default: a merge over missing inputs is refused, naming them all).")
+
+
+def _resolve_inputs(reg, run, last, every, exclude_final, ckpts, skip_missing=False):
     if ckpts and run is not None and last is not None:
         raise UsageError("give either --run/--last or explicit checkpoints, not both")
     if ckpts:
@@ -111,8 +115,10 @@ def _resolve_inputs(reg, run, last, every, exclude_final, ckpts):
         return out, None
     if run is None or last is None:
         raise UsageError("choose inputs: --run R --last K [--every M], or checkpoints as arguments")
-    return reg.select(run, last, every or 1, exclude_final=exclude_final), {
-        "run": run, "last": last, "every": every or 1, "exclude_final": bool(exclude_final)}
+    sel = {"run": run, "last": last, "every": every or 1, "exclude_final": bool(exclude_final)}
+    if skip_missing:
+        sel["skip_missing"] = True
+    return reg.select(run, last, every or 1, exclude_final=exclude_final, skip_missing=skip_missing), sel
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -201,6 +207,7 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--last", "last", type=int, default=None, help="Merge the last K checkpoints.")
 @click.option("--every", type=int, default=None, help="Every M-th checkpoint going back.")
 @click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint (the paper's k_last).")
+@click.option("--skip-missing", is_flag=True, help=_SKIP_MISSING_HELP)
 @_common_merge_options
 @click.option("--space", type=click.Choice(["factors", "delta"]), default="factors", show_default=True,
               help="LoRA: merge stored factors, or exactly in update space.")
@@ -215,7 +222,7 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
-def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, metric, direction, penalty, power,
+def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, method, scheme, metric, direction, penalty, power,
               density, sign, lam, seed, t, rank_ratio, base, space, rank, exact_svd, out_dtype, out_shard_size, out,
               name, overwrite, quiet, as_json):
     """Merge checkpoints (last K of a run, or the ones given) and register the result."""
@@ -226,7 +233,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, 
     if every is not None and last is None:
         raise UsageError("--every needs --last")
     reg = _registry(db)
-    inputs, selection = _resolve_inputs(reg, run, last, every, exclude_final, checkpoints)
+    inputs, selection = _resolve_inputs(reg, run, last, every, exclude_final, checkpoints, skip_missing)
     if m == "mwa" and scheme is None:
         scheme = "mwa"
     if scheme == "mwa" and penalty is None:
@@ -259,6 +266,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, 
 @click.option("--last", "last", required=True, help="Comma list of K, e.g. 2,3,4,5,8,10.")
 @click.option("--every", default="1", show_default=True, help="Comma list of M, e.g. 1,3.")
 @click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint.")
+@click.option("--skip-missing", is_flag=True, help=_SKIP_MISSING_HELP)
 @click.option("--method", default="uniform,mwa", show_default=True, help="Comma list of methods.")
 @click.option("--metric", default="train_loss", show_default=True, help="Comma list of metrics for MWA.")
 @click.option("--penalty", default="0.7", show_default=True, help="Comma list of penalty factors.")
@@ -277,7 +285,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, method, scheme, 
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_db
-def sweep_cmd(db, run, last, every, exclude_final, method, metric, penalty, power, direction, density, sign, lam,
+def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, density, sign, lam,
               seed, t, rank_ratio, base, out_dtype, out_dir, overwrite, quiet, as_json):
     """Plan every combination of K × M × method × metric × penalty, drop duplicates, run the
     weighted sums in one pass over the inputs, register each result under its paper name."""
@@ -298,11 +306,13 @@ def sweep_cmd(db, run, last, every, exclude_final, method, metric, penalty, powe
     params = _params(density, sign, lam, seed, t, rank_ratio)
     for k, mm in itertools.product(lasts, everys):
         try:
-            inputs = reg.select(run, k, mm, exclude_final=exclude_final)
+            inputs = reg.select(run, k, mm, exclude_final=exclude_final, skip_missing=skip_missing)
         except SelectionError as e:
             skipped.append(f"last {k} every {mm}: {e}")
             continue
         sel = {"run": run, "last": k, "every": mm, "exclude_final": bool(exclude_final)}
+        if skip_missing:
+            sel["skip_missing"] = True
         for meth in methods:
             if meth in ("uniform", "linear"):
                 combos = [("uniform", None, None)]
