@@ -70,16 +70,47 @@ def _check_weight_params(penalty, power, density):
 
 
 class _Progress:
-    """A rich progress bar on stderr driven by the engine's progress(done, total, name) calls."""
+    """Merge progress on stderr, driven by the engine's ``progress(done_bytes, total_bytes, name)``
+    calls: a rich bar when stderr is a terminal; otherwise (a batch log, a pipe) one plain line
+    every ``CKPTREG_PROGRESS_INTERVAL`` seconds (default 5) with percent, bytes and rate, and a
+    last line when the merge ends. ``quiet`` prints neither."""
+
+    DEFAULT_INTERVAL = 5.0
 
     def __init__(self, quiet: bool, label: str):
         self.quiet = quiet
         self.label = label
         self.p = None
         self.task = None
+        self.lines = False
+        self.interval = self.DEFAULT_INTERVAL
+        self._last = None       # (done, total) of the newest call
+        self._printed = None    # (done, total) of the newest line written
+        self._t0 = self._t_line = 0.0
+        self._done0 = 0
+
+    @staticmethod
+    def _interval():
+        import os
+
+        raw = os.environ.get("CKPTREG_PROGRESS_INTERVAL")
+        if raw is None or not raw.strip():
+            return _Progress.DEFAULT_INTERVAL
+        try:
+            v = float(raw)
+        except ValueError:
+            v = float("nan")
+        if not math.isfinite(v) or v < 0:
+            raise UsageError(f"CKPTREG_PROGRESS_INTERVAL={raw!r} is not a number of seconds >= 0")
+        return v
 
     def __enter__(self):
-        if not self.quiet:
+        import sys
+        import time
+
+        if self.quiet:
+            return self
+        if sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
@@ -89,16 +120,67 @@ class _Progress:
                               console=Console(stderr=True), transient=True)
             self.p.__enter__()
             self.task = self.p.add_task(self.label, total=None)
+        else:
+            self.interval = self._interval()
+            self.lines = True
+            self._t0 = self._t_line = time.monotonic()
         return self
 
     def __call__(self, done, total, name):
         if self.p is not None:
             self.p.update(self.task, completed=done, total=total)
+        elif self.lines:
+            import time
+
+            now = time.monotonic()
+            if self._last is not None and done < self._last[0]:   # a sweep starts its next pass
+                self._t0, self._done0 = now, 0
+            self._last = (done, total)
+            if now - self._t_line >= self.interval:
+                self._line(now)
+
+    def _line(self, now):
+        import sys
+
+        done, total = self._last
+        rate = (done - self._done0) / max(now - self._t0, 1e-9)
+        parts = [f"{self.label}:"]
+        if total:
+            pct = 100.0 if done >= total else min(99.9, math.floor(1000.0 * done / total) / 10.0)
+            parts.append(f"{pct:5.1f}%")
+            parts.append(f"{_human(done)}/{_human(total)}")
+        else:
+            parts.append(_human(done))
+        parts.append(f"{_human(rate)}/s")
+        if total and rate > 0 and done < total:
+            parts.append(f"eta {(total - done) / rate:.0f}s")
+        else:
+            parts.append(f"{now - self._t0:.1f}s")
+        sys.stderr.write(" ".join(parts) + "\n")
+        sys.stderr.flush()
+        self._printed = self._last
+        self._t_line = now
 
     def __exit__(self, *exc):
         if self.p is not None:
             self.p.__exit__(*exc)
+        elif self.lines and exc[0] is None and self._last is not None and self._printed != self._last:
+            import time
+
+            self._line(time.monotonic())   # the last state, so a log shows the merge finished
         return False
+
+
+def _human(n) -> str:
+    """Bytes (or bytes per second) in decimal units: 950 B, 12.3 kB, 4.56 MB, 1.20 GB."""
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{n:.2f} {unit}" if abs(n) < 10 else f"{n:.1f} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 _SKIP_MISSING_HELP = ("Selections (--last) leave out checkpoints whose files are missing "
