@@ -2443,27 +2443,32 @@ class Registry:
         return out
 
     def gc_plan(self, run, *, keep_best=None, metric=None, direction=None, keep_last=None,
-                keep_every=None) -> dict:
+                keep_every=None, merged: bool = False) -> dict:
         """What :meth:`gc` would do (a dry run); see there."""
-        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every)
+        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every, merged=merged)
         with self._reader() as con:
             return self._gc_plan(con, run, pol)
 
     def gc(self, run, *, keep_best=None, metric=None, direction=None, keep_last=None,
-           keep_every=None, yes: bool = False) -> dict:
+           keep_every=None, yes: bool = False, merged: bool = False) -> dict:
         """Retention over the plain checkpoints of ``run``. Kept: the union of the policies
         (``keep_best`` K by the latest value of ``metric``, ``direction`` min|max, default from the
         name, NaN/missing never best, ties to the later step; ``keep_last`` N highest steps;
         ``keep_every`` M: steps that are multiples of M) plus, always, the final checkpoint,
         every checkpoint with an alias, with a tag ``keep`` (any value), and every input or base
-        of a registered merge. Merged checkpoints are never touched.
+        of a registered merge. Merged checkpoints are never touched, unless ``merged``: then the
+        policies apply to the run's merged outputs instead (``keep_last`` N most recently
+        registered, ``keep_best`` K by a logged metric, ties to the later registration;
+        ``keep_every`` has no steps to work on and is refused) and kept always are the merges
+        that are an input or the base of another registered merge, aliased ones and ones tagged
+        ``keep``; no plain checkpoint is touched.
 
         Without ``yes`` a dry run; with ``yes`` the rest is unregistered (one ``gc`` event each)
         and their files deleted as :meth:`rm` ``delete_files`` does (registered files only, only
         inside each checkpoint's folder). Returns {"run", "dry_run", "policy", "keep": [{"id",
         "ref", "step", "reasons"}], "delete": [{"id", "ref", "step", "path", "bytes"}],
         "bytes_freed", "files": {id: rm-like file result} (with ``yes``)}."""
-        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every)
+        pol = _gc_policy(keep_best, metric, direction, keep_last, keep_every, merged=merged)
         if not yes:
             with self._reader() as con:
                 return self._gc_plan(con, run, pol)
@@ -2485,6 +2490,8 @@ class Registry:
         return plan
 
     def _gc_plan(self, con, run, pol: dict) -> dict:
+        if pol.get("merged"):
+            return self._gc_plan_merged(con, run, pol)
         rows = con.execute("SELECT id, step, path, files, tags FROM checkpoints "
                            "WHERE run = ? AND NOT merged ORDER BY step", [run]).fetchall()
         if not rows:
@@ -2540,6 +2547,59 @@ class Registry:
         del plain
         return {"run": run, "dry_run": True, "policy": pol, "keep": keep_rows, "delete": delete_rows,
                 "bytes_freed": freed}
+
+    def _gc_plan_merged(self, con, run, pol: dict) -> dict:
+        """:meth:`_gc_plan` over the merged outputs of ``run`` (``gc --merged``)."""
+        rows = con.execute("SELECT id, name, version, path, files, tags, created FROM checkpoints "
+                           "WHERE run = ? AND merged ORDER BY created, id", [run]).fetchall()
+        if not rows:
+            have = con.execute("SELECT count(*) FROM runs WHERE name = ?", [run]).fetchone()[0]
+            if not have:
+                raise NotFoundError(f"gc: no run {run!r}" + self._candidates(con, f"{run}@0", None))
+        keep: dict[int, list[str]] = {}
+
+        def mark(i, why):
+            keep.setdefault(int(i), []).append(why)
+
+        order = {int(r[0]): n for n, r in enumerate(rows)}  # registration order
+        if pol.get("keep_last"):
+            for r in rows[-pol["keep_last"]:]:
+                mark(r[0], f"last {pol['keep_last']} registered")
+        if pol.get("keep_best"):
+            k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
+            vals = con.execute(
+                "SELECT c.id, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
+                "WHERE c.run = ? AND c.merged AND m.name = ? AND m.latest AND NOT isnan(m.value)",
+                [run, metric]).fetchall()
+            vals.sort(key=lambda v: ((v[1] if d == "min" else -v[1]), -order.get(int(v[0]), 0)))
+            for i, _ in vals[:k]:
+                mark(i, f"best {k} by {metric} ({d})")
+        for i, a in con.execute(
+                "SELECT a.checkpoint_id, a.run || '@' || a.name FROM aliases a JOIN checkpoints c "
+                "ON c.id = a.checkpoint_id WHERE c.run = ? AND c.merged ORDER BY 2", [run]).fetchall():
+            mark(i, f"alias {a}")
+        for r in rows:
+            tags = _jloads(r[5]) or {}
+            if isinstance(tags, dict) and "keep" in tags:
+                mark(r[0], "tag keep")
+        for cid, us in self._merge_users(con, list(order)).items():
+            for u in us:
+                if u["id"] != cid:
+                    mark(cid, f"{u['role']} of merge {u['ref']}")
+        keep_rows, delete_rows, freed = [], [], 0
+        for cid, name, version, path, files, _, created in rows:
+            ref = _ref_of(run, None, name, version)
+            base = {"id": int(cid), "ref": ref, "step": None, "name": name,
+                    "version": int(version or 1), "created": created}
+            if int(cid) in keep:
+                keep_rows.append(dict(base, reasons=keep[int(cid)]))
+                continue
+            fl = _jloads(files) or []
+            b = sum(int(f.get("size") or 0) for f in fl if isinstance(f, dict))
+            delete_rows.append(dict(base, path=path, bytes=b))
+            freed += b
+        return {"run": run, "dry_run": True, "merged": True, "policy": pol, "keep": keep_rows,
+                "delete": delete_rows, "bytes_freed": freed}
 
     def _merge_users_of_run(self, con, run) -> dict[int, list[dict]]:
         """:meth:`_merge_users` for every plain checkpoint of ``run`` (one query)."""
@@ -2767,9 +2827,17 @@ class Registry:
         """The export (every checkpoint, ``metrics.NAME`` columns, lineage) as a pyarrow Table.
         UsageError naming the package when pyarrow is not installed."""
         _need("pyarrow", "Registry.to_arrow()")
+        import duckdb  # the full package: the native module alone (what _duckdb() prefers) has
+        # no Arrow output on a connection; importing the package installs its relational layer
+
         with self._reader() as con:
-            res = con.execute(self._export_sql(con))
-            t = res.fetch_arrow_table() if hasattr(res, "fetch_arrow_table") else res.arrow()
+            rel = con.sql(self._export_sql(con))
+            # the method's name moved between DuckDB releases (2.x: to_arrow_table; 1.x:
+            # fetch_arrow_table / arrow, the latter a RecordBatchReader in some)
+            fetch = next(getattr(rel, n) for n in ("to_arrow_table", "fetch_arrow_table", "arrow")
+                         if hasattr(rel, n))
+            t = fetch()
+        del duckdb
         return t.read_all() if hasattr(t, "read_all") else t
 
     def to_pandas(self):
@@ -3133,8 +3201,9 @@ def _files_present(files, path) -> bool:
 _GC_KEYS = ("keep_best", "metric", "direction", "keep_last", "keep_every")
 
 
-def _gc_policy(keep_best, metric, direction, keep_last, keep_every) -> dict:
-    """Validated retention policy; UsageError naming the bad value."""
+def _gc_policy(keep_best, metric, direction, keep_last, keep_every, *, merged: bool = False) -> dict:
+    """Validated retention policy; UsageError naming the bad value. ``merged``: the policy of
+    ``gc --merged`` (merged outputs have no step: keep_every is refused)."""
     def count(name, v):
         if v is None:
             return None
@@ -3156,13 +3225,17 @@ def _gc_policy(keep_best, metric, direction, keep_last, keep_every) -> dict:
         raise UsageError("gc: no retention policy: give keep_best + metric (--keep-best K --metric M), "
                          "keep_last (--keep-last N) and/or keep_every (--keep-every M); the final "
                          "checkpoint is always kept")
+    if merged and keep_every is not None:
+        raise UsageError("gc --merged: --keep-every / keep_every needs steps and merged checkpoints "
+                         "have none; use --keep-last N (the N most recently registered) and/or "
+                         "--keep-best K --metric M")
     if keep_best is not None and direction is None:
         from .weights import default_direction
 
         direction = default_direction(metric)
     pol = {"keep_best": keep_best, "metric": metric if keep_best else None,
            "direction": direction if keep_best else None, "keep_last": keep_last,
-           "keep_every": keep_every}
+           "keep_every": keep_every, "merged": True if merged else None}
     return {k: v for k, v in pol.items() if v is not None}
 
 

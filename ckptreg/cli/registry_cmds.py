@@ -73,7 +73,7 @@ def _metric_columns(ckpts, limit=8) -> list[str]:
 
 # ----------------------------------------------------------------------------- add / log
 
-@click.command("add")
+@click.command("add", epilog="\b\nExample:\n  ckptreg add out/checkpoint-500 --run sft --metric train_loss=0.91 --tag seed=1")
 @click.argument("path", type=click.Path())
 @click.option("--run", "run", required=True, help="Run name.")
 @click.option("--step", type=int, default=None, help="Training step (default: inferred from the path).")
@@ -127,7 +127,7 @@ def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash
         click.echo(cid)
 
 
-@click.command("log")
+@click.command("log", epilog="\b\nExample:\n  ckptreg log sft@500 gsm8k=0.412 gsmplus=0.377")
 @click.argument("ckpt")
 @click.argument("values", nargs=-1, required=True, metavar="NAME=VALUE...")
 @json_opt
@@ -161,7 +161,7 @@ def _trainer_state(folder: str, ckpt_dirs: list[tuple[int, str]]) -> dict | None
     return read_trainer_state(folder, ckpt_dirs)
 
 
-@click.command("scan")
+@click.command("scan", epilog="\b\nExample:\n  ckptreg scan out/ --run sft")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--run", "run", required=True, help="Run name to register the checkpoints under.")
 @click.option("--allow-pickle", is_flag=True, help="Allow torch pickles.")
@@ -268,7 +268,7 @@ def _scan_lightning(db, folder, run, ckpts, allow_pickle, as_json):
 
 # ----------------------------------------------------------------------------- listings
 
-@click.command("runs")
+@click.command("runs", epilog="\b\nExample:\n  ckptreg runs")
 @json_opt
 @pass_db
 def runs_cmd(db, as_json):
@@ -288,7 +288,7 @@ def runs_cmd(db, as_json):
     table(out, ["run", "checkpoints", "merged", "first_step", "last_step"] + names)
 
 
-@click.command("ls")
+@click.command("ls", epilog="\b\nExample:\n  ckptreg ls --run sft --sort train_loss --last 10")
 @click.option("--run", "run", default=None, help="Only this run.")
 @click.option("--sort", "sort", default=None, metavar="METRIC", help="Sort by a metric (ascending).")
 @click.option("--max", "maximize", is_flag=True, help="With --sort: descending.")
@@ -333,7 +333,7 @@ def _inventory_summary(inv: dict) -> dict:
     return {"tensors": len(inv), "dtypes": dtypes, "files": sorted(files)}
 
 
-@click.command("show")
+@click.command("show", epilog="\b\nExample:\n  ckptreg show sft@500")
 @click.argument("ckpt")
 @json_opt
 @pass_db
@@ -384,9 +384,9 @@ def show_cmd(db, ckpt, as_json):
                for i in lin["inputs"]], ["position", "id", "ref", "weight"], title="inputs")
 
 
-@click.command("best")
-@click.option("--run", "run", required=True)
-@click.option("--metric", "metric", required=True)
+@click.command("best", epilog="\b\nExample:\n  ckptreg best --run sft --metric gsm8k --max")
+@click.option("--run", "run", required=True, help="Run name.")
+@click.option("--metric", "metric", required=True, help="Metric to rank by (lowest wins; --max: highest).")
 @click.option("--max", "maximize", is_flag=True, help="Higher is better.")
 @json_opt
 @pass_db
@@ -399,7 +399,7 @@ def best_cmd(db, run, metric, maximize, as_json):
     table([_row(c, [metric])], ["id", "ref", "step", "merged", metric])
 
 
-@click.command("sql")
+@click.command("sql", epilog="\b\nExample:\n  ckptreg sql \"SELECT run, count(*) AS n FROM checkpoints GROUP BY run\"")
 @click.argument("query")
 @click.option("--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, metavar="SECONDS", help="Interrupt the query after this long.")
@@ -417,7 +417,7 @@ def sql_cmd(db, query, timeout, as_json):
     table(dicts, cols)
 
 
-@click.command("verify")
+@click.command("verify", epilog="\b\nExample:\n  ckptreg verify sft@500 --full")
 @click.argument("ckpt", required=False)
 @click.option("--full", is_flag=True,
               help="Hash every byte of the tensor files and compare with the hash recorded at "
@@ -441,7 +441,7 @@ def verify_cmd(db, ckpt, full, as_json):
                            + (" ..." if len(bad) > 10 else ""))
 
 
-@click.command("doctor")
+@click.command("doctor", epilog="\b\nExample:\n  ckptreg doctor --json")
 @json_opt
 @pass_db
 def doctor_cmd(db, as_json):
@@ -541,7 +541,7 @@ def _event_summary(e: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
 
 
-@click.command("history")
+@click.command("history", epilog="\b\nExample:\n  ckptreg history sft@500 --limit 20")
 @click.argument("ref", required=False)
 @click.option("--limit", "limit", type=click.IntRange(min=1), default=None, help="Only the newest N events.")
 @json_opt
@@ -600,7 +600,7 @@ def _raise_delete_errors(errors) -> None:
                           f"registered): " + ", ".join(f"{e['path']} ({e['error']})" for e in errors[:5]))
 
 
-@click.command("rm")
+@click.command("rm", epilog="\b\nExample:\n  ckptreg rm sft@100 sft@200")
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
 @click.option("--delete-files", is_flag=True,
               help="Also delete the files ckptreg registered for each checkpoint (only inside its "
@@ -635,7 +635,7 @@ def rm_cmd(db, refs, delete_files, force, as_json):
     _raise_delete_errors(errors)
 
 
-@click.command("gc")
+@click.command("gc", epilog="\b\nExample:\n  ckptreg gc --run sft --keep-best 3 --metric train_loss --keep-last 2\n  ckptreg gc --run sft --keep-best 3 --metric train_loss --keep-last 2 --yes")
 @click.option("--run", "run", required=True, help="The run whose plain checkpoints to prune.")
 @click.option("--keep-best", "keep_best", type=int, default=None, metavar="K",
               help="Keep the K best by --metric.")
@@ -646,28 +646,37 @@ def rm_cmd(db, refs, delete_files, force, as_json):
               help="Keep the N highest steps.")
 @click.option("--keep-every", "keep_every", type=int, default=None, metavar="M",
               help="Keep steps that are multiples of M.")
+@click.option("--merged", is_flag=True,
+              help="Prune the run's merged outputs instead of its plain checkpoints (--keep-last: "
+                   "the N most recently registered; merges that feed other merges, aliased ones "
+                   "and ones tagged keep always stay).")
 @click.option("--yes", is_flag=True, help="Really unregister and delete (default: a dry run).")
 @json_opt
 @pass_db
-def gc_cmd(db, run, keep_best, metric, direction, keep_last, keep_every, yes, as_json):
+def gc_cmd(db, run, keep_best, metric, direction, keep_last, keep_every, merged, yes, as_json):
     """Retention: keep the union of the policies plus, always, the final checkpoint, aliased ones,
     ones tagged `keep` and every input/base of a registered merge; the rest goes. Without --yes a
     dry run listing what would go and the bytes freed; with --yes they are unregistered and the
     files ckptreg registered for them deleted (only inside each checkpoint's folder)."""
     res = _registry(db).gc(run, keep_best=keep_best, metric=metric, direction=direction,
-                           keep_last=keep_last, keep_every=keep_every, yes=yes)
+                           keep_last=keep_last, keep_every=keep_every, yes=yes, merged=merged)
     errors = [e for f in (res.get("files") or {}).values() for e in f["errors"]]
     if as_json:
         emit_json(res)
         _raise_delete_errors(errors)
         return
-    rows = [{"id": d["id"], "ref": d["ref"], "step": d["step"], "action": "delete" if yes else "would delete",
+    order = "created" if merged else "step"
+    rows = [{"id": d["id"], "ref": d["ref"], order: d[order], "action": "delete" if yes else "would delete",
              "bytes": _nbytes(d["bytes"]), "why": ""} for d in res["delete"]]
-    rows += [{"id": k["id"], "ref": k["ref"], "step": k["step"], "action": "keep", "bytes": "",
+    rows += [{"id": k["id"], "ref": k["ref"], order: k[order], "action": "keep", "bytes": "",
               "why": "; ".join(k["reasons"])} for k in res["keep"]]
-    rows.sort(key=lambda r: r["step"])
-    table(rows, ["id", "ref", "step", "action", "bytes", "why"],
-          title=f"gc {run}" + ("" if yes else " (dry run: nothing changed; --yes to apply)"))
+    rows.sort(key=lambda r: (r[order], r["id"]))
+    if merged:
+        for r in rows:
+            r["created"] = str(r["created"])[:19]
+    table(rows, ["id", "ref", order, "action", "bytes", "why"],
+          title=f"gc {run}" + (" merged outputs" if merged else "")
+          + ("" if yes else " (dry run: nothing changed; --yes to apply)"))
     n = len(res["delete"])
     if yes:
         for d in res["delete"]:
@@ -685,7 +694,7 @@ COMMANDS += [rm_cmd, gc_cmd]
 
 # ----------------------------------------------------------------------------- alias / tag / export
 
-@click.command("alias")
+@click.command("alias", epilog="\b\nExample:\n  ckptreg alias sft@500 best")
 @click.argument("ckpt")
 @click.argument("name")
 @click.option("--delete", "delete", is_flag=True, help="Remove the alias RUN@NAME (CKPT names its run).")
@@ -709,7 +718,7 @@ def alias_cmd(db, ckpt, name, delete, as_json):
         info(f"{r['ref']} -> {r['target']} (id {r['id']})")
 
 
-@click.command("aliases")
+@click.command("aliases", epilog="\b\nExample:\n  ckptreg aliases --run sft")
 @click.option("--run", "run", default=None, help="Only this run.")
 @json_opt
 @pass_db
@@ -722,7 +731,7 @@ def aliases_cmd(db, run, as_json):
     table([dict(r, target=r["target"] or "(removed)") for r in rows], ["ref", "id", "target", "created"])
 
 
-@click.command("tag")
+@click.command("tag", epilog="\b\nExample:\n  ckptreg tag sft@500 stage=eval --remove draft")
 @click.argument("ckpt")
 @click.argument("pairs", nargs=-1, metavar="NAME=VALUE...")
 @click.option("--remove", "remove", multiple=True, metavar="NAME", help="Remove this tag (repeatable).")
@@ -740,7 +749,7 @@ def tag_cmd(db, ckpt, pairs, remove, as_json):
     info(f"tags of {c.ref} (id {c.id}): " + (", ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "(none)"))
 
 
-@click.command("export")
+@click.command("export", epilog="\b\nExample:\n  ckptreg export -o registry.parquet")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json"]), default=None,
               help="File format (default: from the suffix of FILE).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="File to write.")
