@@ -24,7 +24,8 @@ class CkptregGroup(click.Group):
             ctx.exit(e.exit_code)
 
 
-@click.group(cls=CkptregGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CkptregGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\nExample:\n  ckptreg add out/checkpoint-500 --run sft --metric train_loss=0.91\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7")
 @click.option("--db", "db", envvar="CKPTREG_DB", default=None, metavar="PATH",
               help="Registry database (default ./ckptreg.duckdb; env CKPTREG_DB).")
 @click.version_option(package_name="ckptreg")

@@ -41,7 +41,7 @@ def _leaderboard_rows(rows, top, base=None):
     return out
 
 
-@click.command("demo")
+@click.command("demo", epilog="\b\nExample:\n  ckptreg demo --quick --out /tmp/ckptreg-demo")
 @click.option("--out", "out", default="ckptreg-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the base model, adapters, merges, plots and summary.json.")
 @click.option("--steps", type=click.IntRange(min=10), default=None,

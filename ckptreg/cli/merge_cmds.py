@@ -205,7 +205,7 @@ def _resolve_inputs(reg, run, last, every, exclude_final, ckpts, skip_missing=Fa
 
 # ----------------------------------------------------------------------------------------- weights
 
-@click.command("weights")
+@click.command("weights", epilog="\b\nExample:\n  ckptreg weights --run sft --last 5 --metric train_loss --penalty 0.7 --plot weights.png")
 @click.option("--run", required=True, help="Run name.")
 @click.option("--last", "last", type=int, required=True, help="Number of checkpoints K.")
 @click.option("--every", type=int, default=1, show_default=True, help="Take every M-th checkpoint going back.")
@@ -283,7 +283,7 @@ def _params(density, sign, lam, seed, t, rank_ratio):
                               "rank_ratio": rank_ratio}.items() if v is not None}
 
 
-@click.command("merge")
+@click.command("merge", epilog="\b\nExample:\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7 -o merged/sft-mwa\n  ckptreg merge sft@400 sft@500 --method slerp --t 0.5")
 @click.argument("checkpoints", nargs=-1)
 @click.option("--run", default=None, help="Run to select from.")
 @click.option("--last", "last", type=int, default=None, help="Merge the last K checkpoints.")
@@ -296,12 +296,13 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta.")
 @click.option("--exact-svd", is_flag=True,
               help="CART on dense matrices: exact SVD instead of randomized truncated SVD.")
-@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None)
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
+              help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")
 @click.option("-o", "--out", "out", type=click.Path(), default=None, help="Output path (default: beside the inputs).")
 @click.option("--name", default=None, help="Registered name (default: the paper's naming).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and registry entry.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (bar or log lines), no 'wrote' line.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
 def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, method, scheme, metric, direction, penalty, power,
@@ -343,7 +344,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 
 # ----------------------------------------------------------------------------------------- sweep
 
-@click.command("sweep")
+@click.command("sweep", epilog="\b\nExample:\n  ckptreg sweep --run sft --last 2,3,5 --every 1,2 --method uniform,mwa --penalty 0.5,0.7 -o sweeps/sft")
 @click.option("--run", required=True, help="Run to select from.")
 @click.option("--last", "last", required=True, help="Comma list of K, e.g. 2,3,4,5,8,10.")
 @click.option("--every", default="1", show_default=True, help="Comma list of M, e.g. 1,3.")
@@ -353,19 +354,21 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 @click.option("--metric", default="train_loss", show_default=True, help="Comma list of metrics for MWA.")
 @click.option("--penalty", default="0.7", show_default=True, help="Comma list of penalty factors.")
 @click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2).")
-@click.option("--direction", type=click.Choice(["min", "max"]), default=None)
-@click.option("--density", type=float, default=None)
-@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None)
-@click.option("--lambda", "lam", type=float, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--t", "t", type=float, default=None)
-@click.option("--rank-ratio", type=float, default=None)
+@click.option("--direction", type=click.Choice(["min", "max"]), default=None,
+              help="Default: min for loss-like metrics, max for step/accuracy.")
+@click.option("--density", type=float, default=None, help="TIES/DARE/prune density in (0, 1].")
+@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
+@click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector (λ).")
+@click.option("--seed", type=int, default=None, help="DARE seed (default 0).")
+@click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor in [0, 1].")
+@click.option("--rank-ratio", type=float, default=None, help="CART rank ratio ρ (default 0.08).")
 @click.option("--base", default=None, help="Base for task-vector methods: first, last or a checkpoint.")
-@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None)
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
+              help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@click.option("--overwrite", is_flag=True)
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs and their registry entries.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
 def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, density, sign, lam,
               seed, t, rank_ratio, base, out_dtype, out_dir, overwrite, quiet, as_json):
@@ -432,12 +435,12 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
 
 # ----------------------------------------------------------------------------------------- leaderboard
 
-@click.command("leaderboard")
-@click.option("--run", required=True)
+@click.command("leaderboard", epilog="\b\nExample:\n  ckptreg leaderboard --run sft --score gsm8k=0.3,gsmplus=0.7 --plot leaderboard.png")
+@click.option("--run", required=True, help="Run whose merged and plain checkpoints to rank.")
 @click.option("--score", required=True, help="Metric weights, e.g. gsm8k=0.3,gsmplus=0.7 (or one metric).")
 @click.option("--base", default=None, help="Base model checkpoint (id or ref) for the % change column.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of the scores.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
 def leaderboard_cmd(db, run, score, base, plot, as_json):
     """Rank merged and plain checkpoints of a run by a weighted score (Table 2 of the paper)."""
