@@ -89,7 +89,8 @@ from .errors import (
 
 __all__ = [
     "MergeSpec", "Plan", "plan", "merge", "sweep", "paper_name", "canonical_method", "make_spec",
-    "resolve_base", "dedupe_specs", "LINEAR_METHODS", "TASK_METHODS", "METHODS", "CHUNK_ELEMS",
+    "resolve_base", "dedupe_specs", "name_suffix", "metric_lags", "UP_TO_DATE", "LINEAR_METHODS",
+    "TASK_METHODS", "METHODS", "CHUNK_ELEMS",
 ]
 
 LINEAR_METHODS = ("linear", "uniform", "mwa")
@@ -99,6 +100,8 @@ _ALIASES = {"soup": "linear", "average": "linear", "mean": "linear", "unweighted
             "task": "task_arithmetic", "ta": "task_arithmetic", "dare": "dare_linear",
             "prune": "magnitude_prune", "magnitude": "magnitude_prune"}
 
+#: MergeSpec.status of a merge skipped because an identical output is registered
+UP_TO_DATE = "up to date"
 #: elements per chunk inside huge tensors (8 MiB of float32 per output buffer)
 CHUNK_ELEMS = 1 << 21
 #: output chunk buffers of a sweep (M outputs at once) stay under this; more rows go in blocks
@@ -129,6 +132,12 @@ class MergeSpec:
     out: str | None = None
     run: str | None = None            # run of the merged checkpoint (default: newest input's run)
     selection: dict | None = None     # how the inputs were chosen (recorded in the lineage params)
+    # set by merge()/sweep(): "merged" (computed and registered) or "up to date" (an identical
+    # registered output was found and nothing was written)
+    status: str | None = None
+    # the arguments of the default name (make_spec without name=); None for a name given by the
+    # caller. merge()/sweep() rename a default-named spec when their space/rank/out_dtype differ
+    naming: dict | None = None
 
 
 def _pf(penalty) -> str:
@@ -149,8 +158,69 @@ def _metric_word(metric: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", metric).strip("-") or "metric"
 
 
-def paper_name(last, every, scheme, metric, penalty, method=None, base=None) -> str:
-    """The paper's naming (METHODS.md "Naming merged checkpoints").
+_DTYPE_WORDS = {"float32": "f32", "fp32": "f32", "f32": "f32", "float": "f32", "float16": "f16", "fp16": "f16",
+                "f16": "f16", "half": "f16", "bfloat16": "bf16", "bf16": "bf16", "float64": "f64", "fp64": "f64",
+                "f64": "f64", "double": "f64"}
+
+
+def _dtype_word(d) -> str:
+    t = str(d).replace("torch.", "").strip().lower()
+    return _DTYPE_WORDS.get(t) or (re.sub(r"[^a-z0-9]+", "-", t).strip("-") or "dtype")
+
+
+def name_suffix(*, scheme=None, metric=None, power=None, direction=None, exclude_final=False, space=None,
+                rank=None, out_dtype=None, svd=None, weights=None) -> str:
+    """The part of a default name for the settings that change the result but are not the
+    defaults the paper's names assume (METHODS.md "Naming merged checkpoints"). Each default
+    yields no suffix, so the paper's configurations keep the paper's names exactly:
+
+    - ``_excl_final``: a ``--last K`` selection with ``--exclude-final`` (the default selection,
+      the last K checkpoints including the final, has no suffix: the names of every existing
+      ``last_K`` merge stay what they were);
+    - ``_q<q>``: MWA with a power factor other than ``weights.DEFAULT_POWER`` (2), e.g. ``_q3_0``;
+    - ``_max`` / ``_min``: metric or MWA weighting in the direction opposite to the metric's
+      default (``weights.default_direction``);
+    - ``_w-<8 hex>``: weights given explicitly (a hash of them) instead of a scheme;
+    - ``_delta``: a LoRA merge in update space (factor space, the paper's, has none);
+    - ``_r<rank>``: an explicit output rank (delta space);
+    - ``_bf16`` / ``_f16`` / ``_f32`` / ``_f64``: an explicit output dtype (default: the inputs');
+    - ``_exact_svd``: CART with an exact SVD (default: randomized).
+
+    Method parameters (density, sign, lambda, t, rank ratio, seed) are not in the name (the
+    paper's baselines are named without them); they are in the lineage and the recipe, so a
+    re-run with other values under the same name is refused at the same path (or becomes the
+    next version elsewhere), never taken for an identical one."""
+    from . import weights as W
+
+    parts = []
+    if exclude_final:
+        parts.append("excl_final")
+    sch = (scheme or "uniform").lower()
+    if sch == "mwa" and power is not None and float(power) != float(W.DEFAULT_POWER):
+        parts.append(f"q{_pf(power)}")
+    if sch in ("metric", "basic", "mwa") and direction is not None and metric:
+        if str(direction).lower() != W.default_direction(metric):
+            parts.append(str(direction).lower())
+    if weights is not None:
+        import hashlib
+
+        h = hashlib.sha1(json.dumps([round(float(x), 12) for x in weights]).encode()).hexdigest()[:8]
+        parts.append(f"w-{h}")
+    if space is not None and space != "factors":
+        parts.append(re.sub(r"[^A-Za-z0-9]+", "-", str(space)))
+    if rank is not None:
+        parts.append(f"r{int(rank)}")
+    if out_dtype is not None:
+        parts.append(_dtype_word(out_dtype))
+    if svd is not None and str(svd) == "exact":
+        parts.append("exact_svd")
+    return "".join("_" + x for x in parts)
+
+
+def paper_name(last, every, scheme, metric, penalty, method=None, base=None, **settings) -> str:
+    """The paper's naming (METHODS.md "Naming merged checkpoints"), plus :func:`name_suffix` of
+    ``settings`` (exclude_final, space, rank, out_dtype, power, direction, svd, weights) for
+    anything else that changes the result.
 
     ``last_10_loss_pf-0_7``, ``last_5_3_loss_pf-0_9``, ``last_4_unweighted``,
     ``ties_last_5_base_first``, ``dare_ties_last_3_base_last``, ``slerp_last_2_base_first``.
@@ -176,8 +246,9 @@ def paper_name(last, every, scheme, metric, penalty, method=None, base=None) -> 
         wpart = f"{_metric_word(metric)}_pf-{_pf(penalty)}"
     else:
         raise ParameterError(f"unknown weighting scheme {scheme!r}")
+    suffix = name_suffix(scheme=scheme, metric=metric, **settings)
     if m in LINEAR_METHODS:
-        return f"{sel}_{wpart}"
+        return f"{sel}_{wpart}{suffix}"
     name = f"{m}_{sel}"
     if scheme is not None and sch not in ("uniform", "unweighted"):
         name += f"_{wpart}"
@@ -185,7 +256,7 @@ def paper_name(last, every, scheme, metric, penalty, method=None, base=None) -> 
         b = base if isinstance(base, str) else (getattr(base, "ref", None) or str(base))
         b = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(b)).strip("-")
         name += f"_base_{b}"
-    return name
+    return name + suffix
 
 
 def resolve_base(registry, base, inputs):
@@ -207,10 +278,11 @@ def resolve_base(registry, base, inputs):
 
 def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=None, power=None,
               direction=None, weights=None, base=None, params=None, name=None, out=None, run=None,
-              selection=None) -> MergeSpec:
+              selection=None, space=None, rank=None, out_dtype=None) -> MergeSpec:
     """Build a MergeSpec: computes weights with :mod:`ckptreg.weights` (METHODS.md scale rules:
     linear methods sum to 1; task-vector methods default to 1 each, a scheme rescaled to Σw = n)
-    and the paper-style name."""
+    and the paper-style name. ``space``/``rank``/``out_dtype`` only name the merge (pass the
+    same to :func:`merge`; a default-named spec is renamed there when they differ)."""
     from . import weights as W
 
     m = canonical_method(method)
@@ -246,6 +318,7 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
     else:
         base_ck = resolve_base(registry, base, inputs) if base is not None else None
     sel = dict(selection or {})
+    naming = None
     if name is None:
         if sel.get("last"):
             last, every = sel["last"], sel.get("every", 1)
@@ -255,14 +328,41 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
         if base is not None:
             bname = base.lower() if isinstance(base, str) and base.lower() in ("first", "last") else (
                 base_ck.ref if base_ck is not None else str(base))
-        name = paper_name(last, every, scheme if (m not in LINEAR_METHODS or scheme) else "uniform",
-                          metric, 1.0 if scheme == "metric" else penalty, method=m, base=bname)
+        naming = {"last": last, "every": every,
+                  "scheme": scheme if (m not in LINEAR_METHODS or scheme) else "uniform",
+                  "metric": metric, "penalty": 1.0 if scheme == "metric" else penalty, "method": m, "base": bname,
+                  "exclude_final": bool(sel.get("last") and sel.get("exclude_final")),
+                  "power": power, "direction": direction, "weights": w if weights is not None else None,
+                  "svd": (params or {}).get("svd") if m == "cart" else None,
+                  "space": space, "rank": rank, "out_dtype": out_dtype}
+        name = _default_name(naming)
     sel.update({k: v for k, v in {"scheme": scheme, "metric": metric, "penalty": penalty, "power": power,
                                   "direction": direction}.items() if v is not None})
     if scheme == "mwa" and power is None:
         sel["power"] = W.DEFAULT_POWER
     return MergeSpec(method=m, inputs=inputs, weights=w, params=dict(params or {}), base=base_ck,
-                     name=name, out=out, run=run, selection=sel)
+                     name=name, out=out, run=run, selection=sel, naming=naming)
+
+
+def _default_name(naming: dict) -> str:
+    n = dict(naming)
+    return paper_name(n.pop("last"), n.pop("every"), n.pop("scheme"), n.pop("metric"), n.pop("penalty"),
+                      method=n.pop("method"), base=n.pop("base"), **n)
+
+
+def _rename_for(spec: MergeSpec, space, rank, out_dtype) -> None:
+    """A default-named spec merged with another space/rank/out_dtype than it was named with gets
+    the name those settings give (so a delta-space merge never takes a factor-space name)."""
+    n = spec.naming
+    if n is None:
+        return
+    want = {"space": None if space in (None, "factors") else space, "rank": rank,
+            "out_dtype": None if out_dtype is None else _dtype_word(out_dtype)}
+    have = {"space": None if n.get("space") in (None, "factors") else n.get("space"), "rank": n.get("rank"),
+            "out_dtype": None if n.get("out_dtype") is None else _dtype_word(n.get("out_dtype"))}
+    if want != have:
+        spec.naming = {**n, "space": space, "rank": rank, "out_dtype": out_dtype}
+        spec.name = _default_name(spec.naming)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1275,6 +1375,27 @@ def _recipe(spec, method, w, p, space, rank, out_dtype, plan_) -> dict:
     }
 
 
+def metric_lags(spec) -> dict[str, int]:
+    """{input ref: lag} for the inputs of a metric- or MWA-weighted spec whose metric value was
+    logged ``lag`` > 0 steps before the checkpoint (``Checkpoint.metric_lag``): their weight
+    uses that older value. Empty for other weightings and for step weighting."""
+    from . import weights as W
+
+    sel = spec.selection or {}
+    metric = sel.get("metric")
+    if not metric or str(sel.get("scheme") or "").lower() not in ("metric", "basic", "mwa"):
+        return {}
+    if str(metric).lower() in W.STEP_METRICS:
+        return {}
+    out = {}
+    for c in spec.inputs:
+        lag_of = getattr(c, "metric_lag", None)
+        lag = lag_of(metric) if lag_of is not None else None
+        if lag is not None and lag > 0:
+            out[_ref(c)] = int(lag)
+    return out
+
+
 def _lineage_params(spec, p, space, rank, out_dtype) -> dict:
     d = dict(p)
     d.update({"space": space})
@@ -1284,7 +1405,117 @@ def _lineage_params(spec, p, space, rank, out_dtype) -> dict:
         d["out_dtype"] = str(out_dtype).replace("torch.", "")
     if spec.selection:
         d["selection"] = spec.selection
+    lags = metric_lags(spec)
+    if lags:
+        d["metric_lag"] = lags
     return d
+
+
+# lineage params that describe how the inputs were found, not what was computed from them
+_UNSTABLE_PARAMS = ("selection", "metric_lag")
+
+
+def _jnorm(v):
+    return json.loads(json.dumps(v, sort_keys=True, allow_nan=True, default=str))
+
+
+def _stored_recipe(c) -> dict | None:
+    """The ``ckptreg_recipe`` a merge wrote into its output's safetensors metadata (None if the
+    output has none or cannot be read)."""
+    from .safetensors_io import read_header
+
+    files = [f for f in (getattr(c, "files", None) or []) if str(f).lower().endswith(".safetensors")]
+    if not files and str(c.path).lower().endswith(".safetensors"):
+        files = [c.path]
+    for f in files:
+        try:
+            md = read_header(f).metadata
+            if "ckptreg_recipe" in md:
+                rec = json.loads(md["ckptreg_recipe"])
+                return rec if isinstance(rec, dict) else None
+        except (CkptregError, OSError, ValueError):
+            return None
+    return None
+
+
+def _same_weight(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-15)
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_recipe(old: dict, new: dict) -> bool:
+    """Equal in everything that decides the output (not ``created``, not the selection that
+    found the inputs): name, method, params, space, rank, out dtype, inputs (id, fingerprint,
+    weight, in order), base (id, fingerprint)."""
+    for k in ("name", "method", "space", "rank", "out_dtype"):
+        if old.get(k) != new.get(k):
+            return False
+    if _jnorm(old.get("params") or {}) != _jnorm(new.get("params") or {}):
+        return False
+    a, b = old.get("inputs") or [], new.get("inputs") or []
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if not isinstance(x, dict) or x.get("id") != y.get("id") or x.get("fingerprint") != y.get("fingerprint") \
+                or not y.get("fingerprint") or not _same_weight(x.get("weight"), y.get("weight")):
+            return False
+    ob, nb = old.get("base"), new.get("base")
+    if (ob is None) != (nb is None):
+        return False
+    if nb is not None and (not isinstance(ob, dict) or ob.get("id") != nb.get("id")
+                           or ob.get("fingerprint") != nb.get("fingerprint")):
+        return False
+    return True
+
+
+def _same_lineage(lin: dict | None, spec, method, p, w, space, rank, out_dtype) -> bool:
+    if not lin or lin.get("method") != method:
+        return False
+    ins = lin.get("inputs") or []
+    if [i.get("id") for i in ins] != [c.id for c in spec.inputs]:
+        return False
+    if not all(_same_weight(i.get("weight"), x) for i, x in zip(ins, w)):
+        return False
+    if lin.get("base") != (None if spec.base is None else spec.base.id):
+        return False
+
+    def stable(d):
+        return _jnorm({k: v for k, v in (d or {}).items() if k not in _UNSTABLE_PARAMS})
+
+    return stable(lin.get("params")) == stable(_lineage_params(spec, p, space, rank, out_dtype))
+
+
+def _up_to_date(registry, spec, out: Path, method, w, p, space, rank, out_dtype, infos, merged=None):
+    """The registered merged checkpoint that this merge would reproduce, or None.
+
+    It is RUN@NAME (any version) registered at ``out``, whose files are present and unchanged
+    (``registry.check_unchanged``), whose stored recipe (safetensors metadata) and lineage equal
+    this merge's in everything but the time and the selection, inputs compared by id AND
+    fingerprint (``infos``: CheckpointInfo of ``spec.inputs``, in order) so an input replaced in
+    the registry since is a new merge. The caller holds the target's lock."""
+    run = _output_run(spec)
+    real = os.path.realpath(out)
+    pool = merged if merged is not None else registry.checkpoints(run, merged=True)
+    hits = [c for c in pool if c.merged and c.run == run and c.name == spec.name
+            and os.path.normpath(str(c.path)) == real]
+    if not hits:
+        return None
+    c = hits[0]
+    try:
+        registry.check_unchanged(c)
+    except ChangedError:
+        return None   # changed or missing: recomputed with --overwrite, refused as "exists" without
+    old = _stored_recipe(c)
+    if old is None:
+        return None
+    new = _recipe(spec, method, w, p, space, rank, out_dtype, _SubPlan(None, list(infos)))
+    if not _same_recipe(old, new):
+        return None
+    if not _same_lineage(registry.lineage(c), spec, method, p, w, space, rank, out_dtype):
+        return None
+    return c
 
 
 def _registered_as(registry, spec, out_path) -> bool:
@@ -1329,6 +1560,7 @@ def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, ov
         raise
     if target is not None:
         target.finalize()
+    spec.status = "merged"
     return registry.get(cid)
 
 
@@ -1381,6 +1613,7 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
     input data read so far / in all)."""
     import torch
 
+    _rename_for(spec, space, rank, out_dtype)
     with _batch(registry):
         snaps: dict = {}
         method, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps)
@@ -1393,18 +1626,9 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
         raise ParameterError(f"out_shard_size must be > 0, got {out_shard_size!r}")
     chunk = int(chunk_elems or CHUNK_ELEMS)
 
-    base = spec.base
-    if method == "slerp" and base is not None:
-        bid = base.id
-        if bid not in [c.id for c in inputs]:
-            # "first"/"last" resolved against the run: reinterpret as the older/newer input
-            raise ParameterError("slerp base must be one of the two inputs (base first = the older, "
-                                 "last = the newer)")
-        if inputs[1].id == bid:
-            inputs = [inputs[1], inputs[0]]
-            w = [w[1], w[0]]
-            spec = MergeSpec(**{**spec.__dict__, "inputs": inputs, "weights": w})
-        base = None
+    caller_spec = spec
+    spec, inputs, w = _slerp_order(method, spec, inputs, w)
+    base = None if method == "slerp" else spec.base
     plan_base = base if method in TASK_METHODS else None
     pl = plan(registry, inputs, plan_base)
     info0 = pl.infos[0]
@@ -1428,6 +1652,11 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
     _check_layout(out, info0, out_shard_size)
     _locks.acquire(out)   # before the exists check, held until registered
     with _batch(registry):
+        if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
+            hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
+            if hit is not None:
+                spec.status = caller_spec.status = UP_TO_DATE
+                return hit
         _check_target(registry, spec, out, overwrite)
 
     # output entries (delta space may change the LoRA rank)
@@ -1463,10 +1692,30 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
             s.close()
     try:
         with _batch(registry):
-            return _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
+            got = _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
+            caller_spec.status = spec.status
+            return got
     except BaseException:
         target.revert()   # no-op once registered (finalized)
         raise
+
+
+def _slerp_order(method, spec, inputs, w):
+    """SLERP's base picks the t = 0 end among its two inputs: (spec, inputs, weights) with that
+    end first (a copy of the spec when they are swapped)."""
+    base = spec.base
+    if method != "slerp" or base is None:
+        return spec, inputs, w
+    bid = base.id
+    if bid not in [c.id for c in inputs]:
+        # "first"/"last" resolved against the run: reinterpret as the older/newer input
+        raise ParameterError("slerp base must be one of the two inputs (base first = the older, "
+                             "last = the newer)")
+    if inputs[1].id == bid:
+        inputs = [inputs[1], inputs[0]]
+        w = [w[1], w[0]]
+        spec = MergeSpec(**{**spec.__dict__, "inputs": inputs, "weights": w})
+    return spec, inputs, w
 
 
 def _read_cfg(info):
@@ -1649,6 +1898,8 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
     import torch
 
     specs = list(specs)
+    for s in specs:
+        _rename_for(s, "factors", None, out_dtype)
     uniq, dropped = dedupe_specs(specs)
     names: dict = {}
     for s in uniq:
@@ -1679,20 +1930,20 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
                 lora_infos[c.id] = _inspect(c)
         _check_factor_scales([lora_infos[c.id] for c in cs],
                              [_ref(c) for c in inputs] + ([f"base {_ref(b)}"] if b is not None else []))
-    linear = [x for x in prepared if x[1] in LINEAR_METHODS]
-    other = [x for x in prepared if x[1] not in LINEAR_METHODS]
+    # validate every target before reading anything; an output already registered with the
+    # same recipe and unchanged files is up to date and skipped (--overwrite recomputes it)
+    results: dict[int, object] = {}
+    infos: dict = dict(lora_infos)
 
-    # group the weighted sums by the tensor inventory of their inputs
-    groups: dict = {}
-    for x in linear:
-        info = _inspect(x[2][0])
-        sig = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(info.tensors.items()))
-        groups.setdefault(hash(sig), []).append(x)
+    def info_of(c):
+        if c.id not in infos:
+            infos[c.id] = _inspect(c)
+        return infos[c.id]
 
-    # validate every target before reading anything
     with _batch(registry):
+        merged_now = None if overwrite else registry.checkpoints(merged=True)
         for s, method, inputs, w, p in prepared:
-            info_s = _inspect(inputs[0])
+            info_s = info_of(inputs[0])
             if s.out is None:
                 s.out = str(default_out(s, info_s, out_shard_size=out_shard_size))
             out = Path(s.out).resolve()
@@ -1702,9 +1953,27 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
             outs.add(out)
             _check_layout(out, info_s, out_shard_size)
             _locks.acquire(out)   # before the exists check, held until registered
+            if not overwrite:
+                s_o, ins_o, w_o = _slerp_order(method, s, inputs, w)
+                hit = _up_to_date(registry, s_o, out, method, w_o, p, "factors", None, odt_user,
+                                  [info_of(c) for c in ins_o], merged=merged_now)
+                if hit is not None:
+                    s.status = UP_TO_DATE
+                    results[id(s)] = hit
+                    continue
             _check_target(registry, s, out, overwrite)
 
-    results: dict[int, object] = {}
+    todo = [x for x in prepared if id(x[0]) not in results]
+    linear = [x for x in todo if x[1] in LINEAR_METHODS]
+    other = [x for x in todo if x[1] not in LINEAR_METHODS]
+
+    # group the weighted sums by the tensor inventory of their inputs
+    groups: dict = {}
+    for x in linear:
+        info = info_of(x[2][0])
+        sig = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(info.tensors.items()))
+        groups.setdefault(hash(sig), []).append(x)
+
     done_all = [0]
     for members in groups.values():
         union = sorted({c.id: c for x in members for c in x[2]}.values(),
@@ -1786,6 +2055,7 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
     for i, s in enumerate(specs):
         if i in dropped:
             out.append(results[id(uniq[dropped[i]])])
+            s.status = uniq[dropped[i]].status
         else:
             out.append(results[id(s)])
     return out

@@ -240,16 +240,44 @@ def weights_cmd(db, run, last, every, exclude_final, metric, penalty, power, sch
     if plot:
         from ..plots import plot_weights
 
-        plot_weights(ckpts, metric or "step", w, plot, run_ckpts=reg.checkpoints(run, merged=False))
+        plot_weights(ckpts, metric or "step", w, plot, run_ckpts=reg.checkpoints(run, merged=False), run=run,
+                     method=scheme, penalty=penalty, power=power,
+                     window={"last": last, "every": every, "exclude_final": exclude_final})
         if not as_json:
             _fmt.info(f"wrote {plot}")
     _fmt.table(rows, ["checkpoint", "id", "step", "metric", "position", "weight"], as_json=as_json,
                title=None if as_json else f"{scheme} weights, {metric or 'uniform'}")
-    for c in ckpts if metric else ():   # a score logged before the checkpoint weighs it (stderr)
+    _note_metric_lags(ckpts, metric)
+
+
+def _note_metric_lags(ckpts, metric, seen: set | None = None) -> None:
+    """One note on stderr per checkpoint weighted by a value of ``metric`` logged before its step
+    (weights, merge and sweep). ``seen`` collects (id, metric) pairs already noted."""
+    from ..weights import STEP_METRICS
+
+    if not metric or str(metric).lower() in STEP_METRICS:
+        return
+    for c in ckpts:   # a score logged before the checkpoint weighs it (stderr)
         lag = c.metric_lag(metric) if hasattr(c, "metric_lag") else None
-        if lag:
+        if lag and lag > 0:
+            if seen is not None:
+                if (c.id, metric) in seen:
+                    continue
+                seen.add((c.id, metric))
             _fmt.info(f"note: {metric} of {c.ref} was logged at step {c.metric_steps[metric]}, "
                       f"{lag} step(s) before the checkpoint: its weight uses that older value")
+
+
+def _weighting_metric(spec):
+    """The metric a spec's weights were computed from (metric / MWA weighting), else None."""
+    sel = spec.selection or {}
+    if str(sel.get("scheme") or "").lower() in ("metric", "basic", "mwa"):
+        return sel.get("metric")
+    return None
+
+
+def _say_up_to_date(c) -> None:
+    _fmt.info(f"up to date: {c.ref} (id {c.id}) at {c.path}")
 
 
 # ----------------------------------------------------------------------------------------- merge
@@ -327,18 +355,23 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
     if exact_svd:
         params["svd"] = "exact"
     spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
-                            direction=direction, base=base, params=params, name=name, out=out, selection=selection)
+                            direction=direction, base=base, params=params, name=name, out=out, selection=selection,
+                            space=space, rank=rank, out_dtype=out_dtype)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
         c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
                          progress=prog, out_shard_size=_size(out_shard_size))
-    data = {"id": c.id, "name": c.name, "ref": c.ref, "path": c.path, "method": spec.method,
+    status = spec.status or "merged"
+    if status == engine.UP_TO_DATE:
+        _say_up_to_date(c)
+    _note_metric_lags(spec.inputs, _weighting_metric(spec))
+    data = {"id": c.id, "name": c.name, "ref": c.ref, "path": c.path, "status": status, "method": spec.method,
             "inputs": [x.ref for x in spec.inputs], "weights": spec.weights,
             "base": spec.base.ref if spec.base is not None else None}
     if as_json:
         _fmt.emit_json(data)
     else:
         click.echo(f"{c.id}\t{c.name}")
-        if not quiet:
+        if not quiet and status != engine.UP_TO_DATE:
             _fmt.info(f"wrote {c.path}")
 
 
@@ -410,7 +443,8 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
                     skipped.append(f"slerp last {k}: slerp needs exactly 2 checkpoints")
                     continue
                 specs.append(engine.make_spec(reg, meth, inputs, scheme=scheme, metric=mt, penalty=p, power=power,
-                                              direction=direction, base=base, params=params, selection=dict(sel)))
+                                              direction=direction, base=base, params=params, selection=dict(sel),
+                                              out_dtype=out_dtype))
     if not specs:
         raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
     uniq, dropped = engine.dedupe_specs(specs)
@@ -426,11 +460,19 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
                       + ", ".join(sorted({specs[i].name for i in dropped})))
     with _Progress(quiet or as_json, f"sweep: {len(uniq)} merges") as prog:
         res = engine.sweep(reg, uniq, overwrite=overwrite, progress=prog, out_dtype=out_dtype)
-    rows = [{"name": c.name, "id": c.id, "method": s.method,
+    rows = [{"name": c.name, "id": c.id, "method": s.method, "status": s.status or "merged",
              "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in s.weights],
              "path": c.path} for s, c in zip(uniq, res)]
-    _fmt.table(rows, ["name", "inputs", "weights", "id"], as_json=as_json,
-               title=None if as_json else f"sweep of run {run}: {len(rows)} merges")
+    for s, c in zip(uniq, res):
+        if s.status == engine.UP_TO_DATE:
+            _say_up_to_date(c)
+    seen: set = set()
+    for s in uniq:
+        _note_metric_lags(s.inputs, _weighting_metric(s), seen)
+    n_new = sum(1 for r in rows if r["status"] != engine.UP_TO_DATE)
+    _fmt.table(rows, ["name", "inputs", "weights", "status", "id"], as_json=as_json,
+               title=None if as_json else f"sweep of run {run}: {len(rows)} merges, {n_new} computed, "
+                                          f"{len(rows) - n_new} up to date")
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
@@ -452,7 +494,7 @@ def leaderboard_cmd(db, run, score, base, plot, as_json):
     if plot:
         from ..plots import plot_leaderboard
 
-        plot_leaderboard(rows, plot, title=f"{run}: " + " + ".join(f"{w:g}·{k}" for k, w in weights.items()))
+        plot_leaderboard(rows, plot, score=weights, run=run)
         if not as_json:
             _fmt.info(f"wrote {plot}")
     if as_json:
