@@ -233,6 +233,50 @@ def test_ls_status_10k(benchmark, run_10k):
     _report("ls_status_10k_api", api, 0.5)
 
 
+WRITER = """
+import os, sys, time
+from ckptreg.registry import Registry
+db, folder, w, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+reg = Registry(db)
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
+for i in range(n):
+    reg.add(os.path.join(folder, f"a-{w}-{i}"), f"w{w}", step=i, metrics={"loss": 0.1})
+"""
+
+
+def test_8_concurrent_writers_throughput(tmp_path):
+    """8 processes, each ``Registry.add`` of N_PER_WRITER distinct 16-tensor adapters into its own
+    run of one database, started together (interpreter start and imports excluded). Target: >= 50
+    adds/s in total. Every add must be registered (none spooled)."""
+    n_w, n_per = 8, int(os.environ.get("CKPTREG_BENCH_ADDS_PER_WRITER", "25"))
+    folder = tmp_path / "adapters"
+    for w in range(n_w):
+        for i in range(n_per):
+            _adapter(folder / f"a-{w}-{i}", n_tensors=16, seed=1000 * w + i)
+    db = tmp_path / "w8.duckdb"
+    Registry(db).add(_adapter(tmp_path / "init", n_tensors=16, seed=99), "init", step=0)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(folder), str(w), str(n_per), str(go)],
+                              stdout=subprocess.PIPE, text=True) for w in range(n_w)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t = time.perf_counter()
+    go.write_text("go")
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    wall = time.perf_counter() - t
+    reg = Registry(db)
+    n = reg.sql("SELECT count(*) FROM checkpoints WHERE run LIKE 'w%'")[1][0][0]
+    assert n == n_w * n_per, n
+    rate = n / wall
+    r = {"writers": n_w, "adds": n, "wall_s": round(wall, 3), "adds_per_s": round(rate, 1),
+         "target_adds_per_s": 50, "meets": rate >= 50}
+    RESULTS["writers8_throughput"] = r
+    print(f"\n[bench_registry] writers8_throughput: {json.dumps(r)}")
+
+
 BUSY_HOLDER = """
 import sys, time, _duckdb
 con = _duckdb.connect(sys.argv[1])
