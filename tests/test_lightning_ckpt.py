@@ -179,3 +179,45 @@ def test_lightning_failed_add_is_reported_failed_not_spooled(tmp_path):
         assert r["status"] == "failed" and r["id"] is None and "no-such-folder" in r["reason"]
     assert cb.registered == {}
     assert not db.parent.exists()
+
+
+_SCHED = [0.5, 0.2, 0.9, 0.4, 0.7, 0.3]   # val_metric per epoch: not monotone
+
+
+class _SchedModule(_HPModule):
+    def validation_step(self, batch, _):
+        self.log("val_metric", torch.tensor(_SCHED[self.current_epoch]))
+
+
+def test_lightning_retention_keeps_best_not_newest(tmp_path):
+    """retention= on the Lightning callback with a metric that does not fall monotonically:
+    applied after each save, keep-best 2 (min) + the final checkpoint. Hand-computed, step by step
+    (4 steps per epoch): after 16 the best are 8 (0.2), 16 (0.4) -> 4 and 12 go; after 24 the best
+    are 8 (0.2), 24 (0.3) -> 16 and 20 go. Left: {8, 24}; keep-newest would leave {20, 24}."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ckptreg.integrations.lightning import CkptregCallback
+
+    torch.manual_seed(0)
+    db = tmp_path / "reg.duckdb"
+    ckdir = tmp_path / "checkpoints"
+    mc = ModelCheckpoint(dirpath=str(ckdir), monitor="val_metric", save_top_k=-1, every_n_epochs=1)
+    cb = CkptregCallback(run="ret", db=db, strict=True,
+                         retention={"keep_best": 2, "metric": "val_metric", "direction": "min"})
+    trainer = pl.Trainer(max_epochs=6, callbacks=[mc, cb], enable_progress_bar=False, logger=False,
+                         accelerator="cpu", enable_model_summary=False, limit_val_batches=1,
+                         num_sanity_val_steps=0)
+    dl = torch.utils.data.DataLoader(_xy(16, 0), batch_size=4)
+    trainer.fit(_SchedModule(tmp_path / "data", _Cfg()), dl,
+                torch.utils.data.DataLoader(_xy(8, 1), batch_size=8))
+    assert cb.errors == []
+    reg = Registry(db)
+    ck = {c.step: c for c in reg.checkpoints("ret")}
+    assert sorted(ck) == [8, 24]
+    assert ck[8].metrics["val_metric"] == pytest.approx(0.2) and ck[8].metric_steps["val_metric"] == 8
+    assert ck[24].metrics["val_metric"] == pytest.approx(0.3)
+    # the files of the pruned ones are gone, the kept ones are on disk
+    left = sorted(p.name for p in ckdir.glob("*.ckpt"))
+    assert left == ["epoch=1-step=8.ckpt", "epoch=5-step=24.ckpt"], left
+    gone = reg.sql("SELECT ref FROM events WHERE op = 'gc' ORDER BY seq")[1]
+    assert [g[0] for g in gone] == ["ret@4", "ret@12", "ret@16", "ret@20"]
