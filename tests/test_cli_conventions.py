@@ -135,3 +135,26 @@ def test_bad_progress_interval_is_a_usage_error(big_run):
     assert r.exit_code == UsageError.exit_code == 2
     assert "error: CKPTREG_PROGRESS_INTERVAL='soon' is not a number of seconds >= 0" in r.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- exit codes
+
+def test_usage_errors_exit_2(tmp_path):
+    db = str(tmp_path / "r.duckdb")
+    r = CliRunner().invoke(main, ["--db", db, "merge", "--no-such-option"])   # click's own usage error
+    assert r.exit_code == 2 and "No such option" in r.output
+    r = CliRunner().invoke(main, ["--db", db, "leaderboard", "--run", "r", "--score", "gsm8k=abc"])
+    assert r.exit_code == UsageError.exit_code == 2   # ckptreg's UsageError
+    assert "error: score weight for 'gsm8k' is not a number: 'abc'" in r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="FormatError still shares exit code 2 with UsageError: errors.py is the "
+                                        "lead's (proposed: FormatError.exit_code = 17)")
+def test_format_error_exit_code_differs_from_usage_error(tmp_path):
+    from ckptreg.errors import FormatError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    r = CliRunner().invoke(main, ["--db", str(tmp_path / "r.duckdb"), "add", str(bad), "--run", "r", "--step", "1"])
+    assert r.exit_code == FormatError.exit_code, r.output
+    assert FormatError.exit_code not in (0, 1, 2) and r.exit_code != UsageError.exit_code
