@@ -1505,8 +1505,13 @@ def _up_to_date(registry, spec, out: Path, method, w, p, space, rank, out_dtype,
     c = hits[0]
     try:
         registry.check_unchanged(c)
-    except ChangedError:
-        return None   # changed or missing: recomputed with --overwrite, refused as "exists" without
+    except ChangedError as e:
+        if not (out.exists() or out.is_symlink()):
+            # registered here but gone: writing it again could not be registered (the path is
+            # taken by that entry), so say so before any work instead of after the merge
+            raise ChangedError(f"{e}; it is the registered output of {c.ref} at {out}, so nothing was written: "
+                               f"--overwrite recomputes and re-registers it (or `ckptreg rm {c.ref}` first)") from None
+        return None   # changed: refused as "exists" below, recomputed with --overwrite
     old = _stored_recipe(c)
     if old is None:
         return None
@@ -1682,7 +1687,12 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
         target = _Output(out, info0, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
                          adapter_config=adapter_cfg)
         try:
-            _run_single(pl, sources, base_src, method, w, p, odts, target, chunk, progress, delta, entries_shapes)
+            try:
+                _run_single(pl, sources, base_src, method, w, p, odts, target, chunk, progress, delta,
+                            entries_shapes)
+            except FormatError:
+                _changed_first(sources + ([base_src] if base_src is not None else []))
+                raise
             target.commit()
         except BaseException:
             target.abort()
@@ -1698,6 +1708,13 @@ def _merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | Non
     except BaseException:
         target.revert()   # no-op once registered (finalized)
         raise
+
+
+def _changed_first(sources) -> None:
+    """A merged tensor refused (NaN) may come from an input rewritten while it was read: then the
+    ChangedError naming that input is the true cause, raised instead."""
+    for src in sources:
+        src.check()
 
 
 def _slerp_order(method, spec, inputs, w):
@@ -2021,7 +2038,11 @@ def _sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, pro
                             t.write_chunk(name, sources[col[inputs[-1].id]].chunk(name, a, min(numel, a + chunk)))
                     on_chunk(numel)
                     continue
-                _stream_linear(name, sources, W_, odts[name], bufs, chunk, targets, on_chunk, numel)
+                try:
+                    _stream_linear(name, sources, W_, odts[name], bufs, chunk, targets, on_chunk, numel)
+                except FormatError:
+                    _changed_first(sources)
+                    raise
             # every byte was read: no input may have changed meanwhile (same-size rewrite, rename)
             for s_ in sources:
                 s_.check()

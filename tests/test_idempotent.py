@@ -120,6 +120,22 @@ def test_api_merge_up_to_date_needs_unchanged_output_and_the_same_input_fingerpr
     s3 = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
                           selection={"last": 3})
     assert engine.merge(reg, s3, overwrite=True).id == c.id and s3.status == "merged"
+    # a deleted output is not up to date: refused before any work (naming the way out), and
+    # --overwrite recomputes it under the same id
+    import shutil
+
+    from ckptreg.errors import ChangedError
+
+    shutil.rmtree(c.path)
+    before = reg.dump()
+    with pytest.raises(ChangedError, match="--overwrite recomputes"):
+        engine.merge(reg, engine.make_spec(reg, "ties", reg.select("sft", 3), base="first",
+                                           params={"density": 0.5}, selection={"last": 3}))
+    assert reg.dump() == before and not Path(c.path).exists()
+    s4 = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
+                          selection={"last": 3})
+    assert engine.merge(reg, s4, overwrite=True).id == c.id and s4.status == "merged"
+    reg.check_unchanged(c.id)
     # a changed output is never "up to date"
     f = Path(c.path) / "adapter_model.safetensors"
     data = bytearray(f.read_bytes())
