@@ -5,7 +5,11 @@ How a merge runs
 1. ``registry.check_unchanged`` for every input and the base (ChangedError before anything else).
 2. :func:`plan` inspects every input's headers (no tensor data) and raises ONE MismatchError that
    lists every name/shape/dtype difference.
-3. The output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
+3. Re-runs are idempotent: an output registered at the target under the same name with the same
+   recipe (method, params, space, rank, out dtype, weights, inputs by id and fingerprint, base)
+   and unchanged files is returned as it is (``spec.status == "up to date"``, nothing written);
+   ``overwrite`` recomputes it. A sweep computes only its outputs that are not up to date.
+   Otherwise the output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
    or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
 4. Tensors are streamed in name order. Inputs are read with ``preadv`` into per-input chunk
    buffers allocated once and reused (:class:`_Source`), or, for streamed methods where Linux
