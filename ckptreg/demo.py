@@ -796,7 +796,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         return reg.select(run, last=k, every=m, exclude_final=True)
 
     def spec(method, k, m, **kw):
-        s = engine.make_spec(reg, method, window(k, m), selection={"last": k, "every": m}, **kw)
+        s = engine.make_spec(reg, method, window(k, m), selection={"last": k, "every": m, "exclude_final": True}, **kw)
         s.out = str(merged_dir / s.name)
         return s
 

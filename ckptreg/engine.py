@@ -172,15 +172,15 @@ def _dtype_word(d) -> str:
     return _DTYPE_WORDS.get(t) or (re.sub(r"[^a-z0-9]+", "-", t).strip("-") or "dtype")
 
 
-def name_suffix(*, scheme=None, metric=None, power=None, direction=None, exclude_final=False, space=None,
-                rank=None, out_dtype=None, svd=None, weights=None) -> str:
+def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include_final=False, space=None,
+                rank=None, out_dtype=None, svd=None, weights=None, params=None, method=None) -> str:
     """The part of a default name for the settings that change the result but are not the
     defaults the paper's names assume (METHODS.md "Naming merged checkpoints"). Each default
     yields no suffix, so the paper's configurations keep the paper's names exactly:
 
-    - ``_excl_final``: a ``--last K`` selection with ``--exclude-final`` (the default selection,
-      the last K checkpoints including the final, has no suffix: the names of every existing
-      ``last_K`` merge stay what they were);
+    - ``_incl_final``: a ``--last K`` selection that includes the run's final checkpoint (the
+      paper merges the last K checkpoints *before* the final one, ``--exclude-final``, and that
+      selection keeps the paper's name; explicit checkpoint lists have no selection and no suffix);
     - ``_q<q>``: MWA with a power factor other than ``weights.DEFAULT_POWER`` (2), e.g. ``_q3_0``;
     - ``_max`` / ``_min``: metric or MWA weighting in the direction opposite to the metric's
       default (``weights.default_direction``);
@@ -190,15 +190,19 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, exclude
     - ``_bf16`` / ``_f16`` / ``_f32`` / ``_f64``: an explicit output dtype (default: the inputs');
     - ``_exact_svd``: CART with an exact SVD (default: randomized).
 
-    Method parameters (density, sign, lambda, t, rank ratio, seed) are not in the name (the
-    paper's baselines are named without them); they are in the lineage and the recipe, so a
-    re-run with other values under the same name is refused at the same path (or becomes the
-    next version elsewhere), never taken for an identical one."""
+    - method parameters that differ from their defaults: ``_freq`` (TIES/DARE-TIES sign election
+      by frequency; default total), ``_lam<λ>`` (λ ≠ 1), ``_t<t>`` (SLERP t ≠ 0.5), ``_rr<ρ>``
+      (CART rank ratio ≠ 0.08), ``_seed<s>`` (DARE seed ≠ 0).
+
+    ``density`` has no default (TIES/DARE/prune require it) and is not in the name, as in the
+    paper's baseline names; it is in the lineage and the recipe, so a merge that differs only in
+    density is refused at the same path and is the next version of the name elsewhere, never taken
+    for an identical one."""
     from . import weights as W
 
     parts = []
-    if exclude_final:
-        parts.append("excl_final")
+    if include_final:
+        parts.append("incl_final")
     sch = (scheme or "uniform").lower()
     if sch == "mwa" and power is not None and float(power) != float(W.DEFAULT_POWER):
         parts.append(f"q{_pf(power)}")
@@ -218,12 +222,31 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, exclude
         parts.append(_dtype_word(out_dtype))
     if svd is not None and str(svd) == "exact":
         parts.append("exact_svd")
+    p = dict(params or {})
+    m = canonical_method(method) if method else None
+    if m in ("ties", "dare_ties") and p.get("sign") not in (None, "total"):
+        parts.append("freq")
+    lam = p.get("lam", p.get("lambda"))
+    if lam is not None and float(lam) != 1.0 and m not in (None,) + LINEAR_METHODS:
+        parts.append(f"lam{_pf(lam)}")
+    if m == "slerp" and p.get("t") is not None and float(p["t"]) != 0.5:
+        parts.append(f"t{_pf(p['t'])}")
+    if m == "cart" and p.get("rank_ratio") is not None and float(p["rank_ratio"]) != _cart_default_rank_ratio():
+        parts.append(f"rr{_pf(p['rank_ratio'])}")
+    if m in ("dare_linear", "dare_ties") and p.get("seed") not in (None, 0):
+        parts.append(f"seed{int(p['seed'])}")
     return "".join("_" + x for x in parts)
+
+
+def _cart_default_rank_ratio() -> float:
+    from .lowrank import DEFAULT_RANK_RATIO
+
+    return float(DEFAULT_RANK_RATIO)
 
 
 def paper_name(last, every, scheme, metric, penalty, method=None, base=None, **settings) -> str:
     """The paper's naming (METHODS.md "Naming merged checkpoints"), plus :func:`name_suffix` of
-    ``settings`` (exclude_final, space, rank, out_dtype, power, direction, svd, weights) for
+    ``settings`` (include_final, space, rank, out_dtype, power, direction, svd, weights, params) for
     anything else that changes the result.
 
     ``last_10_loss_pf-0_7``, ``last_5_3_loss_pf-0_9``, ``last_4_unweighted``,
@@ -250,7 +273,7 @@ def paper_name(last, every, scheme, metric, penalty, method=None, base=None, **s
         wpart = f"{_metric_word(metric)}_pf-{_pf(penalty)}"
     else:
         raise ParameterError(f"unknown weighting scheme {scheme!r}")
-    suffix = name_suffix(scheme=scheme, metric=metric, **settings)
+    suffix = name_suffix(scheme=scheme, metric=metric, method=m, **settings)
     if m in LINEAR_METHODS:
         return f"{sel}_{wpart}{suffix}"
     name = f"{m}_{sel}"
@@ -335,7 +358,8 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
         naming = {"last": last, "every": every,
                   "scheme": scheme if (m not in LINEAR_METHODS or scheme) else "uniform",
                   "metric": metric, "penalty": 1.0 if scheme == "metric" else penalty, "method": m, "base": bname,
-                  "exclude_final": bool(sel.get("last") and sel.get("exclude_final")),
+                  "include_final": bool(sel.get("last") and not sel.get("exclude_final")),
+                  "params": params,
                   "power": power, "direction": direction, "weights": w if weights is not None else None,
                   "svd": (params or {}).get("svd") if m == "cart" else None,
                   "space": space, "rank": rank, "out_dtype": out_dtype}
