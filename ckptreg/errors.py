@@ -10,9 +10,10 @@ class CkptregError(Exception):
 
 
 class FormatError(CkptregError):
-    """A file is missing, truncated, corrupt, or in a layout ckptreg does not understand."""
+    """A file is missing, truncated, corrupt, or in a layout ckptreg does not understand.
+    (Its own exit code, apart from usage errors' 2: a script can tell a bad file from a bad call.)"""
 
-    exit_code = 2
+    exit_code = 17
 
 
 class NotFoundError(CkptregError):

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from ckptreg.cli import main
+from ckptreg.errors import FormatError
 from ckptreg.registry import SCHEMA_VERSION, Registry
 from helpers_files import raw_safetensors, write_peft_adapter
 
@@ -89,8 +90,8 @@ def test_errors_exit_nonzero_and_change_nothing(cli, db_path, tmp_path):
     cases = [
         (("add", other, "--run", "r"), 4, "already registered"),
         (("add", tmp_path / "missing", "--run", "r", "--step", "2"), 3, "missing"),
-        (("add", bad, "--run", "r"), 2, "overlaps"),
-        (("add", trunc, "--run", "r"), 2, str(trunc)),
+        (("add", bad, "--run", "r"), FormatError.exit_code, "overlaps"),
+        (("add", trunc, "--run", "r"), FormatError.exit_code, str(trunc)),
         (("show", "r@2"), 3, "r@1"),
         (("show", "rr@1"), 3, "closest runs: r"),
         (("log", "r@9", "loss=1"), 3, "r@9"),

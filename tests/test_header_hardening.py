@@ -70,7 +70,7 @@ def test_hostile_header_is_format_error_exit_2(cli, db_path, tmp_path, seeded, c
     header, data, expect = HOSTILE[case]
     p = raw_safetensors(tmp_path / f"{case}.safetensors", header, data)
     r = cli("add", p, "--run", "r", "--step", "2")
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert r.exit_code == FormatError.exit_code, (r.exit_code, r.output, r.exception)
     assert r.output.startswith(f"error: {p}: "), r.output
     assert expect in r.output, r.output
     assert "Traceback" not in r.output

@@ -72,7 +72,7 @@ def test_evil_object_in_the_state_dict_is_refused(tmp_path):
     assert not marker.exists()
     r = CliRunner().invoke(main, ["--db", str(tmp_path / "r.duckdb"), "add", str(p), "--run", "r",
                                   "--step", "1", "--allow-pickle"])
-    assert r.exit_code == 2 and "state_dict holds objects other than tensors" in r.output
+    assert r.exit_code == FormatError.exit_code and "state_dict holds objects other than tensors" in r.output
     assert Registry(tmp_path / "r.duckdb").checkpoints() == []
 
 
@@ -147,7 +147,7 @@ def test_lightning_top_k_with_path_hparams_and_scan(tmp_path):
     assert len(kept) == 2
     db2 = tmp_path / "scan.duckdb"
     r = CliRunner().invoke(main, ["--db", str(db2), "scan", str(tmp_path), "--run", "hp"])
-    assert r.exit_code == 2 and "--allow-pickle" in r.output
+    assert r.exit_code == FormatError.exit_code and "--allow-pickle" in r.output
     r = CliRunner().invoke(main, ["--db", str(db2), "scan", str(tmp_path), "--run", "hp", "--allow-pickle", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ckptreg.cli import main
+from ckptreg.errors import FormatError
 from ckptreg.registry import Registry
 from helpers_files import write_peft_adapter
 
@@ -110,7 +111,7 @@ def test_sql_sqlite_file_is_not_opened_with_an_extension(cli, tmp_path):
     before = p.read_bytes()
     for args in (("sql", "SELECT * FROM checkpoints"), ("ls",)):
         r = cli(*args, db=p)
-        assert r.exit_code == 2, r.output
+        assert r.exit_code == FormatError.exit_code, r.output
         assert f"{p}: not a usable ckptreg registry: a SQLite database" in r.stderr, r.stderr
     assert p.read_bytes() == before
 
@@ -302,10 +303,10 @@ def test_missing_table_is_formaterror_and_doctor_fails(cli, db_path, tmp_path):
     for args in (("ls",), ("show", "r@1"), ("add", write_peft_adapter(tmp_path / "checkpoint-2", 2), "--run", "r"),
                  ("doctor",)):
         r = cli(*args)
-        assert r.exit_code == 2, (args, r.output)
+        assert r.exit_code == FormatError.exit_code, (args, r.output)
         assert msg in r.stderr, (args, r.stderr)
     r = cli("doctor", "--json")
-    assert r.exit_code == 2 and json.loads(r.stdout)["usable"] is False
+    assert r.exit_code == FormatError.exit_code and json.loads(r.stdout)["usable"] is False
 
 
 def test_doctor_fails_on_corrupt_newer_and_unreadable_databases(cli, db_path, tmp_path):
@@ -327,7 +328,7 @@ def test_doctor_fails_on_corrupt_newer_and_unreadable_databases(cli, db_path, tm
     for db, what in ((newer, "newer than this ckptreg"), (garbage, "not a DuckDB file"),
                      (folder, "it is a directory")):
         r = cli("doctor", db=db)
-        assert r.exit_code == 2, (db, r.output)
+        assert r.exit_code == FormatError.exit_code, (db, r.output)
         assert what in r.stderr and str(db) in r.stderr, (db, r.stderr)
 
 
