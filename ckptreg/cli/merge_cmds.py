@@ -407,59 +407,23 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
               seed, t, rank_ratio, base, out_dtype, out_dir, overwrite, quiet, as_json):
     """Plan every combination of K × M × method × metric × penalty, drop duplicates, run the
     weighted sums in one pass over the inputs, register each result under its paper name."""
-    from pathlib import Path
+    from .. import api, engine
 
-    from .. import engine
-
-    lasts = _split(last, int, "--last")
-    everys = _split(every, int, "--every")
     methods = [_method(x) for x in _split(method, str, "--method")]
-    metrics = _split(metric, str, "--metric")
-    penalties = _split(penalty, float, "--penalty")
-    for p in penalties:
-        _check_weight_params(p, power, density)
-    _check_weight_params(None, power, density)
     reg = _registry(db)
-    specs, skipped = [], []
-    params = _params(density, sign, lam, seed, t, rank_ratio)
-    for k, mm in itertools.product(lasts, everys):
-        try:
-            inputs = reg.select(run, k, mm, exclude_final=exclude_final, skip_missing=skip_missing)
-        except SelectionError as e:
-            skipped.append(f"last {k} every {mm}: {e}")
-            continue
-        sel = {"run": run, "last": k, "every": mm, "exclude_final": bool(exclude_final)}
-        if skip_missing:
-            sel["skip_missing"] = True
-        for meth in methods:
-            if meth in ("uniform", "linear"):
-                combos = [("uniform", None, None)]
-            elif meth == "mwa":
-                combos = [("mwa", mt, p) for mt in metrics for p in penalties]
-            else:
-                combos = [(None, None, None)]
-            for scheme, mt, p in combos:
-                if meth == "slerp" and k != 2:
-                    skipped.append(f"slerp last {k}: slerp needs exactly 2 checkpoints")
-                    continue
-                specs.append(engine.make_spec(reg, meth, inputs, scheme=scheme, metric=mt, penalty=p, power=power,
-                                              direction=direction, base=base, params=params, selection=dict(sel),
-                                              out_dtype=out_dtype))
-    if not specs:
-        raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
-    uniq, dropped = engine.dedupe_specs(specs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for s in uniq:
-        s.out = str(engine.default_out(s, parent=out_dir))
+    plan = api.plan_sweep(reg, run=run, last=_split(last, int, "--last"), every=_split(every, int, "--every"),
+                          exclude_final=exclude_final, skip_missing=skip_missing, method=methods,
+                          metric=_split(metric, str, "--metric"), penalty=_split(penalty, float, "--penalty"),
+                          power=power, direction=direction, params=_params(density, sign, lam, seed, t, rank_ratio),
+                          base=base, out_dtype=out_dtype, out=out_dir)
+    uniq = plan.specs
     if not quiet and not as_json:
-        for msg in skipped:
+        for msg in plan.skipped:
             _fmt.info(f"skipped {msg}")
-        if dropped:
-            _fmt.info(f"dropped {len(dropped)} duplicate combination(s): "
-                      + ", ".join(sorted({specs[i].name for i in dropped})))
+        if plan.dropped:
+            _fmt.info(f"dropped {len(plan.dropped)} duplicate combination(s): " + ", ".join(sorted(set(plan.dropped))))
     with _Progress(quiet or as_json, f"sweep: {len(uniq)} merges") as prog:
-        res = engine.sweep(reg, uniq, overwrite=overwrite, progress=prog, out_dtype=out_dtype)
+        res = api.sweep(reg, plan, overwrite=overwrite, progress=prog)
     rows = [{"name": c.name, "id": c.id, "method": s.method, "status": s.status or "merged",
              "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in s.weights],
              "path": c.path} for s, c in zip(uniq, res)]
@@ -486,23 +450,15 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
 @pass_db
 def leaderboard_cmd(db, run, score, base, plot, as_json):
     """Rank merged and plain checkpoints of a run by a weighted score (Table 2 of the paper)."""
-    from ..leaderboard import leaderboard, parse_score
+    from .. import api
 
-    weights = parse_score(score)
-    reg = _registry(db)
-    rows = leaderboard(reg, run, weights, base=base)
-    if plot:
-        from ..plots import plot_leaderboard
-
-        plot_leaderboard(rows, plot, score=weights, run=run)
-        if not as_json:
-            _fmt.info(f"wrote {plot}")
+    rows = api.leaderboard(db, run, score, base=base, plot=plot)
+    if plot and not as_json:
+        _fmt.info(f"wrote {plot}")
     if as_json:
-        _fmt.emit_json(rows)
+        _fmt.emit_json(list(rows))
         return
-    cols = ["rank", "ref", "role"] + list(weights) + ["score", "vs_last_merging", "vs_final"]
-    if base is not None:
-        cols.append("vs_base")
+    cols = rows.columns
     shown = []
     for r in rows:
         d = dict(r)
