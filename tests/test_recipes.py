@@ -151,3 +151,73 @@ def test_bad_files(tmp_path):
     (tmp_path / "r.json").write_text("{'a': 1}")
     with pytest.raises(UsageError, match=r"recipe .*r.json: not valid JSON"):
         load_recipe(tmp_path / "r.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# through the CLI
+
+def _cli(db):
+    from click.testing import CliRunner
+
+    from ckptreg.cli import main
+
+    def run(*args, code=0):
+        res = CliRunner().invoke(main, ["--db", str(db), *map(str, args)])
+        assert res.exit_code == code, (args, res.exit_code, res.output, res.exception)
+        return res
+    return run
+
+
+def _tensor_bytes(path) -> dict:
+    from ckptreg import formats
+
+    out = {}
+    for n, t in formats.inspect(path).tensors.items():
+        with open(t.file, "rb") as f:
+            f.seek(t.offset)
+            out[n] = (t.dtype, tuple(t.shape), f.read(t.nbytes))
+    return out
+
+
+@pytest.mark.parametrize("case", ["ties_selection", "dare_refs", "mwa_lora"])
+def test_yaml_recipe_equals_cli_merge_byte_for_byte(tmp_path, case):
+    from helpers_engine import make_full_run, make_lora_run
+
+    if case == "mwa_lora":
+        make_lora_run(tmp_path, run="m", steps=(10, 20, 30, 40))
+        cli = ["--run", "m", "--last", "3", "--method", "mwa", "--metric", "train_loss", "--penalty", "0.7"]
+        yml = ("inputs: {run: m, last: 3}\nmethod: mwa\n"
+               "weighting: {metric: train_loss, penalty: 0.7}\n")
+    else:
+        make_full_run(tmp_path, run="m", steps=(100, 200, 300, 400))
+        if case == "ties_selection":
+            cli = ["--run", "m", "--last", "3", "--method", "ties", "--base", "m@100", "--density", "0.5"]
+            yml = "inputs: {run: m, last: 3}\nmethod: ties\nbase: m@100\nparameters:\n  density: 0.5\n"
+        else:
+            cli = ["m@300", "m@400", "--method", "dare_ties", "--base", "first", "--density", "0.6", "--seed", "7",
+                   "--lambda", "0.9"]
+            yml = ("inputs: [m@300, m@400]\nmethod: dare_ties\nbase: first\n"
+                   "parameters: {density: 0.6, seed: 7, lambda: 0.9}\n")
+    run = _cli(tmp_path / "reg.duckdb")
+    run("merge", *cli, "-o", tmp_path / "a", "--name", "a")
+    (tmp_path / "r.yaml").write_text(yml + f"output: {tmp_path / 'b'}\nname: b\n")
+    res = run("merge", "--recipe", tmp_path / "r.yaml")
+    assert "\tb" in res.output
+    a, b = _tensor_bytes(tmp_path / "a"), _tensor_bytes(tmp_path / "b")
+    assert a.keys() == b.keys() and a == b
+
+
+def test_recipe_cli_errors(tmp_path):
+    from helpers_engine import make_full_run
+
+    make_full_run(tmp_path, run="m", steps=(100, 200, 300))
+    run = _cli(tmp_path / "reg.duckdb")
+    (tmp_path / "r.yaml").write_text("inputs: [m@200, m@300]\nmethod: ties\nbase: m@100\nparameters: {density: 2}\n")
+    res = run("merge", "--recipe", tmp_path / "r.yaml", code=ParameterError.exit_code)
+    assert f"recipe {tmp_path / 'r.yaml'}: parameters.density: 2 is out of range" in res.output
+    res = run("merge", "--recipe", tmp_path / "r.yaml", "--density", "0.5", code=UsageError.exit_code)
+    assert "drop --density" in res.output
+    (tmp_path / "r2.yaml").write_text("inputs: [m@200, m@9999]\nmethod: linear\n")
+    res = run("merge", "--recipe", tmp_path / "r2.yaml", code=3)
+    assert "m@9999" in res.output
+    assert not (tmp_path / "m" / "ckpt_200-300_unweighted").exists()

@@ -311,7 +311,61 @@ def _params(density, sign, lam, seed, t, rank_ratio):
                               "rank_ratio": rank_ratio}.items() if v is not None}
 
 
-@click.command("merge", epilog="\b\nExample:\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7 -o merged/sft-mwa\n  ckptreg merge sft@400 sft@500 --method slerp --t 0.5")
+_RECIPE_OVERRIDES = {"recipe", "replay", "out", "name", "overwrite", "quiet", "as_json", "out_shard_size"}
+_REPLAY_OPTIONS = {"recipe", "replay", "out", "quiet", "as_json"}
+
+
+def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json, out_shard_size):
+    """``merge --recipe FILE`` / ``merge --replay REF``: the recipe gives inputs, method and
+    parameters, so the options that give them too are refused rather than silently ignored."""
+    from .. import engine
+    from ..merge import recipe as R
+
+    ctx = click.get_current_context()
+    allowed = _REPLAY_OPTIONS if replay is not None else _RECIPE_OVERRIDES
+    given = [p for p in ctx.command.params if p.name not in allowed and p.name not in ("db",)
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if recipe is not None and replay is not None:
+        raise UsageError("give --recipe FILE or --replay REF, not both")
+    if given:
+        opts = ", ".join(p.opts[0] if p.opts else p.name for p in given)
+        what = "--replay REF re-runs the stored recipe; it takes only -o, --quiet and --json" if replay is not None \
+            else "--recipe FILE gives inputs, method and parameters; only -o, --name, --overwrite, " \
+                 "--out-shard-size, --quiet and --json override it"
+        raise UsageError(f"{what}: drop {opts}")
+    reg = _registry(db)
+    if replay is not None:
+        with _Progress(quiet or as_json, f"replaying {replay}") as prog:
+            orig, c = R.replay(reg, replay, out=out, progress=prog)
+        if as_json:
+            _fmt.emit_json({"replayed": orig.ref, "original": {"id": orig.id, "path": orig.path},
+                            "id": c.id, "ref": c.ref, "path": c.path, "identical": True})
+        else:
+            click.echo(f"replayed {orig.ref}: identical")
+            if not quiet:
+                _fmt.info(f"wrote {c.path} (registered as id {c.id}, the next version of {orig.run}@{orig.name})")
+        return
+    rcp = R.load_recipe(recipe)
+    spec = R.build_spec(reg, rcp, out=out, name=name)
+    shard = _size(out_shard_size if out_shard_size is not None else rcp.out_shard_size)
+    with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
+        c = engine.merge(reg, spec, space=rcp.space, rank=rcp.rank, out_dtype=rcp.out_dtype, overwrite=overwrite,
+                         progress=prog, out_shard_size=shard)
+    status = spec.status or "merged"
+    if status == engine.UP_TO_DATE:
+        _say_up_to_date(c)
+    _note_metric_lags(spec.inputs, _weighting_metric(spec))
+    if as_json:
+        _fmt.emit_json({"id": c.id, "name": c.name, "ref": c.ref, "path": c.path, "status": status,
+                        "method": spec.method, "inputs": [x.ref for x in spec.inputs], "weights": spec.weights,
+                        "base": spec.base.ref if spec.base is not None else None, "recipe": str(recipe)})
+    else:
+        click.echo(f"{c.id}\t{c.name}")
+        if not quiet and status != engine.UP_TO_DATE:
+            _fmt.info(f"wrote {c.path}")
+
+
+@click.command("merge", epilog="\b\nExample:\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7 -o merged/sft-mwa\n  ckptreg merge sft@400 sft@500 --method slerp --t 0.5\n  ckptreg merge --recipe recipe.yaml\n  ckptreg merge --replay sft@last_5_loss_pf-0_7 -o merged/sft-mwa-replay")
 @click.argument("checkpoints", nargs=-1)
 @click.option("--run", default=None, help="Run to select from.")
 @click.option("--last", "last", type=int, default=None, help="Merge the last K checkpoints.")
@@ -332,13 +386,22 @@ def _params(density, sign, lam, seed, t, rank_ratio):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and registry entry.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (bar or log lines), no 'wrote' line.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None,
+              help="Merge as a recipe file says (YAML or JSON: inputs, method, base, parameters with per-tensor "
+                   "filters and per-layer gradients, output, name); -o, --name, --overwrite, --out-shard-size "
+                   "override it.")
+@click.option("--replay", "replay", default=None, metavar="REF",
+              help="Re-run the registered merge REF from its stored recipe (into -o, default NAME-replay beside "
+                   "it), check its tensors equal the original's byte for byte, register it as the next version.")
 @pass_db
 def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, method, scheme, metric, direction, penalty, power,
               density, sign, lam, seed, t, rank_ratio, base, space, rank, exact_svd, out_dtype, out_shard_size, out,
-              name, overwrite, quiet, as_json):
+              name, overwrite, quiet, as_json, recipe=None, replay=None):
     """Merge checkpoints (last K of a run, or the ones given) and register the result."""
     from .. import engine
 
+    if recipe is not None or replay is not None:
+        return _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json, out_shard_size)
     m = _method(method)
     _check_weight_params(penalty, power, density)
     if every is not None and last is None:

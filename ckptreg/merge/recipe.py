@@ -486,6 +486,9 @@ def recipe_data(stored: dict) -> dict:
             rules.append({"value": params[key]})   # the constant: every tensor no rule matches
         params[key] = rules
     d = {"inputs": inputs, "method": stored.get("method")}
+    sel = stored.get("selection") or {}
+    if stored.get("method") == "mwa" and sel.get("metric"):
+        d["weighting"] = {"metric": sel["metric"]}   # mwa names its metric; the weights below are used
     b = stored.get("base")
     if b:
         d["base"] = b.get("ref") or b.get("id")
@@ -571,3 +574,163 @@ def build_spec(registry, recipe: Recipe, *, out=None, name=None):
             changes.update(name=f"{spec.name}_rules-{rules.digest()}", naming=None)
         spec = dataclasses.replace(spec, **changes)
     return spec
+
+
+# ------------------------------------------------------------------------------------------------
+# replay
+
+REPLAY_IDENTICAL = "identical"
+
+
+def stored_recipe(registry, c) -> dict:
+    """The recipe a merge stored: its output's ``ckptreg_recipe`` metadata, else (an output
+    written before recipes were stored) rebuilt from its lineage. FormatError when neither."""
+    from ..errors import CkptregError, FormatError
+    from ..safetensors_io import read_header
+
+    files = [f for f in (getattr(c, "files", None) or []) if str(f).lower().endswith(".safetensors")]
+    p = Path(c.path)
+    if not files:
+        files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    for f in files:
+        try:
+            md = read_header(f).metadata
+        except (CkptregError, OSError, ValueError):
+            continue
+        if "ckptreg_recipe" in md:
+            try:
+                rec = json.loads(md["ckptreg_recipe"])
+            except ValueError:
+                raise FormatError(f"{f}: its ckptreg_recipe metadata is not valid JSON") from None
+            if isinstance(rec, dict) and rec.get("method"):
+                return rec
+    lin = registry.lineage(c)
+    if not lin:
+        raise FormatError(f"{c.ref}: no stored recipe (no ckptreg_recipe metadata in {c.path}, no lineage)")
+    params = dict(lin.get("params") or {})
+    rec = {"name": c.name, "method": lin["method"], "space": params.pop("space", "factors"),
+           "rank": params.pop("rank", None), "out_dtype": params.pop("out_dtype", None),
+           "selection": params.pop("selection", {}), "param_rules": params.pop("rules", None) or {}}
+    params.pop("metric_lag", None)
+    rec["params"] = params
+    rec["inputs"] = [{"id": i["id"], "ref": i.get("ref"), "weight": i.get("weight"), "fingerprint": None}
+                     for i in lin.get("inputs") or []]
+    b = lin.get("base")
+    rec["base"] = None if b is None else {"id": int(b), "ref": None, "fingerprint": None}
+    return rec
+
+
+def _replay_out(c) -> Path:
+    p = Path(c.path)
+    if p.name.lower().endswith(".safetensors"):
+        return p.with_name(p.name[: -len(".safetensors")] + "-replay.safetensors")
+    return p.with_name(p.name + "-replay")
+
+
+def replay_spec(registry, ref, *, out=None):
+    """(original Checkpoint, MergeSpec, merge kwargs) that re-run a registered merge from its
+    stored recipe: same inputs (by id; ChangedError if one was re-registered with other files
+    since), weights, params and rules, base, space, rank, out dtype and name, into ``out``
+    (default: beside the original, ``NAME-replay``)."""
+    import dataclasses
+
+    from .. import engine
+    from ..errors import ChangedError
+
+    c = registry.get(int(ref) if isinstance(ref, int) or str(ref).isdigit() else ref)
+    if not c.merged:
+        raise UsageError(f"--replay {ref}: {c.ref} is a plain checkpoint, not the output of a merge")
+    rec = stored_recipe(registry, c)
+    inputs = []
+    for x in rec.get("inputs") or []:
+        ck = registry.get(int(x["id"]))
+        if x.get("fingerprint") and ck.fingerprint != x["fingerprint"]:
+            raise ChangedError(f"cannot replay {c.ref}: its input {ck.ref} (id {ck.id}) was re-registered with other "
+                               f"files since the merge (fingerprint {x['fingerprint']} then, {ck.fingerprint} now)")
+        inputs.append(ck)
+    b = rec.get("base")
+    base = None
+    if b:
+        base = registry.get(int(b["id"]))
+        if b.get("fingerprint") and base.fingerprint != b["fingerprint"]:
+            raise ChangedError(f"cannot replay {c.ref}: its base {base.ref} (id {base.id}) was re-registered with "
+                               f"other files since the merge (fingerprint {b['fingerprint']} then, "
+                               f"{base.fingerprint} now)")
+    params = {k: v for k, v in (rec.get("params") or {}).items() if k != "rules"}
+    space = rec.get("space") or "factors"
+    out_path = Path(out) if out is not None else _replay_out(c)
+    sel = rec.get("selection") or {}
+    spec = engine.make_spec(registry, rec["method"], inputs, weights=[float(x["weight"]) for x in rec["inputs"]],
+                            metric=sel.get("metric"), penalty=sel.get("penalty"), power=sel.get("power"),
+                            direction=sel.get("direction"),
+                            base=base, params=params, name=c.name, out=str(out_path), run=c.run,
+                            selection=rec.get("selection") or None, space=space, rank=rec.get("rank"),
+                            out_dtype=rec.get("out_dtype"))
+    rules = rec.get("param_rules") or (rec.get("params") or {}).get("rules")
+    if rules:
+        spec = dataclasses.replace(spec, param_rules=ParamRules.from_json(rules, len(inputs), f"{c.ref} stored recipe"))
+    kw = {"space": space, "rank": rec.get("rank"), "out_dtype": rec.get("out_dtype")}
+    p = Path(c.path)
+    if p.is_dir() and (p / "model.safetensors.index.json").exists() and all(Path(i.path).is_file() for i in inputs):
+        # single-file inputs merged into a folder of shards: shard the replay the same way
+        from ..safetensors_io import read_header
+
+        kw["out_shard_size"] = max(sum(t.nbytes for t in read_header(f).tensors.values())
+                                   for f in sorted(p.glob("*.safetensors")))
+    return c, spec, kw
+
+
+def first_difference(a_path, b_path) -> str | None:
+    """None when the two checkpoints hold the same tensors (names, dtypes, shapes, bytes), else
+    a description of the first difference (tensors in name order)."""
+    from .. import formats
+
+    ta, tb = formats.inspect(a_path).tensors, formats.inspect(b_path).tensors
+    if set(ta) != set(tb):
+        only = sorted(set(ta) ^ set(tb))[0]
+        return f"tensor {only} is in {'the original' if only in ta else 'the replay'} only"
+    for n in sorted(ta):
+        x, y = ta[n], tb[n]
+        if x.dtype != y.dtype or tuple(x.shape) != tuple(y.shape):
+            return f"tensor {n}: {x.dtype}{list(x.shape)} in the original, {y.dtype}{list(y.shape)} in the replay"
+        if x.nbytes != y.nbytes:
+            return f"tensor {n}: {x.nbytes} bytes in the original, {y.nbytes} in the replay"
+        with open(x.file, "rb") as fa, open(y.file, "rb") as fb:
+            fa.seek(x.offset)
+            fb.seek(y.offset)
+            left = x.nbytes
+            while left > 0:
+                k = min(left, 8 << 20)
+                if fa.read(k) != fb.read(k):
+                    return f"tensor {n}: its bytes differ"
+                left -= k
+    return None
+
+
+def replay(registry, ref, *, out=None, progress=None):
+    """Re-run a registered merge from its stored recipe into ``out`` and check that the result's
+    tensors equal the original's byte for byte. Returns (original, replayed Checkpoint).
+
+    The replay is registered as the next version of RUN@NAME (the engine's rule for a merged
+    name written to another path), like every output ckptreg writes: its lineage is the
+    original's and ``RUN@NAME:v1`` still names the original. When the tensors differ the
+    replay is unregistered and its files deleted (ChangedError naming the first differing
+    tensor): the registry and the disk are left as they were."""
+    import dataclasses
+
+    from .. import engine
+    from ..errors import ChangedError
+
+    orig, spec, kw = replay_spec(registry, ref, out=out)
+    got = engine.merge(registry, spec, progress=progress, **kw)
+    if spec.status == engine.UP_TO_DATE:   # a replay already registered here: recompute it
+        spec = dataclasses.replace(spec, status=None)
+        got = engine.merge(registry, spec, overwrite=True, progress=progress, **kw)
+    diff = first_difference(orig.path, got.path)
+    if diff is not None:
+        try:
+            registry.rm(got.id, delete_files=True)
+        finally:
+            raise ChangedError(f"replayed {orig.ref}: NOT identical: {diff} (original {orig.path}); the replay "
+                               f"was removed again")
+    return orig, got

@@ -1,0 +1,128 @@
+"""``ckptreg merge --replay REF [-o PATH]``: a registered merge re-run from its stored recipe
+reproduces its output byte for byte (every method, and a delta-space LoRA merge), is registered
+as the next version of the name, and a replay that differs is refused and removed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ckptreg.cli import main
+from ckptreg.errors import ChangedError, UsageError
+from ckptreg.registry import Registry
+from helpers_engine import make_full_run, make_lora_run
+
+METHOD_ARGS = {
+    "linear": [],
+    "uniform": [],
+    "mwa": ["--metric", "train_loss", "--penalty", "0.7"],
+    "task_arithmetic": ["--base", "first", "--lambda", "0.7"],
+    "ties": ["--base", "first", "--density", "0.4", "--sign", "frequency"],
+    "dare_linear": ["--base", "first", "--density", "0.5", "--seed", "3"],
+    "dare_ties": ["--base", "first", "--density", "0.6", "--seed", "5"],
+    "magnitude_prune": ["--base", "first", "--density", "0.3"],
+    "slerp": ["--t", "0.3"],
+    "cart": ["--rank-ratio", "0.5"],
+}
+
+
+def _cli(db):
+    def run(*args, code=0):
+        res = CliRunner().invoke(main, ["--db", str(db), *map(str, args)])
+        assert res.exit_code == code, (args, res.exit_code, res.output, res.exception)
+        return res
+    return run
+
+
+def _tensor_bytes(path) -> dict:
+    """name -> (dtype, shape, raw bytes) of every tensor of a checkpoint (file or folder)."""
+    from ckptreg import formats
+
+    out = {}
+    for n, t in formats.inspect(path).tensors.items():
+        with open(t.file, "rb") as f:
+            f.seek(t.offset)
+            out[n] = (t.dtype, tuple(t.shape), f.read(t.nbytes))
+    return out
+
+
+@pytest.fixture
+def full_run(tmp_path):
+    make_full_run(tmp_path, run="m", steps=(100, 200, 300, 400))
+    return tmp_path / "reg.duckdb"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_replay_every_method_is_identical(full_run, tmp_path, method):
+    run = _cli(full_run)
+    last = "2" if method == "slerp" else "3"
+    res = run("merge", "--run", "m", "--last", last, "--method", method, *METHOD_ARGS[method],
+              "-o", tmp_path / "orig", "--name", f"x_{method}", "--json")
+    orig = json.loads(res.output)
+    res = run("merge", "--replay", f"m@x_{method}", "-o", tmp_path / "again")
+    assert f"replayed m@x_{method}: identical" in res.output.splitlines()
+    a, b = _tensor_bytes(tmp_path / "orig"), _tensor_bytes(tmp_path / "again")
+    assert a.keys() == b.keys() and a == b
+    reg = Registry(full_run)
+    # the replay is the next version of the name; :v1 is still the original
+    assert reg.get(f"m@x_{method}:v1").id == orig["id"]
+    new = reg.get(f"m@x_{method}")
+    assert new.id != orig["id"] and Path(new.path) == (tmp_path / "again").resolve()
+    lin_a, lin_b = reg.lineage(orig["id"]), reg.lineage(new.id)
+    assert lin_a["method"] == lin_b["method"] and lin_a["inputs"] == lin_b["inputs"] and lin_a["base"] == lin_b["base"]
+
+
+def test_replay_delta_space_lora(tmp_path):
+    make_lora_run(tmp_path, run="sft", steps=(10, 20, 30, 40))
+    db = tmp_path / "reg.duckdb"
+    run = _cli(db)
+    run("merge", "--run", "sft", "--last", "3", "--method", "task_arithmetic", "--base", "first", "--space", "delta",
+        "--rank", "3", "-o", tmp_path / "d", "--name", "d")
+    run("merge", "--replay", "sft@d", "-o", tmp_path / "d2")
+    assert _tensor_bytes(tmp_path / "d") == _tensor_bytes(tmp_path / "d2")
+    cfg = json.loads((tmp_path / "d2" / "adapter_config.json").read_text())
+    assert cfg["r"] == 3
+
+
+def test_replay_default_path_and_twice(full_run, tmp_path):
+    """Without -o the replay goes beside the original as NAME-replay; a second replay there
+    recomputes it (never a silent 'up to date')."""
+    run = _cli(full_run)
+    run("merge", "--run", "m", "--last", "2", "--method", "linear", "-o", tmp_path / "o", "--name", "o")
+    run("merge", "--replay", "m@o:v1")
+    assert (tmp_path / "o-replay" / "model.safetensors").is_file()
+    res = run("merge", "--replay", "m@o:v1")
+    assert "identical" in res.output
+    assert _tensor_bytes(tmp_path / "o") == _tensor_bytes(tmp_path / "o-replay")
+
+
+def test_replay_that_differs_is_refused_and_removed(full_run, tmp_path):
+    """An input rewritten in place with other bytes of the same layout and re-registered: the
+    replay sees the new fingerprint and refuses before writing anything."""
+    run = _cli(full_run)
+    run("merge", "--run", "m", "--last", "2", "--method", "linear", "-o", tmp_path / "o", "--name", "o")
+    reg = Registry(full_run)
+    inp = reg.get("m@400")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = Path(inp.path) / "model.safetensors"
+    t = load_file(str(f))
+    t = {k: v + 1 for k, v in t.items()}
+    save_file(t, str(f), metadata={"format": "pt"})
+    reg.add(inp.path, run="m", step=400, replace=True)
+    res = run("merge", "--replay", "m@o", "-o", tmp_path / "r", code=ChangedError.exit_code)
+    assert "cannot replay m@o: its input m@400" in res.output and "re-registered" in res.output
+    assert not (tmp_path / "r").exists()
+    _ = torch
+
+
+def test_replay_refuses_plain_and_mixed_options(full_run, tmp_path):
+    run = _cli(full_run)
+    res = run("merge", "--replay", "m@100", code=UsageError.exit_code)
+    assert "m@100 is a plain checkpoint, not the output of a merge" in res.output
+    run("merge", "--run", "m", "--last", "2", "-o", tmp_path / "o", "--name", "o")
+    res = run("merge", "--replay", "m@o", "--density", "0.5", code=UsageError.exit_code)
+    assert "--replay REF re-runs the stored recipe" in res.output and "drop --density" in res.output
