@@ -82,3 +82,15 @@ def render_card(recipe: dict, *, run: str | None = None) -> str:
               "or from a recipe file (`ckptreg merge --recipe recipe.yaml`):", "",
               "```yaml", recipe_yaml(recipe).rstrip("\n"), "```", ""]
     return "\n".join(lines)
+
+
+def card_for(metadata: dict, run: str | None = None) -> str | None:
+    """The card of an output from the metadata its writer is given (``ckptreg_recipe`` JSON);
+    None when there is no recipe. For the output target: a folder layout writes it as
+    :data:`CARD_NAME` and lists it in ``ckptreg_files`` (a copied input README.md, the input
+    model's card, is not copied)."""
+    raw = (metadata or {}).get("ckptreg_recipe")
+    if not raw:
+        return None
+    rec = json.loads(raw) if isinstance(raw, str) else raw
+    return render_card(rec, run=run)
