@@ -28,33 +28,94 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import FormatError, NotFoundError
 
-#: safetensors dtype string -> (torch dtype attribute name, item size in bytes).
-#: Sub-byte types (F4, F6_*) are not supported: a header using them is a FormatError.
-DTYPES: dict[str, tuple[str, int]] = {
-    "BOOL": ("bool", 1),
-    "U8": ("uint8", 1),
-    "I8": ("int8", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E8M0": ("float8_e8m0fnu", 1),
-    "I16": ("int16", 2),
-    "U16": ("uint16", 2),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I32": ("int32", 4),
-    "U32": ("uint32", 4),
-    "F32": ("float32", 4),
-    "I64": ("int64", 8),
-    "U64": ("uint64", 8),
-    "F64": ("float64", 8),
-    "C64": ("complex64", 8),
-}
+class DType(NamedTuple):
+    """One row of :data:`DTYPE_TABLE`, the one dtype table of the reader, the writer and the
+    merge engine."""
+    torch_name: str     # attribute of torch: getattr(torch, torch_name)
+    itemsize: int       # bytes per element
+    is_float: bool      # merged arithmetically (computed in float32/float64, written in this dtype)
+    mergeable: bool     # a merge can write it: floats are merged, integers/bool copied from the newest input
+    name: str           # the safetensors dtype string
 
+
+def _dt(name, torch_name, itemsize, is_float=False, mergeable=True) -> tuple[str, DType]:
+    return name, DType(torch_name, itemsize, is_float, mergeable, name)
+
+
+#: safetensors dtype string -> :class:`DType`: THE dtype table. Every dtype here reads (``add`` registers it);
+#: only ``mergeable`` ones can be merged: float8 values (F8_*) are quantized against scales stored
+#: in other tensors, and complex (C64) has no merge arithmetic, so merging them (or silently
+#: copying one input's) would not be a merge: the engine refuses them before writing
+#: (:func:`check_mergeable`). Sub-byte types (F4, F6_*) are not supported: a header using them is
+#: a FormatError.
+DTYPE_TABLE: dict[str, DType] = dict([
+    _dt("BOOL", "bool", 1),
+    _dt("U8", "uint8", 1),
+    _dt("I8", "int8", 1),
+    _dt("F8_E5M2", "float8_e5m2", 1, mergeable=False),
+    _dt("F8_E4M3", "float8_e4m3fn", 1, mergeable=False),
+    _dt("F8_E8M0", "float8_e8m0fnu", 1, mergeable=False),
+    _dt("I16", "int16", 2),
+    _dt("U16", "uint16", 2),
+    _dt("F16", "float16", 2, is_float=True),
+    _dt("BF16", "bfloat16", 2, is_float=True),
+    _dt("I32", "int32", 4),
+    _dt("U32", "uint32", 4),
+    _dt("F32", "float32", 4, is_float=True),
+    _dt("I64", "int64", 8),
+    _dt("U64", "uint64", 8),
+    _dt("F64", "float64", 8, is_float=True),
+    _dt("C64", "complex64", 8, mergeable=False),
+])
+
+#: views of DTYPE_TABLE: safetensors dtype string -> (torch dtype attribute name, item size)
+DTYPES: dict[str, tuple[str, int]] = {k: (v.torch_name, v.itemsize) for k, v in DTYPE_TABLE.items()}
 #: torch dtype attribute name -> safetensors dtype string (for pickled state dicts).
-TORCH_TO_ST: dict[str, str] = {v[0]: k for k, v in DTYPES.items()}
+TORCH_TO_ST: dict[str, str] = {v.torch_name: k for k, v in DTYPE_TABLE.items()}
+#: safetensors dtypes merges compute in (the rest of the mergeable ones are copied)
+MERGE_FLOATS: tuple[str, ...] = tuple(k for k, v in DTYPE_TABLE.items() if v.is_float)
+#: safetensors dtypes a merge can write
+MERGEABLE: tuple[str, ...] = tuple(k for k, v in DTYPE_TABLE.items() if v.mergeable)
+#: names users give an output dtype (``--out-dtype``) -> safetensors dtype string
+DTYPE_ALIASES: dict[str, str] = {"FLOAT32": "F32", "FP32": "F32", "FLOAT": "F32", "FLOAT16": "F16", "FP16": "F16",
+                                 "HALF": "F16", "BFLOAT16": "BF16", "FLOAT64": "F64", "FP64": "F64",
+                                 "DOUBLE": "F64"}
+
+
+def unmergeable_reason(dtype: str) -> str:
+    """Why a merge cannot write ``dtype`` (a safetensors dtype string)."""
+    if dtype.startswith("F8_"):
+        return ("float8 values are quantized against scales kept in other tensors; dequantize the checkpoint "
+                "(to BF16/F16/F32) before merging")
+    if dtype == "C64":
+        return "complex tensors have no merge arithmetic"
+    if dtype not in DTYPES:
+        return "it is not a safetensors dtype ckptreg reads"
+    return "this torch has no such dtype"
+
+
+def check_mergeable(tensors, where: str) -> None:
+    """FormatError naming ``where`` (a checkpoint or file), the dtype, why, and the first tensors
+    when any of ``tensors`` (a name -> TensorInfo mapping, or (name, dtype) pairs) has a dtype a
+    merge cannot write. Call before writing anything."""
+    items = tensors.items() if hasattr(tensors, "items") else tensors
+    bad: dict[str, list[str]] = {}
+    for name, ti in items:
+        dt = ti if isinstance(ti, str) else ti.dtype
+        if dt not in MERGEABLE:
+            bad.setdefault(dt, []).append(name)
+    if bad:
+        parts = []
+        for dt, names in bad.items():
+            shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"{len(names)} {dt} tensor{'s' if len(names) > 1 else ''} ({shown}): "
+                         f"{unmergeable_reason(dt)}")
+        raise FormatError(f"{where}: cannot be merged: " + "; ".join(parts))
+
 
 MAX_HEADER_BYTES = 100_000_000
 

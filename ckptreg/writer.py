@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import AccessError, CkptregError, DiskFullError, FormatError, OutputExistsError, TargetBusyError, UsageError
+from .safetensors_io import DTYPE_ALIASES, DTYPE_TABLE, TORCH_TO_ST, unmergeable_reason
 
 TMP_MARK = ".ckptreg-tmp-"
 LOCK_MARK = ".ckptreg-lock"
@@ -65,45 +66,37 @@ HOST_TAG = _host_tag()
 _TMP_RE = re.compile(r"^\.(?P<target>.+)" + re.escape(TMP_MARK)
                      + r"(?P<pid>[0-9]+)-(?:(?P<host>[0-9a-f]{8})-)?(?P<rand>[0-9a-f]{8})$", re.S)
 
-# safetensors dtype string -> (torch dtype attribute name, itemsize)
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-}
-_TORCH_NAME = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
+#: safetensors dtype string -> item size, for the dtypes a merge can write (from
+#: ``safetensors_io.DTYPE_TABLE``, the one dtype table)
+ITEMSIZE = {k: v.itemsize for k, v in DTYPE_TABLE.items() if v.mergeable}
 
 
 def torch_dtype(dtype_str: str):
-    """torch dtype of a safetensors dtype string."""
+    """torch dtype of a safetensors dtype string a merge can write; FormatError naming the dtype
+    and why otherwise (float8, complex, unknown)."""
     import torch
 
-    try:
-        return getattr(torch, _TORCH_NAME[dtype_str])
-    except (KeyError, AttributeError):
-        raise FormatError(f"unsupported safetensors dtype {dtype_str!r}") from None
+    row = DTYPE_TABLE.get(dtype_str) if isinstance(dtype_str, str) else None
+    dt = getattr(torch, row.torch_name, None) if row is not None and row.mergeable else None
+    if dt is None:
+        raise FormatError(f"safetensors dtype {dtype_str!r} cannot be merged or written: "
+                          f"{unmergeable_reason(str(dtype_str))}")
+    return dt
 
 
 def dtype_str(dtype) -> str:
-    """safetensors dtype string of a torch dtype (or pass a string through, validated)."""
+    """safetensors dtype string of a torch dtype (or pass a string through, validated) that a
+    merge can write; FormatError otherwise."""
     if isinstance(dtype, str):
         s = dtype.upper()
-        aliases = {"FLOAT32": "F32", "FP32": "F32", "FLOAT": "F32", "FLOAT16": "F16", "FP16": "F16",
-                   "HALF": "F16", "BFLOAT16": "BF16", "FLOAT64": "F64", "FP64": "F64", "DOUBLE": "F64"}
-        s = aliases.get(s, s)
+        s = DTYPE_ALIASES.get(s, s)
         if s not in ITEMSIZE:
             raise FormatError(f"unsupported dtype {dtype!r}")
         return s
     name = str(dtype).replace("torch.", "")
-    for k, v in _TORCH_NAME.items():
-        if v == name:
-            return k
+    k = TORCH_TO_ST.get(name)
+    if k is not None and k in ITEMSIZE:
+        return k
     raise FormatError(f"unsupported torch dtype {dtype}")
 
 
