@@ -1,45 +1,22 @@
-"""The checkpoint registry: one embedded DuckDB file, safe for many concurrent writers.
-
-Storage
--------
-One DuckDB file (path = argument > ``$CKPTREG_DB`` > ``./ckptreg.duckdb``) with a versioned
-schema (``schema_version`` table; :data:`MIGRATIONS` applied in order, in one transaction).
-
-Concurrency
------------
-DuckDB lets one process hold the file for writing and then blocks every other process, readers
-included. So every operation opens a short-lived connection and closes it at once; writers are
-serialised by a lock file beside the database (``<db>.lock``, :mod:`filelock`) taken with
-jittered retries up to ``lock_timeout``; readers open the file ``read_only`` and retry (with
-jitter) while another process holds it. When :meth:`Registry.add` / :meth:`Registry.log` cannot
-get the lock or the file within the bound, the already-validated entry (with the inspected
-file information, so nothing is re-read) is written atomically to ``<db>.spool/<uuid>.json`` and
-the call returns ``None``. Every writer first ingests spooled entries, idempotently: an entry
-identical to what is registered is dropped; one that conflicts is moved to
-``<db>.spool/rejected/`` (reported by ``ckptreg doctor``).
+"""The registry's domain logic: add, log, merges and lineage, refs, aliases, tags, versions,
+rm / gc / retention, history, export, verify, sql, written against the driver interface
+(``self._db``: see the package docstring) and the spool (:class:`~.spool.Spool`).
 
 This module must not import torch (``ckptreg add`` stays fast).
 """
 from __future__ import annotations
 
 import difflib
-import itertools
 import json
 import math
-import numbers
 import os
 import pathlib
-import random
-import threading
-import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from types import SimpleNamespace
-from typing import Any, Iterable
+from datetime import datetime
+from typing import Iterable
 
-from .errors import (
+from ..errors import (
     AccessError,
     ChangedError,
     CkptregError,
@@ -52,678 +29,43 @@ from .errors import (
     SelectionError,
     UsageError,
 )
-
-SCHEMA_VERSION = 4
-
-#: Migration steps: (version, [statements]). Applied in order, all pending ones in one transaction.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (1, [
-        "CREATE SEQUENCE IF NOT EXISTS checkpoint_id_seq START 1",
-        "CREATE SEQUENCE IF NOT EXISTS metric_seq START 1",
-        "CREATE SEQUENCE IF NOT EXISTS merge_id_seq START 1",
-        """CREATE TABLE runs (
-            name VARCHAR PRIMARY KEY,
-            created TIMESTAMP NOT NULL,
-            tags JSON,
-            meta JSON)""",
-        """CREATE TABLE checkpoints (
-            id BIGINT PRIMARY KEY,
-            run VARCHAR NOT NULL,
-            step BIGINT,                -- NULL for merged checkpoints
-            name VARCHAR,               -- NULL for plain checkpoints
-            path VARCHAR NOT NULL,
-            format VARCHAR NOT NULL,
-            kind VARCHAR NOT NULL,      -- lora | full
-            base_model VARCHAR,
-            n_tensors BIGINT NOT NULL,
-            n_params BIGINT NOT NULL,
-            nbytes BIGINT NOT NULL,
-            fingerprint VARCHAR NOT NULL,
-            created TIMESTAMP NOT NULL,
-            tags JSON,
-            lora JSON,
-            merged BOOLEAN NOT NULL,
-            files JSON,                 -- [{"path", "size", "mtime_ns"}] in inspect order
-            config_files JSON)""",
-        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
-        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
-        """CREATE TABLE metrics (
-            seq BIGINT NOT NULL,
-            checkpoint_id BIGINT NOT NULL,
-            name VARCHAR NOT NULL,
-            value DOUBLE,               -- NaN and +-inf are facts and are kept
-            step BIGINT,
-            logged TIMESTAMP NOT NULL)""",
-        "CREATE INDEX metrics_checkpoint ON metrics(checkpoint_id)",
-        """CREATE TABLE tensors (
-            checkpoint_id BIGINT NOT NULL,
-            name VARCHAR NOT NULL,
-            shape BIGINT[] NOT NULL,
-            dtype VARCHAR NOT NULL,
-            file VARCHAR NOT NULL,
-            "offset" BIGINT NOT NULL,
-            nbytes BIGINT NOT NULL)""",
-        """CREATE TABLE merges (
-            id BIGINT PRIMARY KEY,
-            checkpoint_id BIGINT NOT NULL UNIQUE,
-            method VARCHAR NOT NULL,
-            params JSON,
-            base_id BIGINT,
-            created TIMESTAMP NOT NULL)""",
-        """CREATE TABLE merge_inputs (
-            merge_id BIGINT NOT NULL,
-            input_id BIGINT NOT NULL,
-            position INTEGER NOT NULL,
-            weight DOUBLE)""",
-        "CREATE INDEX merge_inputs_merge ON merge_inputs(merge_id)",
-    ]),
-    # 2: a `latest` flag per (checkpoint, metric name) so "best by metric" and metric loading are
-    # plain filtered scans instead of an arg_max aggregation over the whole history.
-    (2, [
-        "DROP INDEX metrics_checkpoint",  # DuckDB cannot ALTER a table that has indexes
-        "ALTER TABLE metrics ADD COLUMN latest BOOLEAN DEFAULT true",
-        """UPDATE metrics SET latest = (seq = (SELECT max(m2.seq) FROM metrics m2
-            WHERE m2.checkpoint_id = metrics.checkpoint_id AND m2.name = metrics.name))""",
-        "CREATE INDEX metrics_checkpoint ON metrics(checkpoint_id)",
-    ]),
-    # 3: per-file hashes of every byte ({path: hash}, formats.fingerprint([f], full=True)),
-    # recorded at `add --full-hash` or by the first `verify --full`; NULL until then.
-    (3, [
-        "DROP INDEX checkpoints_run_step",  # (older DuckDBs cannot ALTER a table with indexes)
-        "DROP INDEX checkpoints_run_name",
-        "ALTER TABLE checkpoints ADD COLUMN full_hash JSON",
-        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
-        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name)",
-    ]),
-    # 4: the system of record. Merged names are versioned (RUN@NAME is the newest version,
-    # RUN@NAME:vK a given one), user aliases point RUN@ALIAS at a checkpoint, and every change of
-    # the registry is an append-only event (who, where, when, what). `runs.params` holds a run's
-    # hyperparameters (TrainingArguments, Lightning hparams, git commit) once per run.
-    (4, [
-        "DROP INDEX checkpoints_run_step",
-        "DROP INDEX checkpoints_run_name",
-        "ALTER TABLE checkpoints ADD COLUMN version INTEGER DEFAULT 1",
-        "UPDATE checkpoints SET version = 1",
-        "CREATE UNIQUE INDEX checkpoints_run_step ON checkpoints(run, step)",
-        "CREATE UNIQUE INDEX checkpoints_run_name ON checkpoints(run, name, version)",
-        "ALTER TABLE runs ADD COLUMN params JSON",
-        "CREATE SEQUENCE IF NOT EXISTS event_seq START 1",
-        """CREATE TABLE aliases (
-            run VARCHAR NOT NULL,
-            name VARCHAR NOT NULL,
-            checkpoint_id BIGINT NOT NULL,
-            created TIMESTAMP NOT NULL,
-            PRIMARY KEY (run, name))""",
-        """CREATE TABLE events (
-            seq BIGINT PRIMARY KEY,
-            time TIMESTAMP NOT NULL,
-            op VARCHAR NOT NULL,        -- add | log | replace | rm | alias | tag | gc | merge | ...
-            run VARCHAR,
-            checkpoint_id BIGINT,
-            ref VARCHAR,                -- the checkpoint's ref when the event happened
-            detail JSON,
-            host VARCHAR,
-            "user" VARCHAR,
-            pid INTEGER)""",
-    ]),
-]
-
-
-_ACTOR: tuple | None = None
-
-
-def _actor() -> tuple[str, str, int]:
-    """(host, user, pid) of this process, for the events table (cached per process)."""
-    global _ACTOR
-    if _ACTOR is not None and _ACTOR[2] == os.getpid():
-        return _ACTOR
-    _ACTOR = _actor_uncached()
-    return _ACTOR
-
-
-def _actor_uncached() -> tuple[str, str, int]:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name (containers without a passwd entry)
-        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
-    return socket.gethostname(), user, os.getpid()
-
-_CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_params, nbytes, "
-            "fingerprint, created, tags, lora, merged, files, config_files")
-
-#: What checkpoint queries select: the inserted columns plus the version of a merged name
-#: (a separate constant: _CK_COLS is also the INSERT column list).
-_CK_SEL = _CK_COLS + ", version"
-
-#: Names RUN@NAME resolves itself (built-in aliases): never a user alias nor a merged name.
-_BUILTIN_ALIASES = ("final", "latest")
-_VERSION_SUFFIX = __import__("re").compile(r"^(.+):v(\d+)$")
-
-_READ_ONLY_KINDS = {"SELECT", "EXPLAIN"}
-
-#: DuckDB connect errors that mean "someone else holds the file right now": retried with jitter.
-#: (another process holds it; another thread of this process holds it with another config; two
-#: threads of this process attaching it at the same moment.)
-_BUSY_MARKERS = ("Could not set lock", "Conflicting lock", "different configuration",
-                 "already attached", "Resource In Use", "lock on file")
-
-
-_DUCKDB = None
-
-#: The process's DuckDB engine: one in-memory database whose only job is to ATTACH the registry
-#: file for one operation and DETACH it at once (see :func:`_engine`). (pid, connection).
-_ENGINE: tuple[int, Any] | None = None
-_ENGINE_LOCK = threading.Lock()
-#: Engines inherited through fork(): their threads did not survive, so they are never used or
-#: destroyed (destroying one would join threads that do not exist in the child).
-_FORKED_ENGINES: list = []
-
-
-def _forget_engine_after_fork() -> None:
-    global _ENGINE, _ENGINE_LOCK
-    if _ENGINE is not None:
-        _FORKED_ENGINES.append(_ENGINE)
-    _ENGINE = None
-    _ENGINE_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_engine_after_fork)
-
-
-def _engine():
-    """The process's in-memory DuckDB instance, created on first use.
-
-    Creating a DuckDB instance costs ~14 ms whatever the file (it builds the catalog of built-in
-    functions), which was most of a short-lived ``duckdb.connect(path)``. Attaching the registry
-    file to a live instance and detaching it after the operation costs ~1 ms and holds the file
-    (DuckDB's lock on it included) exactly as long as the old connect/close did: nothing outside
-    the operation keeps it. DuckDB refuses a second attachment of the same file in one process
-    (``Unique file handle conflict``, a busy marker), so threads still serialise on the file."""
-    global _ENGINE
-    e = _ENGINE
-    pid = os.getpid()
-    if e is not None and e[0] == pid:
-        return e[1]
-    with _ENGINE_LOCK:
-        e = _ENGINE
-        if e is None or e[0] != pid:
-            if e is not None:
-                _FORKED_ENGINES.append(e)
-            e = _ENGINE = (pid, _duckdb().connect(":memory:", config=_ENGINE_CONFIG))
-        return e[1]
-
-
-def _retire_engine() -> None:
-    global _ENGINE
-    with _ENGINE_LOCK:
-        e, _ENGINE = _ENGINE, None
-    if e is not None and e[0] == os.getpid():
-        try:
-            e[1].close()
-        except Exception:
-            pass
-
-
-_ALIASES = itertools.count()
-
-#: DETACH does not checkpoint (~8 ms per add of a 500-tensor adapter: it rewrote the tables and
-#: their indexes into the main file). Durability is unchanged: DuckDB fsyncs the WAL at COMMIT.
-#: The WAL is folded into the file by the commit that takes it past 1 MB, so the replay every
-#: attach does (readers included) stays ~1-2 ms at most.
-#: The registry never needs an extension: a file that is not DuckDB's (a SQLite database, say)
-#: must fail to open, not make DuckDB download and load a scanner.
-#: (2 MB, not 1: DuckDB's commit-time estimate for the first add of a fresh registry, which
-#: appends to five empty tables with the events row, crossed 1 MB and checkpointed a 12 KB
-#: database into a 2.9 MB file at once; with 2 MB it stays in the WAL like every other add.)
-_ENGINE_CONFIG = {"checkpoint_on_detach": "DISABLED", "wal_autocheckpoint": "2MB",
-                  "autoinstall_known_extensions": False, "autoload_known_extensions": False}
-
-#: ``Registry.sql``'s dedicated connection: read-only by construction. No file access beyond the
-#: registry itself (COPY ... TO, read_text/read_blob/read_csv/glob, ATTACH, INSTALL/LOAD are
-#: refused by DuckDB), no extension autoload/autoinstall, no spill directory (nothing is written
-#: beside the db), and the configuration locked so that no statement can SET any of it back.
-#: (Not applied to the shared engine: a locked configuration there would break later writes.)
-_SQL_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
-               "autoload_known_extensions": False, "temp_directory": "", "lock_configuration": True}
-
-
-#: Schema-version cache shared by every Registry of this process (``ckptreg.add()`` builds a new
-#: Registry per call): resolved db path -> identity of the file (:func:`_file_id`) as last seen,
-#: while attached, at :data:`SCHEMA_VERSION`. A match skips the version query (~0.5 ms per
-#: operation). Any change to the file by anyone else (a write to it or its WAL, a delete and
-#: re-create, a migration by a newer ckptreg) changes the identity, and the next operation asks
-#: the database again; writers re-record it after their own writes, before they detach.
-_SCHEMA_SEEN: dict[str, tuple] = {}
-
-
-def _file_id(path: str):
-    """(st_dev, st_ino, size, mtime_ns) of the file and (size, mtime_ns) of its WAL; None when
-    the file cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    try:
-        w = os.stat(path + ".wal")
-        wal = (w.st_size, w.st_mtime_ns)
-    except OSError:
-        wal = None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, wal)
-
-
-def _schema_seen(path: str) -> None:
-    """Record the file's identity as at SCHEMA_VERSION (call only while it is attached and was
-    checked: nobody else can change it then)."""
-    fid = _file_id(path)
-    if fid is None:
-        _SCHEMA_SEEN.pop(path, None)
-    else:
-        _SCHEMA_SEEN[path] = fid
-
-
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-def _duckdb():
-    """The DuckDB module. Prefers the native ``_duckdb`` (same ``connect`` and exception classes
-    as ``duckdb``) because ``import duckdb`` also loads its pure-Python relational layer and an
-    importlib.metadata version lookup: ~0.1 s that ``ckptreg add`` cannot afford."""
-    global _DUCKDB
-    if _DUCKDB is None:
-        try:
-            import _duckdb as mod
-
-            if not all(hasattr(mod, a) for a in ("connect", "Error", "extract_statements")):
-                raise ImportError("unexpected _duckdb layout")
-        except ImportError:
-            import duckdb as mod
-        _DUCKDB = mod
-    return _DUCKDB
-
-
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class Checkpoint:
-    id: int
-    run: str
-    step: int | None
-    name: str | None
-    path: str
-    format: str
-    kind: str
-    base_model: str | None
-    n_tensors: int
-    n_params: int
-    nbytes: int
-    fingerprint: str
-    created: datetime
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    lora: dict | None = None
-    merged: bool = False
-    files: list[str] = field(default_factory=list)
-    config_files: list[str] = field(default_factory=list)
-    version: int = 1                  # merged names are versioned: RUN@NAME is the newest, RUN@NAME:vK one
-    # the training step each metric value was logged at (a train loss logged at step 7 and stored
-    # with the checkpoint of step 10 says 7); None for a value logged without a step
-    metric_steps: dict[str, int | None] = field(default_factory=dict)
-
-    def metric_lag(self, name: str) -> int | None:
-        """How many steps before this checkpoint the value of metric ``name`` was logged (0: at
-        its step); None when there is no value, its step is unknown or the checkpoint has no step.
-        MWA/metric weighting by a value with a lag > 0 weighs the checkpoint by an older score."""
-        s = self.metric_steps.get(name)
-        if s is None or self.step is None or name not in self.metrics:
-            return None
-        return self.step - s
-
-    @property
-    def ref(self) -> str:
-        if self.step is None and self.version and self.version > 1:
-            return f"{self.run}@{self.name}:v{self.version}"
-        return f"{self.run}@{self.name if self.step is None else self.step}"
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id, "ref": self.ref, "run": self.run, "step": self.step, "name": self.name,
-            "path": self.path, "format": self.format, "kind": self.kind, "base_model": self.base_model,
-            "n_tensors": self.n_tensors, "n_params": self.n_params, "nbytes": self.nbytes,
-            "fingerprint": self.fingerprint, "created": self.created, "tags": dict(self.tags),
-            "metrics": dict(self.metrics), "metric_steps": dict(self.metric_steps),
-            "lora": self.lora, "merged": self.merged,
-            "files": list(self.files), "config_files": list(self.config_files),
-            "version": self.version,
-        }
-
-
-class _Busy(LockTimeout):
-    """The lock or the database file could not be had within the bound."""
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def _jloads(v):
-    if v is None:
-        return None
-    if isinstance(v, (dict, list)):
-        return v
-    return json.loads(v)
-
-
-def _jdumps(v) -> str | None:
-    if v is None:
-        return None
-    return json.dumps(v, sort_keys=True, allow_nan=True)
-
-
-# --------------------------------------------------------------------------- validation
-
-def _check_name(what: str, v) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise UsageError(f"{what} must be a non-empty string, got {v!r}")
-    if "@" in v:
-        raise UsageError(f"{what} {v!r} must not contain '@' (refs are RUN@STEP / RUN@NAME)")
-    return v
-
-
-def _check_ref_name(what: str, v: str) -> str:
-    """UsageError for a name RUN@NAME would not resolve to (a merged name or a user alias): a
-    number (a step), a built-in alias (final, latest, best:...) or a version suffix (NAME:vK)."""
-    if v.strip().lstrip("-").isdigit():
-        raise UsageError(f"{what} {v!r} is a number: RUN@{v} means step {v}")
-    if v in _BUILTIN_ALIASES or v.startswith("best:") or v == "best":
-        raise UsageError(f"{what} {v!r} is a built-in alias (RUN@final, RUN@latest, RUN@best:METRIC)")
-    if _VERSION_SUFFIX.match(v):
-        raise UsageError(f"{what} {v!r} ends in a version suffix (:vK): RUN@NAME:vK means version K of NAME")
-    return v
-
-
-def _check_step(step) -> int:
-    if isinstance(step, bool):
-        raise UsageError(f"step must be an integer >= 0, got {step!r}")
-    if isinstance(step, str):
-        try:
-            step = int(step.strip())
-        except ValueError:
-            raise UsageError(f"step must be an integer >= 0, got {step!r}") from None
-    try:
-        step = int(step.__index__()) if not isinstance(step, int) else step
-    except (AttributeError, TypeError):
-        raise UsageError(f"step must be an integer >= 0, got {step!r}") from None
-    if step < 0:
-        raise UsageError(f"step must be an integer >= 0, got {step}")
-    return step
-
-
-def _to_float(name: str, v) -> float:
-    if isinstance(v, bool) or isinstance(v, (str, bytes)) or v is None:
-        raise UsageError(f"metric {name!r}: value must be a number, got {v!r}")
-    if isinstance(v, numbers.Real):
-        return float(v)
-    item = getattr(v, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
-            x = item()
-        except Exception:
-            x = None
-        if isinstance(x, numbers.Real) and not isinstance(x, bool):
-            return float(x)
-    raise UsageError(f"metric {name!r}: value must be a number, got {v!r}")
-
-
-def _check_metrics(metrics) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise UsageError(f"metrics must be a dict name -> number, got {type(metrics).__name__}")
-    out = {}
-    for k, v in metrics.items():
-        if not isinstance(k, str) or not k:
-            raise UsageError(f"metric names must be non-empty strings, got {k!r}")
-        out[k] = _to_float(k, v)
-    return out
-
-
-def _check_metric_steps(steps, metrics: dict) -> dict[str, int | None]:
-    """``metric_steps`` of add(): name (one of ``metrics``) -> step (int >= 0) or None."""
-    if steps is None:
-        return {}
-    if not isinstance(steps, dict):
-        raise UsageError(f"metric_steps must be a dict name -> step, got {type(steps).__name__}")
-    out: dict[str, int | None] = {}
-    for k, v in steps.items():
-        if k not in metrics:
-            raise UsageError(f"metric_steps names {k!r}, which is not one of the metrics given "
-                             f"({', '.join(sorted(metrics)) or 'none'})")
-        out[k] = None if v is None else _check_step(v)
-    return out
-
-
-def _check_tags(tags) -> dict[str, str]:
-    if tags is None:
-        return {}
-    if not isinstance(tags, dict):
-        raise UsageError(f"tags must be a dict name -> value, got {type(tags).__name__}")
-    out = {}
-    for k, v in tags.items():
-        if not isinstance(k, str) or not k:
-            raise UsageError(f"tag names must be non-empty strings, got {k!r}")
-        out[k] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-    return out
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """'RUN@STEP' / 'RUN@NAME' -> (run, what). UsageError when there is no '@'."""
-    run, sep, what = ref.rpartition("@")
-    if not sep or not run or not what:
-        raise UsageError(f"checkpoint reference {ref!r} is not an id, RUN@STEP or RUN@NAME")
-    return run, what
-
-
-# --------------------------------------------------------------------------- info (de)serialisation
-
-def _info_to_dict(info) -> dict:
-    return {
-        "path": str(info.path), "format": info.format, "kind": info.kind,
-        "files": [str(f) for f in info.files],
-        "tensors": [[t.name, t.dtype, list(t.shape), str(t.file), int(t.offset), int(t.nbytes)]
-                    for t in info.tensors.values()],
-        "n_params": int(info.n_params), "nbytes": int(info.nbytes), "fingerprint": info.fingerprint,
-        "base_model": info.base_model, "lora": info.lora,
-        "config_files": [str(f) for f in (getattr(info, "config_files", None) or [])],
-    }
-
-
-def _info_from_dict(d: dict):
-    tensors = {}
-    for name, dtype, shape, file, offset, nbytes in d["tensors"]:
-        tensors[name] = SimpleNamespace(name=name, dtype=dtype, shape=tuple(shape), file=file,
-                                        offset=offset, nbytes=nbytes)
-    return SimpleNamespace(path=d["path"], format=d["format"], kind=d["kind"], files=d["files"],
-                           tensors=tensors, n_params=d["n_params"], nbytes=d["nbytes"],
-                           fingerprint=d["fingerprint"], base_model=d.get("base_model"),
-                           lora=d.get("lora"), config_files=d.get("config_files") or [])
-
-
-def _spool_entry_problem(e) -> str | None:
-    """Why a spooled entry (parsed JSON) is not one this module wrote, or None when it is valid:
-    the op and the type of every field it uses are checked before anything is applied."""
-    def is_int(v, lo=None):
-        return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
-
-    def is_str(v, empty=False):
-        return isinstance(v, str) and (empty or bool(v))
-
-    def is_num(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    def when(v):
-        if not is_str(v):
-            return False
-        try:
-            datetime.fromisoformat(v)
-            return True
-        except ValueError:
-            return False
-
-    def metrics_ok(m, nonempty):
-        return (isinstance(m, dict) and (bool(m) or not nonempty)
-                and all(is_str(k) and is_num(v) for k, v in m.items()))
-
-    if not isinstance(e, dict):
-        return f"expected a JSON object, got {type(e).__name__}"
-    op = e.get("op")
-    checks: list[tuple[str, bool]]
-    if op == "add":
-        checks = [("run", is_str(e.get("run")) and "@" not in e["run"]),
-                  ("step", is_int(e.get("step"), 0)),
-                  ("metrics", metrics_ok(e.get("metrics"), False)),
-                  ("tags", isinstance(e.get("tags"), dict)
-                   and all(is_str(k) and isinstance(v, str) for k, v in e["tags"].items())),
-                  ("replace", isinstance(e.get("replace"), bool) or e.get("replace") == "stale"),
-                  ("metric_steps", e.get("metric_steps") is None
-                   or (isinstance(e["metric_steps"], dict) and all(
-                       is_str(k) and k in (e.get("metrics") or {}) and (v is None or is_int(v, 0))
-                       for k, v in e["metric_steps"].items()))),
-                  ("created", when(e.get("created"))),
-                  ("info", isinstance(e.get("info"), dict))]
-        info = e.get("info")
-        if isinstance(info, dict):
-            def tensor_ok(t):
-                return (isinstance(t, list) and len(t) == 6 and is_str(t[0]) and is_str(t[1])
-                        and isinstance(t[2], list) and all(is_int(x, 0) for x in t[2])
-                        and is_str(t[3]) and is_int(t[4]) and is_int(t[5], 0))
-
-            checks += [
-                ("info.path", is_str(info.get("path"))),
-                ("info.format", info.get("format") in ("peft", "hf", "safetensors", "pickle")),
-                ("info.kind", info.get("kind") in ("lora", "full")),
-                ("info.files", isinstance(info.get("files"), list) and bool(info["files"])
-                 and all(is_str(f) for f in info["files"])),
-                ("info.tensors", isinstance(info.get("tensors"), list)
-                 and all(tensor_ok(t) for t in info["tensors"])),
-                ("info.n_params", is_int(info.get("n_params"), 0)),
-                ("info.nbytes", is_int(info.get("nbytes"), 0)),
-                ("info.fingerprint", is_str(info.get("fingerprint"))),
-                ("info.base_model", info.get("base_model") is None or isinstance(info["base_model"], str)),
-                ("info.lora", info.get("lora") is None or isinstance(info["lora"], dict)),
-                ("info.config_files", info.get("config_files") is None
-                 or (isinstance(info["config_files"], list) and all(is_str(f) for f in info["config_files"]))),
-            ]
-    elif op == "log":
-        checks = [("ckpt", is_int(e.get("ckpt"), 0) or is_str(e.get("ckpt"))),
-                  ("metrics", metrics_ok(e.get("metrics"), True)),
-                  ("step", e.get("step") is None or is_int(e["step"], 0)),
-                  ("created", when(e.get("created")))]
-    elif op == "params":
-        checks = [("run", is_str(e.get("run")) and "@" not in e["run"]),
-                  ("params", isinstance(e.get("params"), dict)),
-                  ("created", when(e.get("created")))]
-    else:
-        return f"unknown op {op!r} (expected 'add', 'log' or 'params')"
-    for name, ok in checks:
-        if not ok:
-            cur = e
-            for part in name.split("."):
-                cur = cur.get(part) if isinstance(cur, dict) else None
-            return f"field {name!r} of an {op!r} entry is missing or malformed (got {cur!r:.80})"
-    return None
-
-
-def _file_stats(files) -> list[dict]:
-    out = []
-    for f in files:
-        try:
-            st = os.stat(f)
-            out.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        except OSError:
-            out.append({"path": str(f), "size": None, "mtime_ns": None})
-    return out
-
-
-# --------------------------------------------------------------------------- database errors
-
-_NOSPACE_MARKERS = ("No space left on device", "Disk quota exceeded", "errno 28", "Errno 28")
-_ACCESS_MARKERS = ("Permission denied", "Read-only file system", "Operation not permitted")
-_MISSING_TABLE = __import__("re").compile(r"Table with name (\S+?) does not exist")
-
-
-def _short(msg: str) -> str:
-    return " ".join(str(msg).split())[:300]
-
-
-def _db_error(path, e: BaseException) -> CkptregError | None:
-    """The typed error for a DuckDB (or OS) error while using the registry file ``path``, or
-    None when it is not one of the known kinds (out of space, no access, a schema that is not
-    ckptreg's)."""
-    if isinstance(e, CkptregError):
-        return None
-    msg = str(e)
-    en = getattr(e, "errno", None)
-    if en in (28, 122) or any(k in msg for k in _NOSPACE_MARKERS):
-        return DiskFullError(f"{path}: no space left on the database's filesystem; nothing was "
-                             f"written, the registry is unchanged ({_short(msg)})")
-    if en in (1, 13, 30) or any(k in msg for k in _ACCESS_MARKERS):
-        return AccessError(f"{path}: cannot write the registry: permission denied or read-only "
-                           f"filesystem ({_short(msg)})")
-    duckdb = _duckdb()
-    if isinstance(e, getattr(duckdb, "CatalogException", ())) or msg.startswith("Catalog Error"):
-        m = _MISSING_TABLE.search(msg)
-        if m:
-            return FormatError(f"{path}: not a usable ckptreg registry: table {m.group(1)} missing")
-        return FormatError(f"{path}: not a usable ckptreg registry: {_short(msg)}")
-    return None
-
-
-# --------------------------------------------------------------------------- lock bounds
-
-#: Seconds an interactive caller (the CLI, a script) waits for a busy database before the
-#: operation spools (add / log) or fails (LockTimeout, exit 11).
-DEFAULT_LOCK_TIMEOUT = 30.0
-#: Seconds a training loop (trainer callbacks, ``ckptreg.add``) waits before spooling and
-#: returning: a busy database must never stall training.
-TRAINING_LOCK_TIMEOUT = 1.0
-
-
-def _check_timeout(v, what="lock_timeout") -> float:
-    if isinstance(v, bool):
-        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}") from None
-    if not math.isfinite(f) or f < 0:
-        raise UsageError(f"{what} must be a number of seconds >= 0, got {v!r}")
-    return f
-
-
-def lock_timeout_from_env(default: float = DEFAULT_LOCK_TIMEOUT) -> float:
-    """``$CKPTREG_LOCK_TIMEOUT`` (seconds) when set, else ``default``. UsageError for a value
-    that is not a number of seconds >= 0. Every entry point builds its Registry through this."""
-    t = os.environ.get("CKPTREG_LOCK_TIMEOUT")
-    if t is None or not t.strip():
-        return float(default)
-    return _check_timeout(t.strip(), "CKPTREG_LOCK_TIMEOUT")
-
-
-def lock_timeout_for_training() -> float:
-    """The bound for calls made from a training loop: ``$CKPTREG_LOCK_TIMEOUT`` when set, else
-    :data:`TRAINING_LOCK_TIMEOUT` (1 s)."""
-    return lock_timeout_from_env(TRAINING_LOCK_TIMEOUT)
-
-
-# --------------------------------------------------------------------------- registry
+from .duckdb_driver import DuckDBDriver
+from .model import (
+    _REMOVED_KEY,
+    Checkpoint,
+    _actor,
+    _Busy,
+    _check_metric_steps,
+    _check_metrics,
+    _check_name,
+    _check_ref_name,
+    _check_step,
+    _check_tags,
+    _check_timeout,
+    _file_stats,
+    _files_present,
+    _gc_policy,
+    _jdumps,
+    _jloads,
+    _jsafe,
+    _need,
+    _now,
+    _ref_of,
+    _same,
+    _short,
+    _spooled_actor,
+    _sql_str,
+    _to_float,
+    _VERSION_SUFFIX,
+    lock_timeout_from_env,
+    parse_ref,
+    retention_policy,
+)
+from .schema import _CK_COLS, _CK_SEL, TABLES
+from .spool import Spool, _info_from_dict, _info_to_dict
 
 class Registry:
-    """A checkpoint registry in one DuckDB file. See the module docstring for concurrency."""
+    """A checkpoint registry (one DuckDB file). See the package docstring for concurrency."""
 
     def __init__(self, path=None, *, lock_timeout: float | None = None):
         if path is None:
@@ -731,236 +73,54 @@ class Registry:
         self.path = pathlib.Path(path).expanduser().absolute()
         # None: $CKPTREG_LOCK_TIMEOUT, else DEFAULT_LOCK_TIMEOUT (interactive / CLI wait); the
         # training-loop entry points pass lock_timeout_for_training() instead (short, then spool)
-        self.lock_timeout = lock_timeout_from_env() if lock_timeout is None else _check_timeout(lock_timeout)
+        timeout = lock_timeout_from_env() if lock_timeout is None else _check_timeout(lock_timeout)
+        #: the backend (connections, lock, migrations, engine-specific SQL)
+        self._db = DuckDBDriver(self.path, timeout)
+        self._spool_ = Spool(self.path)
+        self._db.on_open = self._ingest_spool
         #: What the last add() on this object did: {"id", "ref", "status": "added" | "unchanged"
         #: | "replaced" | "spooled", ...} (see add); None before the first add.
         self.last_add: dict | None = None
-        self.lock_path = pathlib.Path(str(self.path) + ".lock")
-        self.spool_dir = pathlib.Path(str(self.path) + ".spool")
-        self.rejected_dir = self.spool_dir / "rejected"
-        self._schema_ok = False
-        self._held = None  # (connection) while inside batch()
-        self._aliases: dict[int, str] = {}  # id(connection) -> name the file is attached as
+        self.lock_path = self._db.lock_path
+        self.spool_dir = self._spool_.dir
+        self.rejected_dir = self._spool_.rejected_dir
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for a busy database before it spools or fails."""
+        return self._db.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, v) -> None:
+        self._db.lock_timeout = _check_timeout(v)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
 
     # ----------------------------------------------------------------- connections
 
-    def _deadline(self, timeout=None) -> float:
-        return time.monotonic() + (self.lock_timeout if timeout is None else timeout)
-
-    @staticmethod
-    def _sleep(attempt: int) -> None:
-        # jittered, capped at 10 ms: with several writers queued behind a lock held ~10 ms per
-        # add, a longer cap (it was 100 ms) left the lock idle between holders most of the time
-        # (8 writers: 24 adds/s in total); a retry is a non-blocking flock (microseconds)
-        time.sleep(random.uniform(0.0, min(0.001 * (2 ** min(attempt, 4)), 0.01)))
-
-    def _acquire_lock(self, deadline: float):
-        import filelock
-
-        self._check_parent()
-        try:
-            lock = filelock.FileLock(str(self.lock_path), is_singleton=False)
-        except (OSError, NotImplementedError) as e:
-            self._raise_no_access(e)
-            raise _Busy(f"cannot create lock file {self.lock_path}: {e}") from e
-        attempt = 0
-        while True:
-            try:
-                lock.acquire(timeout=0)
-                return lock
-            except filelock.Timeout:
-                pass
-            except (OSError, NotImplementedError) as e:  # filesystem without locks
-                self._raise_no_access(e)
-                raise _Busy(f"cannot lock {self.lock_path}: {e}") from e
-            if time.monotonic() >= deadline:
-                raise _Busy(f"registry {self.path} is locked by another writer "
-                            f"(waited {self.lock_timeout:g} s for {self.lock_path})")
-            self._sleep(attempt)
-            attempt += 1
-
-    def _raise_no_access(self, e: BaseException) -> None:
-        """AccessError naming the database folder for a permission / read-only-filesystem error."""
-        import errno
-
-        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise AccessError(f"{self.path.parent}: the registry's folder is not writable "
-                              f"({e.strerror}): cannot create {self.lock_path.name} there") from e
-
-    def _connect(self, read_only: bool, deadline: float):
-        """Attach the registry file to this process's engine (:func:`_engine`) on a fresh
-        connection of its own, the file as that connection's default database; retried with
-        jitter while another process (or thread) holds the file. Undo with :meth:`_close`."""
-        duckdb = _duckdb()
-        eng = _engine()
-        alias = f"ckptreg_{next(_ALIASES)}"
-        attach = f"ATTACH {_sql_str(str(self.path))} AS {alias}" + (" (READ_ONLY)" if read_only else "")
-        attempt = 0
-        while True:
-            con = eng.cursor()
-            try:
-                con.execute(attach)
-                con.execute(f"USE {alias}")
-                self._aliases[id(con)] = alias
-                return con
-            except duckdb.Error as e:
-                self._detach(con, alias)
-                msg = str(e)
-                busy = (isinstance(e, getattr(duckdb, "ResourceInUseException", ()))
-                        or any(k in msg for k in _BUSY_MARKERS))
-                if not busy:
-                    raise self._open_error(e) from e
-                if time.monotonic() >= deadline:
-                    raise _Busy(f"registry {self.path} is held by another process "
-                                f"(waited {self.lock_timeout:g} s): {msg}") from e
-            self._sleep(attempt)
-            attempt += 1
-
-    def _open_error(self, e: BaseException) -> CkptregError:
-        """The typed error for a registry file that cannot be opened (not busy)."""
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(16)
-        except IsADirectoryError:
-            return FormatError(f"{self.path}: not a usable ckptreg registry: it is a directory")
-        except PermissionError as pe:
-            return AccessError(f"{self.path}: cannot read the registry: {pe.strerror}")
-        except OSError:
-            head = None
-        if head is not None and len(head) >= 12 and head[8:12] != b"DUCK":
-            what = "a SQLite database" if head.startswith(b"SQLite format 3") else "not a DuckDB file"
-            return FormatError(f"{self.path}: not a usable ckptreg registry: {what}")
-        conv = _db_error(self.path, e)
-        if conv is not None:
-            return conv
-        return FormatError(f"cannot open registry {self.path}: {_short(e)}")
-
-    def _close(self, con) -> None:
-        """Detach the registry file (releasing it for other processes) and drop the connection.
-        A DuckDB error here (its checkpoint at DETACH failed: a disk that filled up) is raised as
-        the typed error, so it cannot reach a training loop as an untyped exception."""
-        try:
-            self._detach(con, self._aliases.pop(id(con), None))
-        except _duckdb().Error as e:
-            conv = _db_error(self.path, e)
-            if conv is None:
-                conv = FormatError(f"{self.path}: the registry could not be closed cleanly: {_short(str(e))}")
-            raise conv from e
-
-    @staticmethod
-    def _detach(con, alias) -> None:
-        """DETACH (which releases the file) and close. Should that fail, the engine is retired:
-        it is released (and the file with it) once its other connections close, and the next
-        operation starts a new one, so the file is never left held by this process."""
-        try:
-            if alias is not None:
-                detach = f"USE memory; DETACH DATABASE IF EXISTS {alias}"
-                try:
-                    con.execute(detach)
-                except Exception:
-                    try:  # an open transaction keeps it attached: end it, then detach
-                        con.execute("ROLLBACK")
-                    except Exception:
-                        pass
-                    try:
-                        con.execute(detach)
-                    except Exception:
-                        _retire_engine()
-                        raise
-        finally:
-            con.close()
-
-    @contextmanager
     def _writer(self, ingest: bool = True, timeout=None):
-        """Lock file + read-write connection; migrates and ingests the spool first."""
-        if self._held is not None:
-            yield self._held
-            return
-        deadline = self._deadline(timeout)
-        lock = self._acquire_lock(deadline)
-        try:
-            con = self._connect(False, deadline)
-            try:
-                self._migrate(con)
-                if ingest:
-                    self._ingest_spool(con)
-                yield con
-            except BaseException as e:
-                _SCHEMA_SEEN.pop(str(self.path), None)
-                self._raise_typed(e)
-                raise
-            else:
-                if self._schema_ok:
-                    _schema_seen(str(self.path))
-            finally:
-                self._close(con)
-        finally:
-            lock.release()
+        """Lock + read-write connection (the driver's); migrates and ingests the spool first."""
+        return self._db.writer(ingest=ingest, timeout=timeout)
 
     @contextmanager
     def _reader(self):
-        """A read-only connection (or, when the database does not exist yet, an empty in-memory one)."""
-        if self._held is not None:
-            yield self._held
+        """A read-only connection (or, when the database does not exist yet, an empty in-memory
+        one); pending spool entries are ingested first when the lock can be had at once."""
+        if self._db.held is not None:
+            yield self._db.held
             return
-        if self._spool_pending():
+        if self._spool_.pending():
             try:  # opportunistic: make spooled entries visible; never block a reader on it
                 with self._writer(timeout=min(self.lock_timeout, 1.0)):
                     pass
             except (_Busy, DiskFullError, AccessError):  # a read goes on; the entries stay spooled
                 pass
-        if not self.path.exists():
-            self._check_parent()
-            con = _duckdb().connect(":memory:")
-            try:
-                self._schema_ok = False  # the file is gone (or never was): the cache means nothing
-                self._migrate(con)
-                yield con
-            finally:
-                con.close()
-            return
-        deadline = self._deadline()
-        while True:
-            con = self._connect(True, deadline)
-            if self._schema_ok:
-                break
-            seen = _SCHEMA_SEEN.get(str(self.path))
-            if seen is not None and seen == _file_id(str(self.path)):
-                self._schema_ok = True
-                break
-            have = self._schema_version(con)
-            if have == SCHEMA_VERSION:
-                try:
-                    self._check_tables(con)
-                except BaseException:
-                    self._close(con)
-                    raise
-                self._schema_ok = True
-                _schema_seen(str(self.path))
-                break
-            self._close(con)
-            if have > SCHEMA_VERSION:
-                raise self._too_new(have)
-            with self._writer():  # needs a migration: do it under the lock, then read
-                pass
-        try:
+        with self._db.reader() as con:
             yield con
-        except BaseException as e:
-            self._raise_typed(e)
-            raise
-        finally:
-            self._close(con)
 
-    def _raise_typed(self, e: BaseException) -> None:
-        """Re-raise a DuckDB error met while using the file as its typed error (out of space,
-        no access, missing table); return for anything else."""
-        if isinstance(e, _duckdb().Error):
-            conv = _db_error(self.path, e)
-            if conv is not None:
-                raise conv from e
+    def _tx(self, con, fn):
+        return self._db.tx(con, fn)
 
     @contextmanager
     def batch(self):
@@ -968,76 +128,17 @@ class Registry:
         imports, merge validation/registration): every Registry call on this object inside the
         ``with`` reuses it. Other processes wait (or spool), so keep bursts short; the object must
         not be shared between threads while a batch is open. LockTimeout if it cannot be had."""
-        if self._held is not None:
+        with self._db.hold():
             yield self
-            return
-        with self._writer() as con:
-            self._held = con
-            try:
-                yield self
-            finally:
-                self._held = None
 
     # ----------------------------------------------------------------- schema
 
-    @staticmethod
-    def _schema_version(con) -> int:
-        try:
-            r = con.execute("SELECT max(version) FROM schema_version").fetchone()
-        except Exception:
-            return 0
-        return int(r[0] or 0)
-
-    def _migrate(self, con) -> None:
-        if self._schema_ok:
-            return
-        key = str(self.path)
-        seen = _SCHEMA_SEEN.get(key)
-        if seen is not None and seen == _file_id(key):
-            self._schema_ok = True
-            return
-        have = self._schema_version(con)
-        if have < SCHEMA_VERSION:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                            "(version INTEGER PRIMARY KEY, applied TIMESTAMP NOT NULL)")
-                for version, steps in MIGRATIONS:
-                    if version <= have:
-                        continue
-                    for stmt in steps:
-                        con.execute(stmt)
-                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        elif have > SCHEMA_VERSION:
-            raise self._too_new(have)
-        self._check_tables(con)
-        if con is not None and self.path.exists():
-            self._schema_ok = True
-
-    def _check_tables(self, con) -> None:
-        """FormatError naming the first table of :attr:`TABLES` the attached database lacks
-        (checked with the schema version, i.e. once per change of the file by someone else)."""
-        present = {r[0] for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
-        for t in self.TABLES:
-            if t not in present:
-                raise FormatError(f"{self.path}: not a usable ckptreg registry: table {t} missing")
-
-    def _too_new(self, have: int) -> FormatError:
-        return FormatError(f"registry {self.path} has schema version {have}, newer than this "
-                           f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
-
     def schema_version(self) -> int:
         with self._reader() as con:
-            return self._schema_version(con)
+            return self._db.schema_version(con)
 
     #: Every table a usable registry has (``check`` looks for each).
-    TABLES = ("schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs",
-              "aliases", "events")
+    TABLES = TABLES
 
     @staticmethod
     def _event(con, op: str, *, run=None, checkpoint_id=None, ref=None, detail=None, time=None,
@@ -1056,10 +157,10 @@ class Registry:
         "runs", "checkpoints"}. FormatError / AccessError when it is not usable (a missing table,
         a corrupt or foreign file, a newer schema, an unreadable file)."""
         with self._reader() as con:
-            self._check_tables(con)
+            self._db.check_tables(con)
             runs, ckpts = con.execute(
                 "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM checkpoints)").fetchone()
-            return {"schema_version": self._schema_version(con), "runs": int(runs), "checkpoints": int(ckpts)}
+            return {"schema_version": self._db.schema_version(con), "runs": int(runs), "checkpoints": int(ckpts)}
 
     # ----------------------------------------------------------------- spool
 
@@ -1067,157 +168,35 @@ class Registry:
         """Where entries go when the spool beside the database cannot be written (its filesystem
         is full, say): ``$CKPTREG_SPOOL`` else ``$XDG_CACHE_HOME/ckptreg/spool`` (``~/.cache``),
         in a sub-folder keyed by the database path. Every opener ingests it too."""
-        import hashlib
-
-        base = os.environ.get("CKPTREG_SPOOL")
-        if base:
-            root = pathlib.Path(base).expanduser()
-        else:
-            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-            root = pathlib.Path(cache) / "ckptreg" / "spool"
-        key = hashlib.sha256(str(self.path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return root.absolute() / f"{self.path.name}-{key}"
-
-    def _spool_dirs(self) -> list[pathlib.Path]:
-        return [self.spool_dir, self.fallback_spool_dir()]
-
-    def _spool_pending(self) -> bool:
-        for d in self._spool_dirs():
-            try:
-                with os.scandir(d) as it:
-                    if any(e.name.endswith(".json") for e in it):
-                        return True
-            except OSError:
-                pass
-        return False
+        return self._spool_.fallback_dir()
 
     def spool_status(self) -> dict:
         """{"pending": [paths], "rejected": [{"file", "reason"}]} over the spool beside the
         database and the fallback spool (:meth:`fallback_spool_dir`)."""
-        pending, rejected = [], []
-        for d in self._spool_dirs():
-            if d.is_dir():
-                pending += sorted(str(p) for p in d.glob("*.json"))
-            rd = d / "rejected"
-            if rd.is_dir():
-                for p in sorted(rd.glob("*.json")):
-                    try:
-                        got = json.loads(p.read_text())
-                        reason = got.get("rejected_reason", "") if isinstance(got, dict) else ""
-                    except Exception as e:  # unreadable: report that
-                        reason = f"unreadable: {e}"
-                    rejected.append({"file": str(p), "reason": reason})
-        return {"pending": pending, "rejected": rejected}
+        return self._spool_.status()
 
     def _spool(self, entry: dict) -> str:
-        """Write ``entry`` atomically to the spool beside the database or, when that cannot be
-        written (full or read-only filesystem), to the fallback spool. DiskFullError /
-        AccessError naming both when neither can be written."""
-        entry = dict(entry, spooled=time.time_ns(), spool_version=1, db=str(self.path))
-        data = json.dumps(entry, allow_nan=True).encode()
-        errors = []
-        for d in self._spool_dirs():
-            try:
-                return self._spool_write(d, data)
-            except OSError as e:
-                errors.append((d, e))
-        import errno
-
-        detail = "; ".join(f"{d}: {e.strerror or e}" for d, e in errors)
-        if any(e.errno in (errno.ENOSPC, errno.EDQUOT) for _, e in errors):
-            raise DiskFullError(f"{self.path}: cannot register or spool the entry: {detail}")
-        raise AccessError(f"{self.path}: cannot register or spool the entry: {detail}")
-
-    @staticmethod
-    def _spool_write(d: pathlib.Path, data: bytes) -> str:
-        d.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
-        final = d / name
-        tmp = d / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:  # make the rename durable
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-        return str(final)
+        return self._spool_.write(entry)
 
     def _ingest_spool(self, con) -> int:
-        if not self._spool_pending():
+        sp = self._spool_
+        if not sp.pending():
             return 0
         n = 0
-        for d in self._spool_dirs():
+        for p, entry in sp.entries():
             try:
-                todo = sorted(d.glob("*.json"))
-            except OSError:
+                self._apply_spooled(con, entry)
+                n += 1
+            except CkptregError as e:
+                sp.reject(p, entry, str(e))
                 continue
-            for p in todo:
-                try:
-                    entry = json.loads(p.read_text())
-                except FileNotFoundError:
-                    continue
-                except Exception as e:
-                    self._reject(p, None, f"unreadable spool file: {e}")
-                    continue
-                reason = _spool_entry_problem(entry)
-                if reason is not None:
-                    self._reject(p, entry, f"invalid spool entry: {reason}")
-                    continue
-                if entry.get("db") not in (None, str(self.path)):
-                    continue  # another database's entry (hash collision in a shared fallback spool)
-                try:
-                    self._apply_spooled(con, entry)
-                    n += 1
-                except CkptregError as e:
-                    self._reject(p, entry, str(e))
-                    continue
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            sp.done(p)
         return n
-
-    def _reject(self, p: pathlib.Path, entry, reason: str) -> None:
-        rd = p.parent / "rejected"
-        rd.mkdir(parents=True, exist_ok=True)
-        if not isinstance(entry, dict):
-            try:
-                raw = p.read_text(errors="replace")
-            except OSError:
-                raw = ""
-            entry = {"raw": raw}
-        entry = dict(entry, rejected_reason=reason, rejected_at=_now().isoformat())
-        dest = rd / p.name
-        tmp = rd / f".{p.name}.tmp"
-        tmp.write_text(json.dumps(entry, allow_nan=True))
-        os.replace(tmp, dest)
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
 
     def _reinspect(self, spooled):
         """The checkpoint at the spooled entry's path, inspected now; FormatError when it is not
         the checkpoint the entry describes (files, tensor inventory or fingerprint differ)."""
-        from . import formats
+        from .. import formats
 
         path = spooled.path
         try:
@@ -1273,21 +252,6 @@ class Registry:
             raise UsageError(f"unknown spool entry op {e.get('op')!r}")
 
     # ----------------------------------------------------------------- insert helpers
-
-    @staticmethod
-    def _tx(con, fn):
-        con.execute("BEGIN TRANSACTION")
-        try:
-            r = fn()
-            con.execute("COMMIT")
-            return r
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
-
     def _insert(self, con, info, run, step, name, metrics, tags, merged, replace, created,
                 full: dict | None = None, *, actor=None, version: int = 1,
                 metric_steps: dict | None = None) -> int:
@@ -1341,20 +305,7 @@ class Registry:
              _jdumps(full)]).fetchone()[0]
         ts = list(info.tensors.values())
         if ts:
-            # dtype and file are dictionary-encoded (a few distinct values): passing a Python list
-            # as a parameter costs ~1-2 us an element, so two small lists of distinct values plus
-            # two integer index lists (~1.3 ms less for 500 tensors than two string lists).
-            dtypes: dict[str, int] = {}
-            files: dict[str, int] = {}
-            di = [dtypes.setdefault(t.dtype, len(dtypes) + 1) for t in ts]
-            fi = [files.setdefault(str(t.file), len(files) + 1) for t in ts]
-            con.execute(
-                "INSERT INTO tensors SELECT $1, n, s, list_extract($8::VARCHAR[], d), "
-                "list_extract($9::VARCHAR[], f), o, b FROM (SELECT unnest($2::VARCHAR[]) AS n, "
-                "unnest($3::BIGINT[][]) AS s, unnest($4::INTEGER[]) AS d, unnest($5::INTEGER[]) AS f, "
-                "unnest($6::BIGINT[]) AS o, unnest($7::BIGINT[]) AS b)",
-                [cid, [t.name for t in ts], [list(t.shape) for t in ts], di, fi,
-                 [int(t.offset) for t in ts], [int(t.nbytes) for t in ts], list(dtypes), list(files)])
+            self._db.insert_tensors(con, cid, ts)
         if metrics:
             self._insert_metrics(con, cid, metrics, {**{k: step for k in metrics}, **metric_steps}
                                  if metric_steps else step, created, fresh=True)
@@ -1363,30 +314,15 @@ class Registry:
             self._record_add_event(con, info, run, step, int(cid), metrics, tags, created, actor)
         return cid
 
-    @staticmethod
-    def _insert_metrics(con, cid, metrics: dict, step, logged, fresh: bool = False) -> None:
+    def _insert_metrics(self, con, cid, metrics: dict, step, logged, fresh: bool = False) -> None:
         """``step``: the step every value was logged at, or a dict name -> step (per value;
-        names it lacks get None)."""
+        names it lacks get None). The new values are the latest (``fresh``: there are no older
+        ones of this checkpoint)."""
         names = list(metrics)
         steps = [step.get(k) for k in names] if isinstance(step, dict) else [step] * len(names)
         if not fresh:
-            con.execute("UPDATE metrics SET latest = false WHERE checkpoint_id = $1 AND latest "
-                        "AND list_contains($2::VARCHAR[], name)", [cid, names])
-        if len(names) <= 8:
-            # the usual few metrics: a VALUES row each (~0.7 ms for one, vs ~1.2 ms via unnest)
-            rows = ", ".join(f"(nextval('metric_seq'), $1, ${3 + 3 * i}, ${4 + 3 * i}, ${5 + 3 * i}, $2, true)"
-                             for i in range(len(names)))
-            params = [cid, logged]
-            for k, s in zip(names, steps):
-                params += [k, float(metrics[k]), s]
-            con.execute("INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest) "
-                        f"VALUES {rows}", params)
-            return
-        con.execute(
-            "INSERT INTO metrics (seq, checkpoint_id, name, value, step, logged, latest) "
-            "SELECT nextval('metric_seq'), $1, n, v, s, $5, true "
-            "FROM (SELECT unnest($2::VARCHAR[]) AS n, unnest($3::DOUBLE[]) AS v, unnest($4::BIGINT[]) AS s)",
-            [cid, names, [float(metrics[k]) for k in names], steps, logged])
+            self._db.unmark_latest(con, cid, names)
+        self._db.insert_metric_rows(con, cid, names, [float(metrics[k]) for k in names], steps, logged)
 
     @staticmethod
     def _delete_rows(con, cid: int) -> None:
@@ -1412,7 +348,7 @@ class Registry:
         registered ones, unless ``replace`` (True: replace; ``"stale"``, what the trainer
         callbacks pass: replace only an entry whose files were overwritten in place, i.e. a
         relaunch into the same folder). :attr:`last_add` says which happened."""
-        from . import formats
+        from .. import formats
 
         run = _check_name("run", run)
         metrics = _check_metrics(metrics)
@@ -1486,7 +422,7 @@ class Registry:
         one transaction. Merged names are versioned: under a name the run already has, the output
         becomes the next version (RUN@NAME is then the newest, RUN@NAME:vK a given one);
         ``replace`` replaces the newest version instead (same id, same version)."""
-        from . import formats
+        from .. import formats
 
         run = _check_name("run", run)
         name = _check_ref_name("merged name", _check_name("name", name))
@@ -1542,10 +478,7 @@ class Registry:
                 mid = int(con.execute("SELECT nextval('merge_id_seq')").fetchone()[0])
                 con.execute("INSERT INTO merges VALUES (?, ?, ?, ?, ?, ?)",
                             [mid, cid, method, params_json, base_id, created])
-                con.execute(
-                    "INSERT INTO merge_inputs SELECT $1, unnest($2::BIGINT[]), unnest($3::INTEGER[]), "
-                    "unnest($4::DOUBLE[])",
-                    [mid, ids, list(range(len(ids))), [w for _, w in norm_inputs]])
+                self._db.insert_merge_inputs(con, mid, ids, [w for _, w in norm_inputs])
                 return cid
 
             return self._tx(con, do)
@@ -1571,8 +504,7 @@ class Registry:
                 metric_steps=msteps.get(int(r[0]), {})))
         return out
 
-    @staticmethod
-    def _latest_metrics(con, ids, steps_out: dict | None = None) -> dict[int, dict[str, float]]:
+    def _latest_metrics(self, con, ids, steps_out: dict | None = None) -> dict[int, dict[str, float]]:
         """Latest value of each metric per checkpoint id; ``steps_out`` (a dict) also receives
         id -> {name: the step that value was logged at}."""
         if not ids:
@@ -1585,8 +517,8 @@ class Registry:
             # the (redundant) BETWEEN lets DuckDB skip row groups by their min/max: metrics are
             # appended in checkpoint order, so a run's recent checkpoints sit in few row groups
             q = ("SELECT checkpoint_id, name, value, step FROM metrics WHERE latest "
-                 "AND checkpoint_id BETWEEN $2 AND $3 AND list_contains($1::BIGINT[], checkpoint_id) "
-                 "ORDER BY name")
+                 "AND checkpoint_id BETWEEN $2 AND $3 AND " + self._db.in_list("checkpoint_id", "BIGINT", "$1")
+                 + " ORDER BY name")
             params = [ids, min(ids), max(ids)]
         out: dict[int, dict[str, float]] = {}
         for cid, name, value, step in con.execute(q, params).fetchall():
@@ -1690,14 +622,14 @@ class Registry:
         if not metric:
             raise UsageError(f"{ref!r}: expected RUN@best:METRIC or RUN@best:METRIC:max|min")
         if direction is None:
-            from .weights import default_direction
+            from ..weights import default_direction
 
             direction = default_direction(metric)
         order = "DESC" if direction == "max" else "ASC"
         row = con.execute(
             f"SELECT {_CK_SEL} FROM checkpoints WHERE id = ("
             "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
-            "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
+            f"WHERE m.name = ? AND m.latest AND c.run = ? AND {self._db.not_nan('m.value')} "
             f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1)",
             [metric, run]).fetchone()
         if row is not None:
@@ -1838,7 +770,7 @@ class Registry:
             row = con.execute(
                 f"SELECT {_CK_SEL} FROM checkpoints WHERE id = ("
                 "SELECT c.id FROM metrics m JOIN checkpoints c ON m.checkpoint_id = c.id "
-                "WHERE m.name = ? AND m.latest AND c.run = ? AND NOT isnan(m.value) "
+                f"WHERE m.name = ? AND m.latest AND c.run = ? AND {self._db.not_nan('m.value')} "
                 f"ORDER BY m.value {order}, c.step DESC NULLS LAST, c.id DESC LIMIT 1)",
                 [metric, run]).fetchone()
             if row is None:
@@ -1898,7 +830,7 @@ class Registry:
 
     def inventory(self, ckpt) -> dict:
         """Tensor name -> TensorInfo, as registered (from the headers at add time)."""
-        from .safetensors_io import TensorInfo
+        from ..safetensors_io import TensorInfo
 
         with self._reader() as con:
             c = self._resolve(con, ckpt)
@@ -1914,7 +846,7 @@ class Registry:
         return c, [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None} for f in files]
 
     def _status(self, c: Checkpoint, files: list[dict]) -> tuple[str, str]:
-        from . import formats
+        from .. import formats
 
         missing = [f["path"] for f in files if not os.path.exists(f["path"])]
         if missing:
@@ -1940,7 +872,7 @@ class Registry:
         """Do ``files`` match the fingerprint stored at registration? A stored fingerprint is
         checked with the scheme that made it (formats.fingerprint_matches, when formats has
         versioned schemes), so registries written by an older ckptreg keep verifying."""
-        from . import formats
+        from .. import formats
 
         match = getattr(formats, "fingerprint_matches", None)
         if match is not None:
@@ -1968,7 +900,7 @@ class Registry:
     @staticmethod
     def _full_hashes(files) -> dict[str, str]:
         """{file: hash of every byte of it} (formats.fingerprint([file], full=True))."""
-        from . import formats
+        from .. import formats
 
         return {str(f): formats.fingerprint([f], full=True) for f in files}
 
@@ -1987,7 +919,7 @@ class Registry:
                 cs = self._query(con)
             files, stored = {}, {}
             for i, f, h in con.execute(
-                    "SELECT id, files, full_hash FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
+                    "SELECT id, files, full_hash FROM checkpoints WHERE " + self._db.in_list("id"),
                     [[c.id for c in cs]]).fetchall():
                 files[int(i)] = _jloads(f) or []
                 stored[int(i)] = _jloads(h)
@@ -2037,7 +969,7 @@ class Registry:
         of the checkpoints ``cs``: each one's folder and the folder holding it (where merge
         outputs are written)."""
         try:
-            from .writer import find_stale_temporaries
+            from ..writer import find_stale_temporaries
         except ImportError:  # an older writer without it
             return []
         folders: dict[str, None] = {}
@@ -2101,97 +1033,20 @@ class Registry:
         bounds the run: a timer thread interrupts the connection.
 
         QueryError (with DuckDB's reason) for a refused / failed / timed-out statement."""
-        duckdb = _duckdb()
         if not isinstance(query, str) or not query.strip():
             raise QueryError("sql: empty query")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
                     or not math.isfinite(timeout) or timeout <= 0:
                 raise UsageError(f"sql: timeout must be a number of seconds > 0, got {timeout!r}")
-        try:
-            stmts = duckdb.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(f"sql: {e}") from None
-        if len(stmts) != 1:
-            raise QueryError(f"sql: exactly one statement allowed, got {len(stmts)}")
+        n = self._db.count_statements(query)
+        if n != 1:
+            raise QueryError(f"sql: exactly one statement allowed, got {n}")
         with self._reader():  # ingests the spool, migrates, refuses a newer schema
             pass
-        con = self._sql_connect()
-        timer = None
-        fired = threading.Event()
-        if timeout is not None:
-            def stop():
-                fired.set()
-                try:
-                    con.interrupt()
-                except Exception:
-                    pass
-
-            timer = threading.Timer(float(timeout), stop)
-            timer.daemon = True
-            timer.start()
-        try:
-            cur = con.execute(query)
-            rows = cur.fetchall()
-            cols = [d[0] for d in cur.description] if cur.description else []
-        except duckdb.Error as e:
-            if fired.is_set() or isinstance(e, getattr(duckdb, "InterruptException", ())):
-                raise QueryError(f"sql: query interrupted: it ran past the time limit of "
-                                 f"{timeout:g} s (ckptreg sql --timeout SECONDS)") from None
-            raise QueryError(f"sql: {e}") from None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            try:
-                con.close()
-            except Exception:
-                pass
-        return cols, rows
-
-    def _sql_connect(self):
-        """A dedicated, locked-down, read-only connection to the registry file (see :meth:`sql`);
-        an empty in-memory registry when the file does not exist. Retried while busy."""
-        duckdb = _duckdb()
-        if not self.path.exists():
-            con = duckdb.connect(":memory:", config=dict(_SQL_CONFIG))
-            try:
-                con.execute("BEGIN TRANSACTION")
-                con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TIMESTAMP NOT NULL)")
-                for version, steps in MIGRATIONS:
-                    for stmt in steps:
-                        con.execute(stmt)
-                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
-                con.execute("COMMIT")
-            except BaseException:
-                con.close()
-                raise
-            return con
-        deadline = self._deadline()
-        attempt = 0
-        while True:
-            try:
-                return duckdb.connect(str(self.path), read_only=True, config=dict(_SQL_CONFIG))
-            except duckdb.Error as e:
-                msg = str(e)
-                busy = (isinstance(e, getattr(duckdb, "ResourceInUseException", ()))
-                        or any(k in msg for k in _BUSY_MARKERS))
-                if not busy:
-                    raise self._open_error(e) from None
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(f"registry {self.path} is held by another process "
-                                      f"(waited {self.lock_timeout:g} s): {msg}") from None
-            self._sleep(attempt)
-            attempt += 1
+        return self._db.query_read_only(query, timeout)
 
     # ----------------------------------------------------------------- lifecycle: status, rm, gc
-
-    def _check_parent(self) -> None:
-        """NotFoundError when the database's folder does not exist: a typo in ``--db`` /
-        ``$CKPTREG_DB`` must not silently start a second registry somewhere new."""
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise NotFoundError(f"{self.path}: the registry's folder {parent} does not exist "
-                                f"(check --db / CKPTREG_DB; create the folder to start a new registry there)")
 
     def _refuse_same_files(self, con, info, run, step, what) -> None:
         """DuplicateError naming the entry when the same files (same fingerprint) are already
@@ -2253,9 +1108,9 @@ class Registry:
         rows = con.execute(
             "SELECT i.input_id, 'input', m.id, c.id, c.run, c.name, c.version FROM merge_inputs i "
             "JOIN merges m ON m.id = i.merge_id JOIN checkpoints c ON c.id = m.checkpoint_id "
-            "WHERE list_contains($1::BIGINT[], i.input_id) "
+            f"WHERE {self._db.in_list('i.input_id', 'BIGINT', '$1')} "
             "UNION ALL SELECT m.base_id, 'base', m.id, c.id, c.run, c.name, c.version FROM merges m "
-            "JOIN checkpoints c ON c.id = m.checkpoint_id WHERE list_contains($1::BIGINT[], m.base_id) "
+            f"JOIN checkpoints c ON c.id = m.checkpoint_id WHERE {self._db.in_list('m.base_id', 'BIGINT', '$1')} "
             "ORDER BY 4, 2", [[int(i) for i in ids]]).fetchall()
         out: dict[int, list[dict]] = {}
         for cid, role, mid, mcid, run, name, version in rows:
@@ -2293,11 +1148,11 @@ class Registry:
         "reason"}]}}."""
         ids = [c.id for c in cs]
         rows = {int(r[0]): (_jloads(r[1]) or [], _jloads(r[2]) or []) for r in con.execute(
-            "SELECT id, files, config_files FROM checkpoints WHERE list_contains(?::BIGINT[], id)",
+            "SELECT id, files, config_files FROM checkpoints WHERE " + self._db.in_list("id"),
             [ids]).fetchall()}
         others: set[str] = set()
         for p, f, cf in con.execute("SELECT path, files, config_files FROM checkpoints "
-                                    "WHERE NOT list_contains(?::BIGINT[], id)", [ids]).fetchall():
+                                    "WHERE NOT " + self._db.in_list("id"), [ids]).fetchall():
             others.add(os.path.realpath(p))
             for x in (_jloads(f) or []) + (_jloads(cf) or []):
                 others.add(os.path.realpath(x["path"] if isinstance(x, dict) else x))
@@ -2479,7 +1334,7 @@ class Registry:
             plan = self._gc_plan(con, run, pol)
             plan["dry_run"] = False
             ids = [d["id"] for d in plan["delete"]]
-            cs = self._query(con, "list_contains(?::BIGINT[], id)", [ids]) if ids else []
+            cs = self._query(con, self._db.in_list("id"), [ids]) if ids else []
             plans, _ = self._unregister(con, cs, {}, "gc", {"policy": pol}, True) if cs else ({}, [])
         files = {}
         freed = 0
@@ -2520,7 +1375,7 @@ class Registry:
             k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
             vals = con.execute(
                 "SELECT c.id, c.step, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
-                "WHERE c.run = ? AND NOT c.merged AND m.name = ? AND m.latest AND NOT isnan(m.value)",
+                "WHERE c.run = ? AND NOT c.merged AND m.name = ? AND m.latest AND " + self._db.not_nan("m.value"),
                 [run, metric]).fetchall()
             vals.sort(key=lambda v: ((v[2] if d == "min" else -v[2]), -v[1]))
             for i, _, _ in vals[:k]:
@@ -2572,7 +1427,7 @@ class Registry:
             k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
             vals = con.execute(
                 "SELECT c.id, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
-                "WHERE c.run = ? AND c.merged AND m.name = ? AND m.latest AND NOT isnan(m.value)",
+                "WHERE c.run = ? AND c.merged AND m.name = ? AND m.latest AND " + self._db.not_nan("m.value"),
                 [run, metric]).fetchall()
             vals.sort(key=lambda v: ((v[1] if d == "min" else -v[1]), -order.get(int(v[0]), 0)))
             for i, _ in vals[:k]:
@@ -2635,8 +1490,7 @@ class Registry:
         """Every table's rows, in a stable order (tests compare before/after)."""
         tables = ["schema_version", "runs", "checkpoints", "metrics", "tensors", "merges", "merge_inputs"]
         with self._reader() as con:
-            present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-            return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables if t in present}
+            return self._db.dump(con, tables)
 
     def ingest(self) -> int:
         """Ingest pending spool entries now; returns how many were applied or dropped as duplicates."""
@@ -2830,18 +1684,8 @@ class Registry:
         """The export (every checkpoint, ``metrics.NAME`` columns, lineage) as a pyarrow Table.
         UsageError naming the package when pyarrow is not installed."""
         _need("pyarrow", "Registry.to_arrow()")
-        import duckdb  # the full package: the native module alone (what _duckdb() prefers) has
-        # no Arrow output on a connection; importing the package installs its relational layer
-
         with self._reader() as con:
-            rel = con.sql(self._export_sql(con))
-            # the method's name moved between DuckDB releases (2.x: to_arrow_table; 1.x:
-            # fetch_arrow_table / arrow, the latter a RecordBatchReader in some)
-            fetch = next(getattr(rel, n) for n in ("to_arrow_table", "fetch_arrow_table", "arrow")
-                         if hasattr(rel, n))
-            t = fetch()
-        del duckdb
-        return t.read_all() if hasattr(t, "read_all") else t
+            return self._db.to_arrow(con, self._export_sql(con))
 
     def to_pandas(self):
         """The export (every checkpoint, ``metrics.NAME`` columns, lineage) as a pandas DataFrame.
@@ -2849,7 +1693,7 @@ class Registry:
         not installed."""
         _need("pandas", "Registry.to_pandas()")
         with self._reader() as con:
-            return con.execute(self._export_sql(con)).df()
+            return self._db.to_pandas(con, self._export_sql(con))
 
     EXPORT_FORMATS = ("parquet", "csv", "json")
 
@@ -2861,7 +1705,7 @@ class Registry:
         and always for a folder, the registry's own files or a registered checkpoint's file or
         folder; NotFoundError for a missing parent folder. Returns {"path", "format", "rows",
         "columns", "bytes"}."""
-        from .errors import OutputExistsError
+        from ..errors import OutputExistsError
 
         p = pathlib.Path(os.fspath(path)).expanduser().absolute()
         fmt = format or p.suffix.lstrip(".").lower()
@@ -2878,7 +1722,7 @@ class Registry:
             raise OutputExistsError(f"export: {p} is a folder; give a file name")
         if os.path.lexists(p) and not overwrite:
             raise OutputExistsError(f"export: {p} exists (use --overwrite / overwrite=True to replace it)")
-        from .writer import HOST_TAG, TMP_MARK
+        from ..writer import HOST_TAG, TMP_MARK
 
         with self._reader() as con:
             for cid, cref_run, cstep, cname, cpath, files in con.execute(
@@ -2907,8 +1751,7 @@ class Registry:
                     cur = con.execute(f"SELECT * FROM ({q}) LIMIT 0")
                     cols = [d[0] for d in cur.description]
                     n = int(con.execute(f"SELECT count(*) FROM checkpoints").fetchone()[0])
-                    opts = "FORMAT parquet" if fmt == "parquet" else "FORMAT csv, HEADER true"
-                    con.execute(f"COPY ({q}) TO {_sql_str(str(tmp))} ({opts})")
+                    self._db.copy_to(con, q, str(tmp), fmt)
                     fd = os.open(tmp, os.O_RDONLY)
                     try:
                         os.fsync(fd)
@@ -2938,12 +1781,13 @@ class Registry:
                         raise DiskFullError(f"export: no space left to write {p}; nothing was written") from e
                     if e.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
                         raise AccessError(f"export: cannot write {p}: {e.strerror}") from e
-                if isinstance(e, _duckdb().Error):
+                if self._db.is_error(e):
                     msg = str(e)
-                    if any(k in msg for k in _NOSPACE_MARKERS):
+                    kind = self._db.error_kind(e)
+                    if kind == "nospace":
                         raise DiskFullError(f"export: no space left to write {p}; nothing was written "
                                             f"({_short(msg)})") from e
-                    if any(k in msg for k in _ACCESS_MARKERS):
+                    if kind == "access":
                         raise AccessError(f"export: cannot write {p}: permission denied or read-only "
                                           f"filesystem ({_short(msg)})") from e
                 raise
@@ -3137,120 +1981,3 @@ class Registry:
                 raise NotFoundError(f"no run {run!r}" + self._candidates(con, f"{run}@0", None))
         return _jloads(row[0])
 
-
-def _jsafe(v):
-    """``v`` with non-finite floats as strings ("nan", "inf", "-inf"): DuckDB's JSON type
-    refuses NaN/Infinity literals (event details, run params)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {str(k): _jsafe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsafe(x) for x in v]
-    return v
-
-
-def _spooled_actor(e: dict):
-    """(host, user, pid) recorded in a spool entry by the process that wrote it, or None."""
-    a = e.get("actor")
-    if (isinstance(a, list) and len(a) == 3 and isinstance(a[0], str) and isinstance(a[1], str)
-            and isinstance(a[2], int) and not isinstance(a[2], bool)):
-        return (a[0], a[1], a[2])
-    return None
-
-
-def _ref_of(run, step, name, version=1) -> str:
-    """The ref of a checkpoint row: RUN@STEP, RUN@NAME, RUN@NAME:vK for versions after the first."""
-    if step is not None:
-        return f"{run}@{step}"
-    return f"{run}@{name}" + (f":v{version}" if version and int(version) > 1 else "")
-
-
-def _need(module: str, what: str) -> None:
-    """UsageError naming the package when the optional ``module`` is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{what} needs the optional package {module!r}, which is not installed "
-                         f"(pip install {module}); `ckptreg export --format parquet|csv|json` "
-                         "works without it")
-
-
-def _same(a: float, b: float) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
-# --------------------------------------------------------------------------- lifecycle helpers
-
-#: Key in ``merges.params`` under which ``rm --force`` keeps the ref, fingerprint and path of a
-#: removed input / base (:meth:`Registry.lineage` reads it and does not show it as a param).
-_REMOVED_KEY = "_ckptreg_removed"
-
-
-def _files_present(files, path) -> bool:
-    """Do all the registered files (a files JSON value, dicts or paths; else the checkpoint's
-    path) exist? A stat each, no reading."""
-    if isinstance(files, str):
-        files = _jloads(files)
-    paths = [f["path"] if isinstance(f, dict) else f for f in (files or [])] or [path]
-    for p in paths:
-        try:
-            os.stat(p)
-        except (OSError, TypeError, ValueError):
-            return False
-    return True
-
-
-_GC_KEYS = ("keep_best", "metric", "direction", "keep_last", "keep_every")
-
-
-def _gc_policy(keep_best, metric, direction, keep_last, keep_every, *, merged: bool = False) -> dict:
-    """Validated retention policy; UsageError naming the bad value. ``merged``: the policy of
-    ``gc --merged`` (merged outputs have no step: keep_every is refused)."""
-    def count(name, v):
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"gc: {name} must be an integer >= 1, got {v!r}")
-        return int(v)
-
-    keep_best, keep_last, keep_every = (count("keep_best", keep_best), count("keep_last", keep_last),
-                                        count("keep_every", keep_every))
-    if keep_best is not None and not (isinstance(metric, str) and metric):
-        raise UsageError("gc: keep_best / --keep-best needs a metric (--metric NAME)")
-    if metric is not None and keep_best is None:
-        raise UsageError(f"gc: metric {metric!r} given without keep_best / --keep-best K")
-    if direction is not None and direction not in ("min", "max"):
-        raise UsageError(f"gc: direction must be 'min' or 'max', got {direction!r}")
-    if direction is not None and keep_best is None:
-        raise UsageError("gc: direction given without keep_best / --keep-best K")
-    if keep_best is None and keep_last is None and keep_every is None:
-        raise UsageError("gc: no retention policy: give keep_best + metric (--keep-best K --metric M), "
-                         "keep_last (--keep-last N) and/or keep_every (--keep-every M); the final "
-                         "checkpoint is always kept")
-    if merged and keep_every is not None:
-        raise UsageError("gc --merged: --keep-every / keep_every needs steps and merged checkpoints "
-                         "have none; use --keep-last N (the N most recently registered) and/or "
-                         "--keep-best K --metric M")
-    if keep_best is not None and direction is None:
-        from .weights import default_direction
-
-        direction = default_direction(metric)
-    pol = {"keep_best": keep_best, "metric": metric if keep_best else None,
-           "direction": direction if keep_best else None, "keep_last": keep_last,
-           "keep_every": keep_every, "merged": True if merged else None}
-    return {k: v for k, v in pol.items() if v is not None}
-
-
-def retention_policy(retention) -> dict:
-    """A retention policy for the trainer callbacks (``retention=``): a dict of :meth:`Registry.gc`
-    keywords (``{"keep_best": 2, "metric": "eval_loss"}``, ``{"keep_last": 3}``, ...), validated;
-    UsageError for an unknown key or a bad value."""
-    if not isinstance(retention, dict):
-        raise UsageError(f"retention must be a dict of gc options ({', '.join(_GC_KEYS)}), "
-                         f"got {type(retention).__name__}")
-    bad = sorted(set(retention) - set(_GC_KEYS))
-    if bad:
-        raise UsageError(f"retention: unknown option(s) {', '.join(map(repr, bad))}; "
-                         f"expected {', '.join(_GC_KEYS)}")
-    return _gc_policy(*(retention.get(k) for k in _GC_KEYS))
