@@ -30,9 +30,10 @@ def test_schema_example_parses(tmp_path):
     r = load_recipe(p)
     assert r.method == "ties" and r.base == "m@100" and r.name == "my_merge" and r.output == "merged/"
     assert r.selection == {"run": "m", "last": 3, "every": 1, "exclude_final": False}
-    assert r.params == {"density": 0.5} and r.weights is None
+    # the trailing catch-all rule is the constant (the engine's weights); the filter rule stays a rule
+    assert r.params == {"density": 0.5} and r.weights == [0.5, 0.25, 0.25]
     w = r.rules.rules["weight"]
-    assert w[0].filter == "self_attn" and w[0].gradient and w[1].filter is None and not w[1].gradient
+    assert len(w) == 1 and w[0].filter == "self_attn" and w[0].gradient
     # the same recipe as JSON
     j = tmp_path / "r.json"
     import yaml
@@ -97,7 +98,8 @@ def test_recipe_data_round_trip():
     assert r.params == {"density": 0.5, "lam": 1.0}
     b = r.rules.bind(["x.0.attn", "x.1.attn", "x.0.mlp"])
     assert b.weights_for("x.1.attn", [0, 0]) == [0.0, 1.0]
-    assert b.weights_for("x.0.mlp", [0, 0]) == [0.25, 0.75]   # the stored weights: the catch-all
+    assert r.weights == [0.25, 0.75]                          # the stored weights: the constant
+    assert b.weights_for("x.0.mlp", r.weights) == [0.25, 0.75]
 
 
 BAD = [

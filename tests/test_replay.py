@@ -198,3 +198,25 @@ def test_card_replaces_an_input_readme(tmp_path):
     run("merge", "--run", "m", "--last", "2", "-o", tmp_path / "o", "--name", "o")
     card = (tmp_path / "o" / "README.md").read_text()
     assert card.startswith("# o\n") and "base model's card" not in card
+
+
+def _engine_has_param_rules() -> bool:
+    import dataclasses
+
+    from ckptreg.engine import MergeSpec
+
+    return "param_rules" in {f.name for f in dataclasses.fields(MergeSpec)}
+
+
+@pytest.mark.skipif(not _engine_has_param_rules(), reason="the engine's MergeSpec has no param_rules hook")
+def test_replay_of_a_recipe_with_rules_and_gradients(full_run, tmp_path):
+    run = _cli(full_run)
+    (tmp_path / "r.yaml").write_text(
+        "inputs: [m@200, m@300, m@400]\nmethod: ties\nbase: m@100\nparameters:\n"
+        "  density: [{filter: up_proj, value: [0.2, 0.9]}, {value: 0.5}]\n"
+        "  weight: [[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]\n"
+        f"output: {tmp_path / 'o'}\nname: g\n")
+    run("merge", "--recipe", tmp_path / "r.yaml")
+    res = run("merge", "--replay", "m@g", "-o", tmp_path / "o2")
+    assert "replayed m@g: identical" in res.output
+    assert _tensor_bytes(tmp_path / "o") == _tensor_bytes(tmp_path / "o2")

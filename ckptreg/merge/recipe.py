@@ -419,6 +419,14 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
                 else:
                     params[param] = rs[0].value
                 continue
+            if rs[-1].filter is None and not rs[-1].gradient:
+                # a trailing catch-all constant is the parameter's constant (what the engine
+                # validates and uses for tensors no earlier rule matches)
+                if param == PER_INPUT:
+                    weights = rs[-1].value
+                else:
+                    params[param] = rs[-1].value
+                rs = rs[:-1]
             rules[param] = rs
             continue
         val, grad = _value(source, f"parameters.{k}", param, v, n_inputs)
