@@ -80,7 +80,7 @@ def test_merge_command_mwa_and_show(env):
     res = run("merge", "--run", "sft", "--last", 4, "--every", 2, "--method", "mwa", "--metric", "train_loss",
               "--penalty", 0.7, "--quiet")
     cid, name = res.output.split()
-    assert name == "last_4_2_loss_pf-0_7"
+    assert name == "last_4_2_loss_pf-0_7_incl_final"
     c = reg.get(int(cid))
     ins = reg.select("sft", 4, 2)
     w = ref_mwa_weights([x.metrics["train_loss"] for x in ins], [x.step for x in ins], 0.7, 2.0)
@@ -97,7 +97,7 @@ def test_merge_explicit_checkpoints_methods_and_flags(env):
     res = run("merge", "sft@60", "sft@80", "sft@100", "--method", "ties", "--density", 0.5, "--base", "sft@10",
               "--lambda", 0.8, "--sign", "frequency", "-o", tmp / "o" / "t", "--json")
     d = json.loads(res.output)
-    assert d["name"] == "ties_ckpt_60-80-100_base_sft-10" and d["base"] == "sft@10"
+    assert d["name"] == "ties_ckpt_60-80-100_base_sft-10_freq_lam0_8" and d["base"] == "sft@10"
     ins = [reg.get(f"sft@{s}") for s in (60, 80, 100)]
     out, srcs, b = load_any(d["path"]), [load_any(x.path) for x in ins], load_any(reg.get("sft@10").path)
     for k in out:
@@ -105,7 +105,7 @@ def test_merge_explicit_checkpoints_methods_and_flags(env):
     # dashes, weights on a task method, delta space with a rank, out dtype, explicit name
     res = run("merge", "--run", "sft", "--last", 3, "--method", "dare-linear", "--density", 0.9, "--seed", 3,
               "--base", "first", "--weights", "mwa", "--metric", "train_loss", "--penalty", 0.8, "--quiet")
-    assert res.output.split()[1] == "dare_linear_last_3_loss_pf-0_8_base_first"
+    assert res.output.split()[1] == "dare_linear_last_3_loss_pf-0_8_base_first_incl_final_seed3"
     lin = reg.lineage(int(res.output.split()[0]))
     assert sum(i["weight"] for i in lin["inputs"]) == pytest.approx(3.0)
     res = run("merge", "--run", "sft", "--last", 2, "--method", "uniform", "--space", "delta", "--rank", 8,
@@ -119,8 +119,8 @@ def test_merge_explicit_checkpoints_methods_and_flags(env):
     run("merge", "--run", "sft", "--last", 3, "--method", "magnitude_prune", "--density", 0.3, "--base", "last", "-q")
     run("merge", "--run", "sft", "--last", 3, "--method", "task_arithmetic", "--base", "first", "-q")
     names = {c.name for c in reg.checkpoints("sft", merged=True)}
-    assert {"slerp_last_2_base_last", "cart_last_3", "magnitude_prune_last_3_base_last",
-            "task_arithmetic_last_3_base_first"} <= names
+    assert {"slerp_last_2_base_last_incl_final_t0_25", "cart_last_3_incl_final_lam1_5_rr0_2",
+            "magnitude_prune_last_3_base_last_incl_final", "task_arithmetic_last_3_base_first_incl_final"} <= names
 
 
 def test_merge_errors_exit_nonzero_and_leave_state(env):
@@ -182,11 +182,11 @@ def test_sweep_command(env):
     assert len(rows) == 9 * 7
     names = [r["name"] for r in rows]
     assert len(set(names)) == len(names)
-    assert {"last_10_unweighted", "last_4_3_loss_pf-0_7", "last_2_steps_pf-1_0"} <= set(names)
+    assert {"last_10_unweighted_incl_final", "last_4_3_loss_pf-0_7_incl_final", "last_2_steps_pf-1_0_incl_final"} <= set(names)
     assert all(Path(r["path"]).parent == tmp / "sw" for r in rows)
     by = {c.name: c for c in reg.checkpoints("sft", merged=True)}
     assert set(names) <= set(by)
-    c = by["last_4_3_loss_pf-0_7"]
+    c = by["last_4_3_loss_pf-0_7_incl_final"]
     lin = reg.lineage(c.id)
     assert [i["ref"] for i in lin["inputs"]] == ["sft@30", "sft@60", "sft@90", "sft@120"]
     # duplicates dropped: uniform with two metrics is one merge

@@ -227,8 +227,8 @@ def test_demo_merges_have_lineage_and_scores(demo_run):
     merged = reg.checkpoints("demo-seed5", merged=True)
     names = {c.name for c in merged}
     for n in ("last_2_unweighted", "last_3_unweighted", "last_5_unweighted", "last_3_2_unweighted",
-              "ties_last_3_base_first", "ties_last_3_base_last", "dare_ties_last_3_base_first",
-              "dare_ties_last_3_base_last", "slerp_last_2_base_first", "slerp_last_2_base_last"):
+              "ties_last_3_base_first", "ties_last_3_base_last", "dare_ties_last_3_base_first_seed5",
+              "dare_ties_last_3_base_last_seed5", "slerp_last_2_base_first", "slerp_last_2_base_last"):
         assert n in names, (n, sorted(names))
     mwa = [c for c in merged if "_pf-" in c.name]
     assert {c.name.split("_pf-")[1] for c in mwa} == {"0_7", "1_0"}

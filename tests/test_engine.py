@@ -80,14 +80,15 @@ def test_task_methods_match_reference(lora, method, scheme):
         assert close(out[k], r, rtol=1e-5, atol=1e-6), (k, (out[k].double() - r).abs().max())
     lin = lora.lineage(c.id)
     assert lin["base"] == spec.base.id and lin["params"]["density"] == 0.4
-    assert spec.name.startswith(f"{method}_last_3") and spec.name.endswith("_base_first")
+    assert spec.name.startswith(f"{method}_last_3") and spec.name.endswith(
+        "_base_first_incl_final_lam0_9" + ("_seed7" if method.startswith("dare") else ""))
 
 
 def test_ties_frequency_sign_and_base_last(lora):
     ins = lora.select("sft", 4, exclude_final=True)
     spec = engine.make_spec(lora, "ties", ins, base="last", params={"density": 0.7, "sign": "frequency"},
                             selection={"last": 4})
-    assert spec.base.id == lora.final("sft").id and spec.name == "ties_last_4_base_last"
+    assert spec.base.id == lora.final("sft").id and spec.name == "ties_last_4_base_last_freq"
     c = engine.merge(lora, spec)
     out, srcs, base = load_any(c.path), _srcs(ins), load_any(spec.base.path)
     for k in out:
@@ -98,7 +99,7 @@ def test_slerp_and_base_picks_endpoint(lora):
     ins = lora.select("sft", 2)
     for base, t in (("first", 0.3), ("last", 0.3)):
         spec = engine.make_spec(lora, "slerp", ins, base=base, params={"t": t}, selection={"last": 2})
-        assert spec.name == f"slerp_last_2_base_{base}"
+        assert spec.name == f"slerp_last_2_base_{base}_incl_final_t0_3"
         c = engine.merge(lora, spec, chunk_elems=CHUNK)
         out, srcs = load_any(c.path), _srcs(ins)
         a, b = (0, 1) if base == "first" else (1, 0)
@@ -315,7 +316,7 @@ def test_mismatch_lists_everything_before_reading(tmp_path):
     msg = str(ei.value)
     for needle in ("up_proj", "shape", "dtype", "norm.weight", "missing", "extra.weight", "4 problem"):
         assert needle in msg, needle
-    assert _n_rows(reg) == n and not (tmp_path / "last_2_unweighted").exists()
+    assert _n_rows(reg) == n and not (tmp_path / "last_2_unweighted_incl_final").exists()
     assert not [p for p in os.listdir(tmp_path) if TMP_MARK in p]
 
 

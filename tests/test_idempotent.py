@@ -56,11 +56,11 @@ def test_merge_rerun_is_up_to_date_and_overwrite_recomputes(env):
     res = run("merge", "--run", "sft", "--last", 3, "-q", "--json")
     again = json.loads(res.stdout)
     assert again["status"] == "up to date" and again["id"] == first["id"] and again["path"] == first["path"]
-    assert f"up to date: sft@last_3_unweighted (id {first['id']}) at {first['path']}" in res.stderr
+    assert f"up to date: sft@last_3_unweighted_incl_final (id {first['id']}) at {first['path']}" in res.stderr
     assert _stats(first["path"]) == files and reg.dump() == before   # nothing written, no new version
     # the plain output says the same
     res = run("merge", "--run", "sft", "--last", 3)
-    assert res.stdout.strip() == f"{first['id']}\tlast_3_unweighted" and "up to date" in res.stderr
+    assert res.stdout.strip() == f"{first['id']}\tlast_3_unweighted_incl_final" and "up to date" in res.stderr
     assert "wrote" not in res.stderr and _stats(first["path"]) == files
     # --overwrite recomputes (same id, same version, new files)
     res = run("merge", "--run", "sft", "--last", 3, "-q", "--overwrite", "--json")
@@ -170,9 +170,9 @@ def test_sweep_twice_skips_everything_and_an_extended_grid_computes_one_output(e
     now = _stats(sw)
     assert {k: v for k, v in now.items() if k in files} == files
     new_files = set(now) - set(files)
-    assert new_files and all(k.startswith("last_4_unweighted" + os.sep) for k in new_files)
+    assert new_files and all(k.startswith("last_4_unweighted_incl_final" + os.sep) for k in new_files)
     assert len(reg.checkpoints("sft", merged=True)) == 3
-    assert reg.get("sft@last_4_unweighted").id == ext[2]["id"]
+    assert reg.get("sft@last_4_unweighted_incl_final").id == ext[2]["id"]
 
 
 def test_sweep_of_mixed_methods_twice_writes_nothing(env):
@@ -207,17 +207,17 @@ def test_sweep_of_mixed_methods_twice_writes_nothing(env):
 
 def test_default_names_never_collide_across_settings_that_change_the_result(env):
     reg, run, tmp = env
-    ins = reg.select("sft", 3)
-    sel = {"last": 3, "every": 1}
+    ins = reg.select("sft", 3, exclude_final=True)   # the paper's selection: the last 3 before the final
+    sel = {"last": 3, "every": 1, "exclude_final": True}
 
-    def name(method="uniform", selection=sel, **kw):
-        return engine.make_spec(reg, method, ins, selection=dict(selection), **kw).name
+    def name(method="uniform", selection=sel, inputs=ins, **kw):
+        return engine.make_spec(reg, method, inputs, selection=dict(selection), **kw).name
 
     base = name()
     assert base == "last_3_unweighted"   # the paper's configuration keeps the paper's name
     pairs = {
         "space": (name(space="factors"), name(space="delta")),
-        "exclude_final": (name(), name(selection={**sel, "exclude_final": True})),
+        "include_final": (name(), name(selection={**sel, "exclude_final": False}, inputs=reg.select("sft", 3))),
         "rank": (name(space="delta"), name(space="delta", rank=2)),
         "out_dtype": (name(), name(out_dtype="bfloat16")),
         "power": (name("mwa", metric="train_loss", penalty=0.7),
@@ -227,16 +227,29 @@ def test_default_names_never_collide_across_settings_that_change_the_result(env)
         "weights": (name("linear"), name("linear", weights=[0.2, 0.3, 0.5])),
         "svd": (name("cart"), name("cart", params={"svd": "exact"})),
         "ties_space": (name("task_arithmetic", base="first"), name("task_arithmetic", base="first", space="delta")),
+        "sign": (name("ties", base="first", params={"density": 0.5}),
+                 name("ties", base="first", params={"density": 0.5, "sign": "frequency"})),
+        "lam": (name("task_arithmetic", base="first"), name("task_arithmetic", base="first", params={"lam": 0.5})),
+        "t": (name("slerp", base="first", selection={**sel, "last": 2}, inputs=ins[-2:]),
+              name("slerp", base="first", selection={**sel, "last": 2}, inputs=ins[-2:], params={"t": 0.3})),
+        "rank_ratio": (name("cart"), name("cart", params={"rank_ratio": 0.2})),
+        "seed": (name("dare_ties", base="first", params={"density": 0.5}),
+                 name("dare_ties", base="first", params={"density": 0.5, "seed": 3})),
     }
     for what, (a, b) in pairs.items():
         assert a != b, what
     assert pairs["space"] == ("last_3_unweighted", "last_3_unweighted_delta")
-    assert pairs["exclude_final"][1] == "last_3_unweighted_excl_final"
+    assert pairs["include_final"][1] == "last_3_unweighted_incl_final"
     assert pairs["rank"][1] == "last_3_unweighted_delta_r2"
     assert pairs["out_dtype"][1] == "last_3_unweighted_bf16"
     assert pairs["power"] == ("last_3_loss_pf-0_7", "last_3_loss_pf-0_7_q3_0")
     assert pairs["direction"][1] == "last_3_loss_pf-0_7_max"
     assert pairs["svd"] == ("cart_last_3", "cart_last_3_exact_svd")
+    assert pairs["sign"] == ("ties_last_3_base_first", "ties_last_3_base_first_freq")
+    assert pairs["lam"][1] == "task_arithmetic_last_3_base_first_lam0_5"
+    assert pairs["t"] == ("slerp_last_2_base_first", "slerp_last_2_base_first_t0_3")
+    assert pairs["rank_ratio"][1] == "cart_last_3_rr0_2"
+    assert pairs["seed"] == ("dare_ties_last_3_base_first", "dare_ties_last_3_base_first_seed3")
     # the defaults spelled out give no suffix either
     assert name("mwa", metric="train_loss", penalty=0.7, power=2.0, direction="min") == "last_3_loss_pf-0_7"
     # through the CLI: a factor-space and a delta-space merge, a selection with and without the
@@ -245,12 +258,12 @@ def test_default_names_never_collide_across_settings_that_change_the_result(env)
         d = json.loads(run("merge", "--run", "sft", "--last", 3, "-q", "--json", *extra).stdout)
         assert d["status"] == "merged", extra
     got = sorted((c.name, c.version) for c in reg.checkpoints("sft", merged=True))
-    assert got == [("last_3_unweighted", 1), ("last_3_unweighted_delta", 1), ("last_3_unweighted_delta_r2", 1),
-                   ("last_3_unweighted_excl_final", 1)]
+    assert got == [("last_3_unweighted", 1), ("last_3_unweighted_incl_final", 1),
+                   ("last_3_unweighted_incl_final_delta", 1), ("last_3_unweighted_incl_final_delta_r2", 1)]
     # a default-named spec merged in delta space through the API is named for it too
     spec = engine.make_spec(reg, "uniform", reg.select("sft", 2), selection={"last": 2})
     c = engine.merge(reg, spec, space="delta")
-    assert c.name == "last_2_unweighted_delta" == spec.name
+    assert c.name == "last_2_unweighted_incl_final_delta" == spec.name
 
 
 # --------------------------------------------------------------------------------- item 3: metric lag

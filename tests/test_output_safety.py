@@ -190,14 +190,14 @@ def test_sweep_takes_the_lock_of_every_target(lora):
     reg, db, tmp = lora
     outdir = tmp / "sw"
     before = reg.dump()
-    busy = outdir / "last_3_unweighted"
+    busy = outdir / "last_3_unweighted_incl_final"
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(busy), "30"], stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert p.stdout.readline().strip() == b"held"
         res = _cli(db, "sweep", "--run", "sft", "--last", "2,3", "--method", "uniform", "-o", outdir, "-q")
         assert res.exit_code == TargetBusyError.exit_code, res.output
         assert str(busy) in res.output
-        assert not (outdir / "last_2_unweighted").exists() and reg.dump() == before
+        assert not (outdir / "last_2_unweighted_incl_final").exists() and reg.dump() == before
     finally:
         p.kill()
         p.wait()

@@ -56,7 +56,7 @@ def test_sweep_equals_one_by_one_bitwise(tmp_path):
     for k in o:
         assert close(o[k], ref_linear([x[k] for x in srcs], s.weights))
     names = {c.name for c in reg_a.checkpoints("sft", merged=True)}
-    assert {"last_4_3_unweighted", "last_3_loss_pf-0_5", "last_2_steps_pf-0_9"} <= names
+    assert {"last_4_3_unweighted_incl_final", "last_3_loss_pf-0_5_incl_final", "last_2_steps_pf-0_9_incl_final"} <= names
 
 
 def test_sweep_reads_each_input_once(tmp_path, monkeypatch):
