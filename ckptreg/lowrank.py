@@ -48,7 +48,6 @@ __all__ = [
     "cart_lowrank",
     "cart_dense",
     "randomized_svd",
-    "lowrank_approx",
     "split_factors",
     "DEFAULT_RANK_RATIO",
 ]
@@ -155,13 +154,20 @@ def factored_svd(B: torch.Tensor, core: torch.Tensor | None, A: torch.Tensor, ra
     return _svd_from_core(qb, small, qa, rank, odt)
 
 
-def _cores(B, core, A):
-    if B.shape[-1] != A.shape[-2]:
-        raise MismatchError(f"B {tuple(B.shape)} and A {tuple(A.shape)} disagree on the inner dimension")
+def _thin_qrs(B, A):
+    """Thin QRs ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` in float32 (float64 in: float64); the R factors
+    are returned in float64 for the R×R steps. The one torch route of the factored SVD (the other
+    is ``ckptreg.ops.factored_svd_batched``: compiled kernel, or its Gram/eigh fallback)."""
     dt = _out_dtype(B, A)
     qb, rb = torch.linalg.qr(B.to(dt), mode="reduced")
     qa, ra = torch.linalg.qr(A.to(dt).mT, mode="reduced")
-    rb, ra = rb.to(torch.float64), ra.to(torch.float64)
+    return qb, rb.to(torch.float64), qa, ra.to(torch.float64)
+
+
+def _cores(B, core, A):
+    if B.shape[-1] != A.shape[-2]:
+        raise MismatchError(f"B {tuple(B.shape)} and A {tuple(A.shape)} disagree on the inner dimension")
+    qb, rb, qa, ra = _thin_qrs(B, A)
     if core is None:
         small = rb @ ra.mT
     else:
@@ -307,9 +313,7 @@ def cart_lowrank(Bs, As, scales, weights=None, rank_ratio: float = DEFAULT_RANK_
     odt = _out_dtype(*Bs, *As)
     k = cart_rank(d, kd, rho)
     B, A, _ = _stack(Bs, As, scales, [1.0] * n)
-    qb, rb = torch.linalg.qr(B, mode="reduced")
-    qa, ra = torch.linalg.qr(A.mT, mode="reduced")
-    rb, ra = rb.to(torch.float64), ra.to(torch.float64)
+    qb, rb, qa, ra = _thin_qrs(B, A)
     ranks = [b.shape[-1] for b in Bs]
     svec = torch.cat([torch.full((r,), s, dtype=torch.float64, device=B.device) for r, s in zip(ranks, scales)])
     # coefficient matrix: row 0 = w (the average), row 1 + i = e_i - w (the centred update i)
@@ -371,11 +375,6 @@ def cart_dense(mats: Sequence[torch.Tensor], weights=None, rank_ratio: float = D
             U, S, Vh = randomized_svd(c, min(k, rows, cols), oversample=oversample, n_iter=n_iter, seed=seed)
             acc += (U * S.unsqueeze(-2)) @ Vh
     return avg + lam * acc
-
-
-def lowrank_approx(M: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-``rank`` approximation of ``M`` (batched) by exact SVD (Eckart-Young)."""
-    return _lr_k(M, _check_rank(rank))
 
 
 # --------------------------------------------------------------------------- randomized SVD
