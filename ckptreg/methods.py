@@ -1,4 +1,9 @@
-"""Per-tensor merge methods in plain PyTorch: the fallback path and the test oracle.
+"""Per-tensor merge methods in plain PyTorch (readable reference implementations).
+
+Production does not call the per-tensor functions here: the engine merges through
+:mod:`ckptreg.ops` (compiled kernels or their PyTorch fallbacks) and imports from this module only
+the validators :func:`check_lam` / :func:`finite_floats` (also used by :mod:`ckptreg.lowrank`) and
+the SLERP constants. The test oracle is ``tests/helpers_ref.py`` (float64, from METHODS.md).
 
 Every function follows ``METHODS.md`` "Merge methods". Inputs are float tensors of any storage
 dtype (fp32/fp16/bf16/fp64); arithmetic runs in float32, or float64 when any input is float64,
