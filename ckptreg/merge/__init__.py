@@ -1,0 +1,139 @@
+"""The merge engine as a package: a method table, specs and names, a plan, one streaming loop.
+
+Modules, in the order a merge uses them:
+
+- :mod:`.table`: :class:`MethodDef` / :class:`ParamDef` per method, :data:`METHODS`,
+  :func:`register_method`, :func:`check_params` (validation), :func:`canonical_method`.
+- :mod:`.spec`: :class:`MergeSpec`, :func:`make_spec` (weights by the method's weight rule),
+  :func:`paper_name` / :func:`name_suffix` (default names), :func:`dedupe_specs`.
+- :mod:`.plan`: :func:`plan` from the registry's inventory.
+- :mod:`.sources`: reading inputs (:class:`Source`), identity snapshots, chunk buffers.
+- :mod:`.stream`: :class:`Job` (one output), :class:`Pass` (one read of the inputs) and
+  :func:`run_pass`, the per-tensor loop of both merge and sweep; :mod:`.kernels` holds the
+  built-in methods' per-tensor functions.
+- :mod:`.delta`: LoRA factor-scale checks and the delta space.
+- :mod:`.targets`: output layouts, the atomic :class:`Output`, locks, target refusals, stored
+  recipe / lineage / up-to-date check, registration.
+- :mod:`.run`: :func:`merge` and :func:`sweep`.
+- :mod:`.recipe`, :mod:`.card`: recipe files and model cards (their own docstrings).
+
+Adding a method
+---------------
+One :class:`MethodDef` passed to :func:`register_method` (``fn`` its per-tensor function, the
+``strategy`` saying how the loop calls it); validation, dispatch, default names, the delta-space
+allow-list, the CLI's ``merge`` / ``sweep`` options and ``ckptreg methods`` read the table.
+tests/test_method_table.py adds a toy method from a test file.
+
+Per-tensor parameters (the hook for recipes)
+--------------------------------------------
+``MergeSpec.param_rules`` (optional; e.g. :class:`ckptreg.merge.recipe.ParamRules`) is an
+object with ``bind(tensor_names) -> rules``, ``params_for(name, params) -> dict``,
+``weights_for(name, weights) -> list``, ``to_json()`` and ``digest()``. The merge binds it to
+the plan's names; the streaming loop asks ``job.params_for(name)`` / ``job.weights_for(name)``
+for every tensor (the spec's constants when there are no rules; rule values are checked by the
+method table). Rules are stored in the output's ``ckptreg_recipe`` metadata (``param_rules``)
+and in the lineage params (``rules``), so the up-to-date check and replay see them; a sweep
+keeps specs with different rules apart. Delta space refuses rules (ParameterError).
+
+How a merge runs
+----------------
+1. ``registry.check_unchanged`` for every input and the base (ChangedError before anything else).
+2. :func:`plan` reads every input's stored inventory (``Registry.inventory``, no header read
+   after the fingerprint check) and raises ONE MismatchError that lists every name/shape/dtype
+   difference.
+3. Re-runs are idempotent: an output registered at the target under the same name with the same
+   recipe (method, params, space, rank, out dtype, weights, inputs by id and fingerprint, base)
+   and unchanged files is returned as it is (``spec.status == "up to date"``, nothing written);
+   ``overwrite`` recomputes it. A sweep computes only its outputs that are not up to date.
+   Otherwise the output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
+   or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
+4. Tensors are streamed in name order. Inputs are read with ``preadv`` into per-input chunk
+   buffers allocated once and reused (:class:`.sources.Source`), or, for streamed methods where Linux
+   grants a read lease on the file, as zero-copy views of a map that no writer can truncate
+   while the lease is held (a writer's open waits for the next chunk, when the lease is handed
+   over and reading goes on with ``preadv``): an input
+   truncated in place mid-merge (a trainer re-saving with ``open('wb')``) is a short read and a
+   ChangedError naming the file (exit 10), not a SIGBUS; after the last read every input file is
+   re-stat'ed (inode, size, mtime against the identity taken before its fingerprint was checked)
+   so a same-size rewrite or a replacement by rename is a ChangedError too, before anything is
+   committed. Tensors larger than ``chunk_elems`` are processed in flat chunks; the output chunk
+   buffers are allocated once per merge and reused (``ops.weighted_sum(..., out=buf)`` /
+   ``ops.task_merge(..., out=buf)``), so the anonymous memory stays at about N input chunks plus
+   the largest tensor (only for methods that need whole tensors: TIES thresholds (the base and
+   one input at a time), CART) plus a few output chunk buffers, whatever model size.
+5. The output is fsync'ed and renamed into place; only then is it registered
+   (``registry.record_merge``). A merge killed at any moment leaves a dot-named temporary at most
+   (removed by the next merge into the same folder), never a partial output or a registry row.
+
+Per-method streaming (the method table's strategies, :mod:`.table`; one loop, :mod:`.stream`)
+-------------------------------------------------------------------------------------------
+- linear / uniform / mwa: ``ops.weighted_sum`` on chunks.
+- task_arithmetic / ties / dare_linear / dare_ties / magnitude_prune: ``ops.task_merge`` on chunks;
+  TIES / magnitude-prune thresholds come from ``ops.kth_largest_abs`` over the whole tensor
+  before chunking, DARE masks are keyed by the element offset of each chunk, so chunking never
+  changes a result.
+- slerp: a first pass over the chunks accumulates the norms and the dot product in float64, then
+  the blend is a weighted sum with the two SLERP coefficients (same numbers as
+  ``methods.slerp``).
+- cart: whole tensor per 2-D weight matrix (``lowrank.cart_dense``); LoRA adapters in delta space
+  use ``lowrank.cart_lowrank`` per module (exact, no d×k matrix).
+
+Choices documented here (DESIGN/METHODS leave them open)
+--------------------------------------------------------
+- Non-floating tensors (int buffers, bool masks) are copied from the newest input (the last of
+  the input list) and must be equal in dtype/shape like everything else.
+- SLERP merges exactly two checkpoints. ``base`` picks the t=0 endpoint: "first" = the older of
+  the two, "last" = the newer, or a checkpoint that must be one of the two (mergekit: the base
+  model is the t=0 end). Without a base the first input is the t=0 end.
+- CART low-rank step applies to 2-D float tensors except embeddings (names containing "embed",
+  "wte", "wpe"); other tensors end up as the weighted average (as METHODS.md says).
+- LoRA ``space="delta"``: the merged update ``Σ c_i s_i B_i A_i`` is truncated to ``rank``
+  (default: the inputs' r; CART: exact, rank Σ r_i, unless ``rank`` is given) and written with
+  ``lora_alpha = r_out`` and ``use_rslora = false`` in the output adapter_config.json, so the
+  output's scaling is exactly 1 and the scales are folded into the factors (balanced split
+  ``B = U√S``, ``A = √S Vh``). ``rank_pattern`` is kept when the rank is not changed, with an
+  ``alpha_pattern`` equal to it (scaling 1 per module). Delta space supports linear, uniform, mwa,
+  task_arithmetic and cart; other methods are a ParameterError (they are not linear in ΔW).
+- LoRA ``space="factors"`` (the default, and every sweep) combines the stored A/B factors as
+  tensors and writes the first input's adapter_config.json, so it needs every module to have the
+  same scaling s = alpha/r (alpha/sqrt(r) with rsLoRA; alpha_pattern/rank_pattern resolved per
+  module the way PEFT resolves them, ``formats.lora_module_config``) in every input and the base.
+  Differing scalings, or a mix of adapters with and without an adapter_config.json, are a
+  MismatchError before anything is read or written (a sweep checks all its merges first); the
+  message names the adapters and their values and points to ``space="delta"``, which is exact.
+- The merged checkpoint goes to the run of the newest input.
+"""
+from __future__ import annotations
+
+import sys as _sys
+import types as _types
+
+from .delta import _DeltaCache, _lora_pair, _module_scale, check_factor_scales  # noqa: F401
+from .plan import Plan, plan
+from .run import UP_TO_DATE, merge, sweep
+from .spec import MergeSpec, dedupe_specs, make_spec, metric_lags, name_suffix, paper_name, resolve_base
+from .stream import CHUNK_ELEMS, SWEEP_BUFFER_BYTES, Job, Pass, run_pass
+from .table import (METHODS, MethodDef, ParamDef, canonical_method, check_params, describe, get_method,
+                    register_method, unregister_method)
+from .targets import default_out
+
+__all__ = ["MergeSpec", "Plan", "plan", "merge", "sweep", "paper_name", "canonical_method", "make_spec",
+           "resolve_base", "dedupe_specs", "name_suffix", "metric_lags", "default_out", "UP_TO_DATE", "METHODS",
+           "MethodDef", "ParamDef", "register_method", "unregister_method", "get_method", "check_params",
+           "describe", "CHUNK_ELEMS", "SWEEP_BUFFER_BYTES", "Job", "Pass", "run_pass"]
+
+
+class _CallableModule(_types.ModuleType):
+    """``ckptreg.merge`` is this package once imported; calling it is the top-level library
+    call (``ckptreg.api.merge`` when it exists, else :func:`merge`), so ``ckptreg.merge(...)``
+    works whichever of the two the attribute ``ckptreg.merge`` holds."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            from ..api import merge as api_merge
+        except ImportError:
+            api_merge = merge
+        return api_merge(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

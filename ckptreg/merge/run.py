@@ -1,0 +1,383 @@
+"""``merge()`` and ``sweep()``: validate, plan, check targets, stream (:func:`.stream.run_pass`),
+commit, register. See the package docstring for the steps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import ChangedError, FormatError, ParameterError, WeightError
+from .delta import _check_factor_scales, _delta_setup, _read_cfg
+from .plan import Plan, _ref, info_of, plan, writer_info
+from .sources import Source, snapshot
+from .spec import MergeSpec, dedupe_specs, renamed_for, report_to
+from .stream import CHUNK_ELEMS, Job, Pass, _odt, run_pass, torch_out_dtype
+from .table import LINEAR, PAIRWISE, check_params, get_method
+from .targets import (SubPlan, _check_layout, _check_target, _Locks, _Output, _output_run, _recipe, _register,
+                      _up_to_date, default_out)
+
+#: MergeSpec.status of a merge skipped because an identical output is registered
+UP_TO_DATE = "up to date"
+
+
+def _batch(registry):
+    """One registry connection for a burst of small operations (validation, registration); never
+    held while tensors stream, so trainers registering checkpoints are not blocked for long."""
+    import contextlib
+
+    b = getattr(registry, "batch", None)
+    return b() if b is not None else contextlib.nullcontext()
+
+
+def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None, snaps: dict | None = None):
+    """Validation shared by merge and sweep (nothing is read or written here): the method and
+    its parameters (the method table), weights, the fingerprint of every input. ``snaps``
+    collects each input file's identity (inode, size, mtime) taken just before its fingerprint
+    is checked; the readers (:class:`Source`) compare against it, so a change at any time after
+    the check is a ChangedError, never a merge of other bytes than the checked ones.
+    Returns (method definition, inputs, weights, params)."""
+    defn = get_method(spec.method)
+    inputs = list(spec.inputs)
+    if not inputs:
+        raise ParameterError("a merge needs at least one input checkpoint")
+    ids = [c.id for c in inputs]
+    if len(set(ids)) != len(ids):
+        raise ParameterError("the same checkpoint appears twice in the inputs")
+    p = check_params(defn, spec.params or {}, len(inputs))
+    if defn.uses_base and spec.base is None:
+        raise ParameterError(f"{defn.name} needs a base checkpoint (base first, last or a checkpoint)")
+    w = spec.weights
+    if w is None:
+        w = defn.run_weights(len(inputs))
+    w = [float(x) for x in w]
+    if len(w) != len(inputs):
+        raise WeightError(f"{len(w)} weights for {len(inputs)} inputs")
+    for c, x in zip(inputs, w):
+        if not math.isfinite(x):
+            raise WeightError(f"{_ref(c)}: weight {x!r} is not finite")
+    if not spec.name:
+        raise ParameterError("a merge needs a name")
+    bad = []   # every missing or changed input, named at once (not the first one only)
+    for c in inputs + ([spec.base] if spec.base is not None else []):
+        if checked is not None and c.id in checked:
+            continue
+        if snaps is not None:
+            snapshot(c, snaps)
+        try:
+            registry.check_unchanged(c)
+        except ChangedError as e:
+            bad.append(e)
+            continue
+        if checked is not None:
+            checked.add(c.id)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        raise ChangedError(f"{len(bad)} inputs are missing or changed since registration; nothing was "
+                           "written:\n  " + "\n  ".join(str(e) for e in bad))
+    return defn, inputs, w, p
+
+
+def _pairwise_order(defn, spec, inputs, w):
+    """A pairwise method's base (SLERP) picks the t = 0 end among its two inputs: (spec, inputs,
+    weights) with that end first (a new spec when they are swapped)."""
+    base = spec.base
+    if defn.strategy != PAIRWISE or base is None:
+        return spec, inputs, w
+    bid = base.id
+    if bid not in [c.id for c in inputs]:
+        # "first"/"last" resolved against the run: reinterpret as the older/newer input
+        raise ParameterError(f"{defn.name} base must be one of the two inputs (base first = the older, "
+                             "last = the newer)")
+    if inputs[1].id == bid:
+        inputs = [inputs[1], inputs[0]]
+        w = [w[1], w[0]]
+        spec = dataclasses.replace(spec, inputs=inputs, weights=w)
+    return spec, inputs, w
+
+
+def _bound_rules(spec, pl):
+    r = getattr(spec, "param_rules", None)
+    return r.bind(pl.names) if r else None
+
+
+def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None = None, out_dtype=None,
+          overwrite: bool = False, progress: Callable | None = None, out_shard_size: int | None = None,
+          chunk_elems: int | None = None):
+    """Run one merge and register it; returns the new Checkpoint (or, when an identical output
+    is registered at the target, that one: ``spec.status == "up to date"``).
+
+    ``progress(done_bytes, total_bytes, tensor_name)`` is called after every chunk (bytes of
+    input data read so far / in all). The output path is locked (one merge per target at a
+    time: TargetBusyError for the second) from before it is checked until the output is
+    committed and registered. ``spec``'s name (a default name follows space/rank/out_dtype),
+    out and status are set; its recipe is not changed."""
+    locks = _Locks()
+    try:
+        return _merge(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                      progress=progress, out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+    finally:
+        locks.release_all()
+
+
+def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrite, progress, out_shard_size,
+           chunk_elems, _locks: _Locks):
+    spec = renamed_for(caller_spec, space, rank, out_dtype)
+    report_to(caller_spec, spec)
+    with _batch(registry):
+        snaps: dict = {}
+        defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps)
+    method = defn.name
+    if space not in ("factors", "delta"):
+        raise ParameterError(f"space must be 'factors' or 'delta', got {space!r}")
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise ParameterError(f"rank must be a positive integer, got {rank!r}")
+    odt_user = torch_out_dtype(out_dtype)
+    if out_shard_size is not None and out_shard_size <= 0:
+        raise ParameterError(f"out_shard_size must be > 0, got {out_shard_size!r}")
+    chunk = int(chunk_elems or CHUNK_ELEMS)
+
+    spec, inputs, w = _pairwise_order(defn, spec, inputs, w)
+    plan_base = spec.base if defn.uses_base else None
+    pl = plan(registry, inputs, plan_base)
+    info0 = pl.infos[0]
+    if space == "delta":
+        if info0.kind != "lora":
+            raise ParameterError("space='delta' needs LoRA adapters; these inputs are full models")
+        if "delta" not in defn.spaces:
+            ok = [m.name for m in _methods().values() if "delta" in m.spaces]
+            raise ParameterError(f"space='delta' supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
+        if getattr(spec, "param_rules", None):
+            raise ParameterError("per-tensor parameter rules are not supported with space='delta'")
+        for i in pl.infos + ([pl.base_info] if pl.base_info else []):
+            if not i.lora:
+                raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")
+    else:
+        if rank is not None:
+            raise ParameterError("rank only applies to space='delta'")
+        _check_factor_scales(pl.infos + ([pl.base_info] if pl.base_info is not None else []),
+                             pl.refs + ([f"base {_ref(plan_base)}"] if pl.base_info is not None else []))
+
+    out = Path(spec.out) if spec.out else default_out(spec, info0, out_shard_size=out_shard_size)
+    out = out.resolve() if not out.is_absolute() else out
+    spec = dataclasses.replace(spec, out=str(out))
+    caller_spec.out = str(out)
+    _check_layout(out, info0, out_shard_size)
+    _locks.acquire(out)   # before the exists check, held until registered
+    with _batch(registry):
+        if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
+            hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
+            if hit is not None:
+                caller_spec.status = UP_TO_DATE
+                return hit
+        _check_target(registry, spec, out, overwrite)
+
+    out_shapes = dict(pl.shapes)
+    adapter_cfg = None
+    delta = None
+    # streamed methods read chunks as zero-copy views under a read lease where the kernel grants
+    # one (preadv otherwise); whole-tensor methods (per matrix, delta space) always read with preadv
+    lease = space == "factors" and defn.strategy != "per_matrix"
+    sources = [Source(i, snaps, lease) for i in pl.infos]
+    base_src = Source(pl.base_info, snaps, lease) if pl.base_info is not None else None
+    try:
+        winfo = writer_info(info0)
+        if space == "delta":
+            delta, out_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user)
+        elif info0.format == "peft":
+            adapter_cfg = _read_cfg(winfo)
+        odts = {n: _odt(odt_user, pl.dtypes[n]) for n in pl.names}
+        from ..writer import dtype_str
+
+        entries = [(n, dtype_str(odts[n]), out_shapes[n]) for n in pl.names]
+        recipe = _recipe(spec, method, w, p, space, rank, odt_user, pl)
+        meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
+        target = _Output(out, winfo, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
+                         adapter_config=adapter_cfg)
+        job = Job(spec=spec, defn=defn, weights=w, params=p, out=target, rules=_bound_rules(spec, pl))
+        try:
+            run_pass(Pass(plan=pl, sources=sources, base_src=base_src, jobs=[job], odts=odts, chunk=chunk,
+                          progress=progress, delta=delta, out_shapes=out_shapes))
+            target.commit()
+        except BaseException:
+            target.abort()
+            raise
+    finally:
+        for s in sources + ([base_src] if base_src else []):
+            s.close()
+    try:
+        with _batch(registry):
+            got = _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
+            caller_spec.status = spec.status
+            return got
+    except BaseException:
+        target.revert()   # no-op once registered (finalized)
+        raise
+
+
+def _methods():
+    from .table import METHODS
+
+    return METHODS
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+
+def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, progress: Callable | None = None,
+          out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None) -> list:
+    """Run many merges; weighted sums (the linear strategy) over the same kind of inputs are done
+    in ONE pass: every input tensor of the union is read once and all M outputs are produced per
+    chunk, each streamed into its own writer. Other methods run one by one (:func:`merge`).
+
+    Duplicates (same method, inputs, weights, params, base) are merged once. Returns one
+    Checkpoint per given spec (duplicates share theirs). Every target is validated before any
+    data is read; if the pass fails, none of its outputs is written or registered. The lock of
+    every target is taken before the targets are checked and held until the sweep ends
+    (TargetBusyError if one is being written)."""
+    locks = _Locks()
+    try:
+        return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
+                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+    finally:
+        locks.release_all()
+
+
+def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_dtype, out_shard_size, chunk_elems,
+           _locks: _Locks) -> list:
+    callers = list(callers)
+    for c in callers:   # a default name follows the out dtype (told to the caller's spec)
+        report_to(c, renamed_for(c, "factors", None, out_dtype))
+    uniq, dropped = dedupe_specs(callers)
+    names: dict = {}
+    for s in uniq:
+        key = (_output_run(s), s.name)
+        if key in names:
+            raise ParameterError(f"two different merges in the sweep are both named {s.name!r}")
+        names[key] = s
+    odt_user = torch_out_dtype(out_dtype)
+    chunk = int(chunk_elems or CHUNK_ELEMS)
+
+    prepared = []
+    outs = set()
+    checked: set = set()
+    snaps: dict = {}
+    with _batch(registry):
+        for s in uniq:
+            defn, inputs, w, p = _prepare(registry, s, overwrite, checked, snaps=snaps)
+            prepared.append((s, defn, inputs, w, p))
+    infos: dict = {}
+
+    def info(c):
+        if c.id not in infos:
+            infos[c.id] = info_of(registry, c)
+        return infos[c.id]
+
+    # sweeps merge in factor space: refuse differing LoRA scalings for every spec before any pass
+    for s, defn, inputs, w, p in prepared:
+        b = s.base if defn.uses_base else None
+        cs = list(inputs) + ([b] if b is not None else [])
+        if not any(getattr(c, "kind", None) == "lora" for c in cs):
+            continue
+        _check_factor_scales([info(c) for c in cs],
+                             [_ref(c) for c in inputs] + ([f"base {_ref(b)}"] if b is not None else []))
+    # validate every target before reading anything; an output already registered with the
+    # same recipe and unchanged files is up to date and skipped (--overwrite recomputes it)
+    results: dict[int, object] = {}
+    with _batch(registry):
+        merged_now = None if overwrite else registry.checkpoints(merged=True)
+        for s, defn, inputs, w, p in prepared:
+            info_s = info(inputs[0])
+            out = Path(s.out) if s.out is not None else default_out(s, info_s, out_shard_size=out_shard_size)
+            out = out.resolve()
+            s.out = str(out)
+            if out in outs:
+                raise ParameterError(f"two merges in the sweep write to {out}")
+            outs.add(out)
+            _check_layout(out, info_s, out_shard_size)
+            _locks.acquire(out)   # before the exists check, held until registered
+            if not overwrite:
+                s_o, ins_o, w_o = _pairwise_order(defn, s, inputs, w)
+                hit = _up_to_date(registry, s_o, out, defn.name, w_o, p, "factors", None, odt_user,
+                                  [info(c) for c in ins_o], merged=merged_now)
+                if hit is not None:
+                    s.status = UP_TO_DATE
+                    results[id(s)] = hit
+                    continue
+            _check_target(registry, s, out, overwrite)
+
+    todo = [x for x in prepared if id(x[0]) not in results]
+    linear = [x for x in todo if x[1].strategy == LINEAR]
+    other = [x for x in todo if x[1].strategy != LINEAR]
+
+    # group the weighted sums by the tensor inventory of their inputs
+    groups: dict = {}
+    for x in linear:
+        sig = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(info(x[2][0]).tensors.items()))
+        groups.setdefault(hash(sig), []).append(x)
+
+    for members in groups.values():
+        union = sorted({c.id: c for x in members for c in x[2]}.values(),
+                       key=lambda c: (str(c.run), c.step if c.step is not None else -1, c.id))
+        col = {c.id: j for j, c in enumerate(union)}
+        pl = plan(registry, union)
+        sources = [Source(i, snaps, lease=True) for i in pl.infos]
+        jobs = []
+        try:
+            odts = {n: _odt(odt_user, pl.dtypes[n]) for n in pl.names}
+            from ..writer import dtype_str
+
+            entries = [(n, dtype_str(odts[n]), pl.shapes[n]) for n in pl.names]
+            for s, defn, inputs, w, p in members:
+                info0 = writer_info(pl.infos[col[inputs[0].id]])
+                sub = SubPlan(pl, [pl.infos[col[c.id]] for c in inputs])
+                recipe = _recipe(s, defn.name, w, p, "factors", None, odt_user, sub)
+                meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
+                target = _Output(Path(s.out), info0, entries, meta, overwrite=overwrite,
+                                 out_shard_size=out_shard_size,
+                                 adapter_config=_read_cfg(info0) if info0.format == "peft" else None)
+                jobs.append(Job(spec=s, defn=defn, weights=w, params=p, out=target, cols=[col[c.id] for c in inputs],
+                                rules=_bound_rules(s, pl)))
+            run_pass(Pass(plan=pl, sources=sources, base_src=None, jobs=jobs, odts=odts, chunk=chunk,
+                          progress=progress))
+            for j in jobs:
+                j.out.commit()
+        except BaseException:
+            for j in jobs:
+                try:
+                    j.out.abort()
+                except Exception:
+                    pass
+            raise
+        finally:
+            for s_ in sources:
+                s_.close()
+        try:
+            with _batch(registry):
+                for j in jobs:
+                    s = j.spec
+                    results[id(s)] = _register(registry, s, Path(s.out), j.defn.name, j.params, j.weights, "factors",
+                                               None, odt_user, overwrite, target=j.out)
+        except BaseException:
+            for j in jobs:   # the outputs not registered are removed again (registered ones stay)
+                j.out.revert()
+            raise
+
+    for s, defn, inputs, w, p in other:
+        results[id(s)] = merge(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,
+                               out_shard_size=out_shard_size, chunk_elems=chunk_elems)
+
+    out = []
+    for i, s in enumerate(callers):
+        if i in dropped:
+            keep = uniq[dropped[i]]
+            out.append(results[id(keep)])
+            s.status = keep.status
+        else:
+            out.append(results[id(s)])
+    return out
+
+
+_ = Plan
