@@ -69,17 +69,20 @@ class PgServer:
         return argv
 
     def _run(self, *args, timeout=120):
+        import os
         import subprocess
 
         # stdout/stderr to files, never pipes: pg_ctl's postmaster would inherit a pipe and keep it open
         log = self.datadir + ".cmd.log"
         with open(log, "ab") as out:
+            # cwd: a folder the server's user can enter (a 0700 checkout is not one)
             r = subprocess.run(self._cmd(*args), stdout=out, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, timeout=timeout)
+                               stdin=subprocess.DEVNULL, timeout=timeout,
+                               cwd=os.path.dirname(self.datadir))
         if r.returncode != 0:
             tail = open(log, errors="replace").read()[-2000:]
             server = self.logfile
-            if server and __import__("os").path.exists(server):
+            if server and os.path.exists(server):
                 tail += "\n--- server.log ---\n" + open(server, errors="replace").read()[-2000:]
             raise RuntimeError(f"{' '.join(args[:2])} failed (exit {r.returncode}):\n{tail}")
 
