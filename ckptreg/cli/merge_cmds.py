@@ -11,8 +11,13 @@ import click
 from ..errors import CkptregError, ParameterError, SelectionError, UsageError, WeightError
 from . import _fmt, pass_db
 
-_METHOD_CHOICES = ("uniform", "mwa", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                   "magnitude_prune", "slerp", "cart")
+
+
+def _table():
+    """The method table (ckptreg.merge.table: no torch)."""
+    from ..merge import table
+
+    return table
 
 
 def _registry(db):
@@ -22,11 +27,12 @@ def _registry(db):
 
 
 def _method(value: str) -> str:
-    m = value.strip().lower().replace("-", "_")
-    if m not in _METHOD_CHOICES:
-        raise UsageError(f"unknown --method {value!r}; choose from {', '.join(_METHOD_CHOICES)} "
-                         "(dashes or underscores)")
-    return m
+    T = _table()
+    try:
+        return T.canonical_method(value)
+    except ParameterError:
+        raise UsageError(f"unknown --method {value!r}; choose from {', '.join(T.METHODS)} "
+                         "(dashes or underscores; `ckptreg methods` lists them)") from None
 
 
 def _size(text):
@@ -282,10 +288,40 @@ def _say_up_to_date(c) -> None:
 
 # ----------------------------------------------------------------------------------------- merge
 
+def _param_help(pd, methods) -> str:
+    d = "" if pd.default is None or pd.flag_value is not None else f" Default {pd.default}."
+    req = " Required." if pd.required else ""
+    return f"{pd.help}{d}{req} Methods: {', '.join(methods)}."
+
+
+def _method_param_options(sweep: bool):
+    """One option per method parameter of the method table (``ckptreg.merge.table``), with its
+    help text; in a sweep the sweepable ones take comma lists (one merge per value)."""
+    T = _table()
+    opts = []
+    for pd, methods in T.all_params():
+        helptext = _param_help(pd, methods)
+        if pd.flag_value is not None:
+            opts.append(click.option(pd.flag, pd.name, flag_value=pd.flag_value, default=None, help=helptext))
+        elif sweep and pd.sweepable:
+            opts.append(click.option(pd.flag, pd.name, default=None,
+                                     help=helptext + " A comma list sweeps it (e.g. 0.3,0.5)."))
+        elif pd.type == "choice":
+            opts.append(click.option(pd.flag, pd.name, type=click.Choice(list(pd.choices)), default=None, help=helptext))
+        else:
+            opts.append(click.option(pd.flag, pd.name, type=int if pd.type == "int" else float, default=None,
+                                     help=helptext))
+    return opts
+
+
+def _method_param_names():
+    return [pd.name for pd, _ in _table().all_params()]
+
+
 def _common_merge_options(f):
     opts = [
         click.option("--method", default="linear", show_default=True,
-                     help="uniform|mwa|linear|task_arithmetic|ties|dare_linear|dare_ties|magnitude_prune|slerp|cart"),
+                     help="Merge method: " + "|".join(_table().METHODS) + " (`ckptreg methods` lists their parameters)."),
         click.option("--weights", "scheme", type=click.Choice(["uniform", "metric", "mwa"]), default=None,
                      help="Weighting scheme for any method."),
         click.option("--metric", default=None, help="Metric for metric/MWA weights ('step' for step weighting)."),
@@ -293,12 +329,7 @@ def _common_merge_options(f):
                      help="Default: min for loss-like metrics, max for step/accuracy."),
         click.option("--penalty", type=float, default=None, help="MWA penalty factor p > 0."),
         click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2)."),
-        click.option("--density", type=float, default=None, help="TIES/DARE/prune density in (0, 1]."),
-        click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election."),
-        click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector (λ)."),
-        click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
-        click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor in [0, 1]."),
-        click.option("--rank-ratio", type=float, default=None, help="CART rank ratio ρ (default 0.08)."),
+    ] + _method_param_options(sweep=False) + [
         click.option("--base", default=None, help="Base: first, last, or a checkpoint (id or RUN@STEP)."),
     ]
     for o in reversed(opts):
@@ -306,9 +337,9 @@ def _common_merge_options(f):
     return f
 
 
-def _params(density, sign, lam, seed, t, rank_ratio):
-    return {k: v for k, v in {"density": density, "sign": sign, "lam": lam, "seed": seed, "t": t,
-                              "rank_ratio": rank_ratio}.items() if v is not None}
+def _params(mp: dict) -> dict:
+    """The method parameters given on the command line (by the table's names)."""
+    return {k: mp[k] for k in _method_param_names() if mp.get(k) is not None}
 
 
 _RECIPE_OVERRIDES = {"recipe", "replay", "out", "name", "overwrite", "quiet", "as_json", "out_shard_size"}
@@ -376,8 +407,6 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
 @click.option("--space", type=click.Choice(["factors", "delta"]), default="factors", show_default=True,
               help="LoRA: merge stored factors, or exactly in update space.")
 @click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta.")
-@click.option("--exact-svd", is_flag=True,
-              help="CART on dense matrices: exact SVD instead of randomized truncated SVD.")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")
@@ -395,15 +424,15 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
                    "it), check its tensors equal the original's byte for byte, register it as the next version.")
 @pass_db
 def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, method, scheme, metric, direction, penalty, power,
-              density, sign, lam, seed, t, rank_ratio, base, space, rank, exact_svd, out_dtype, out_shard_size, out,
-              name, overwrite, quiet, as_json, recipe=None, replay=None):
+              base, space, rank, out_dtype, out_shard_size, out, name, overwrite, quiet, as_json, recipe=None,
+              replay=None, **method_params):
     """Merge checkpoints (last K of a run, or the ones given) and register the result."""
     from .. import engine
 
     if recipe is not None or replay is not None:
         return _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json, out_shard_size)
     m = _method(method)
-    _check_weight_params(penalty, power, density)
+    _check_weight_params(penalty, power, method_params.get("density"))
     if every is not None and last is None:
         raise UsageError("--every needs --last")
     reg = _registry(db)
@@ -414,9 +443,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
         raise ParameterError("MWA weighting needs --penalty")
     if scheme in ("metric", "mwa") and not metric:
         raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
-    params = _params(density, sign, lam, seed, t, rank_ratio)
-    if exact_svd:
-        params["svd"] = "exact"
+    params = _params(method_params)
     spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
                             direction=direction, base=base, params=params, name=name, out=out, selection=selection,
                             space=space, rank=rank, out_dtype=out_dtype)
@@ -440,6 +467,83 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 
 # ----------------------------------------------------------------------------------------- sweep
 
+def _sweep_param_options(f):
+    for o in reversed(_method_param_options(sweep=True)):
+        f = o(f)
+    return f
+
+
+def _param_grid(mp: dict):
+    """The method parameters of a sweep: [(params, {name: value of the swept ones})], one entry per
+    combination of the comma lists given to sweepable parameters (the method table's)."""
+    T = _table()
+    fixed, swept = {}, []
+    for pd, _ in T.all_params():
+        v = mp.get(pd.name)
+        if v is None:
+            continue
+        if pd.sweepable and isinstance(v, str):
+            vals = _split(v, float if pd.type == "float" else int, pd.flag)
+            if pd.name == "density":
+                for x in vals:
+                    _check_weight_params(None, None, x)
+            if len(vals) == 1:
+                fixed[pd.name] = vals[0]
+            else:
+                swept.append((pd.name, vals))
+        else:
+            fixed[pd.name] = v
+    out = []
+    for combo in itertools.product(*[vals for _, vals in swept]):
+        point = dict(zip([n for n, _ in swept], combo))
+        out.append(({**fixed, **point}, point))
+    return out
+
+
+def _grid_plan(plan_for, methods, grid, out_dir):
+    """A sweep over comma lists of method parameters: one plan per point (each method only over
+    the parameters it takes), the points' specs joined, duplicates dropped; a swept value the
+    default name does not show (density) is appended to the name (``_density0_3``)."""
+    import dataclasses
+
+    from .. import engine
+    from ..merge.spec import _default_name
+    from ..merge.table import _pf, get_method
+
+    specs, skipped, dropped, first = [], [], [], None
+    for meth in methods:
+        defn = get_method(meth)
+        own = {n for n in grid[0][1] if defn.param(n) is not None}
+        seen = set()
+        for params, point in grid:
+            key = tuple(sorted((n, v) for n, v in point.items() if n in own))
+            if key in seen:
+                continue
+            seen.add(key)
+            params = {k: v for k, v in params.items() if k not in point or k in own}
+            try:
+                plan = plan_for([meth], params)
+            except SelectionError as e:
+                skipped.append(str(e))
+                continue
+            first = first or plan
+            skipped += [m for m in plan.skipped if m not in skipped]
+            dropped += plan.dropped
+            for s in plan.specs:
+                extra = "".join(f"_{n}{_pf(v)}" for n, v in key
+                                if defn.param(n).name_part(v) is None)
+                if extra and s.naming is not None:
+                    naming = {**s.naming, "extra": (s.naming.get("extra") or "") + extra}
+                    s = dataclasses.replace(s, naming=naming, name=_default_name(naming), out=None)
+                    s.out = str(engine.default_out(s, parent=out_dir))
+                specs.append(s)
+    if not specs:
+        raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
+    uniq, dup = engine.dedupe_specs(specs)
+    return dataclasses.replace(first, specs=uniq, skipped=skipped,
+                               dropped=dropped + [specs[i].name for i in sorted(dup)])
+
+
 @click.command("sweep", epilog="\b\nExample:\n  ckptreg sweep --run sft --last 2,3,5 --every 1,2 --method uniform,mwa --penalty 0.5,0.7 -o sweeps/sft")
 @click.option("--run", required=True, help="Run to select from.")
 @click.option("--last", "last", required=True, help="Comma list of K, e.g. 2,3,4,5,8,10.")
@@ -452,12 +556,7 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 @click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2).")
 @click.option("--direction", type=click.Choice(["min", "max"]), default=None,
               help="Default: min for loss-like metrics, max for step/accuracy.")
-@click.option("--density", type=float, default=None, help="TIES/DARE/prune density in (0, 1].")
-@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
-@click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector (λ).")
-@click.option("--seed", type=int, default=None, help="DARE seed (default 0).")
-@click.option("--t", "t", type=float, default=None, help="SLERP interpolation factor in [0, 1].")
-@click.option("--rank-ratio", type=float, default=None, help="CART rank ratio ρ (default 0.08).")
+@_sweep_param_options
 @click.option("--base", default=None, help="Base for task-vector methods: first, last or a checkpoint.")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
@@ -466,19 +565,24 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_db
-def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, density, sign, lam,
-              seed, t, rank_ratio, base, out_dtype, out_dir, overwrite, quiet, as_json):
+def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, base, out_dtype,
+              out_dir, overwrite, quiet, as_json, **method_params):
     """Plan every combination of K × M × method × metric × penalty, drop duplicates, run the
     weighted sums in one pass over the inputs, register each result under its paper name."""
     from .. import api, engine
 
     methods = [_method(x) for x in _split(method, str, "--method")]
     reg = _registry(db)
-    plan = api.plan_sweep(reg, run=run, last=_split(last, int, "--last"), every=_split(every, int, "--every"),
-                          exclude_final=exclude_final, skip_missing=skip_missing, method=methods,
-                          metric=_split(metric, str, "--metric"), penalty=_split(penalty, float, "--penalty"),
-                          power=power, direction=direction, params=_params(density, sign, lam, seed, t, rank_ratio),
-                          base=base, out_dtype=out_dtype, out=out_dir)
+    grid = _param_grid(method_params)
+
+    def plan_for(ms, params):
+        return api.plan_sweep(reg, run=run, last=_split(last, int, "--last"), every=_split(every, int, "--every"),
+                              exclude_final=exclude_final, skip_missing=skip_missing, method=ms,
+                              metric=_split(metric, str, "--metric"), penalty=_split(penalty, float, "--penalty"),
+                              power=power, direction=direction, params=params, base=base, out_dtype=out_dtype,
+                              out=out_dir)
+
+    plan = plan_for(methods, grid[0][0]) if len(grid) == 1 else _grid_plan(plan_for, methods, grid, out_dir)
     uniq = plan.specs
     if not quiet and not as_json:
         for msg in plan.skipped:
@@ -533,5 +637,28 @@ def leaderboard_cmd(db, run, score, base, plot, as_json):
     _fmt.table(shown, cols, title=f"leaderboard of run {run}", right=["vs_last_merging", "vs_final", "vs_base"])
 
 
-COMMANDS = [weights_cmd, merge_cmd, sweep_cmd, leaderboard_cmd]
+# ----------------------------------------------------------------------------------------- methods
+
+@click.command("methods", epilog="\b\nExample:\n  ckptreg methods\n  ckptreg methods --json")
+@click.option("--json", "as_json", is_flag=True, help="JSON output: every method with its parameters (type, "
+              "range, default, sweepable), weight rule, strategy and spaces.")
+def methods_cmd(as_json):
+    """List the merge methods of the method table: parameters and defaults, spaces, weighting."""
+    T = _table()
+    if as_json:
+        _fmt.emit_json(T.describe())
+        return
+
+    def ptext(pd):
+        d = "required" if pd.required else f"={pd.default}"
+        return f"{pd.name}{d if pd.required is False else ' (required)'} {pd.range_text()}"
+
+    rows = [{"method": m.name, "aliases": ",".join(m.aliases), "strategy": m.strategy, "weights": m.weight_rule,
+             "spaces": ",".join(m.spaces), "base": "yes" if m.uses_base else "",
+             "parameters": "; ".join(ptext(pd) for pd in m.params)} for m in T.METHODS.values()]
+    _fmt.table(rows, ["method", "aliases", "strategy", "weights", "spaces", "base", "parameters"],
+               title="merge methods")
+
+
+COMMANDS = [weights_cmd, merge_cmd, sweep_cmd, leaderboard_cmd, methods_cmd]
 _ = CkptregError
