@@ -67,12 +67,10 @@ def _split(text, conv, what):
 
 
 def _check_weight_params(penalty, power, density):
-    if penalty is not None and (not math.isfinite(penalty) or penalty <= 0):
-        raise WeightError(f"--penalty must be > 0, got {penalty}")
-    if power is not None and (not math.isfinite(power) or power < 1):
-        raise WeightError(f"--power must be >= 1, got {power}")
-    if density is not None and not (0 < density <= 1):
-        raise ParameterError(f"--density must be in (0, 1], got {density}")
+    """The library's check (``ckptreg.api.check_weight_params``): one copy of the rule."""
+    from ..api import check_weight_params
+
+    check_weight_params(penalty, power, density)
 
 
 class _Progress:

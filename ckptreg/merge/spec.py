@@ -234,7 +234,7 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
         naming = {"last": last, "every": every,
                   "scheme": scheme if (defn.fragment is not None or scheme) else "uniform",
                   "metric": metric, "penalty": 1.0 if scheme == "metric" else penalty, "method": m, "base": bname,
-                  "include_final": bool(sel.get("last") and not sel.get("exclude_final")),
+                  "include_final": bool(sel.get("last")) and _holds_final(registry, inputs, sel),
                   "params": params,
                   "power": power, "direction": direction, "weights": w if weights is not None else None,
                   "svd": (params or {}).get("svd") if defn.param("svd") is not None else None,
@@ -246,6 +246,19 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
         sel["power"] = W.DEFAULT_POWER
     return MergeSpec(method=m, inputs=inputs, weights=w, params=dict(params or {}), base=base_ck,
                      name=name, out=out, run=run, selection=sel, naming=naming)
+
+
+def _holds_final(registry, inputs, sel) -> bool:
+    """Whether a ``--last K`` selection's inputs include their run's final checkpoint (the
+    ``_incl_final`` rule is about the inputs, whatever the selection dict says); the selection's
+    ``exclude_final`` when the registry cannot tell."""
+    from ..errors import CkptregError
+
+    try:
+        final = registry.final(inputs[-1].run)
+    except (CkptregError, AttributeError):
+        return not sel.get("exclude_final")
+    return any(getattr(c, "id", None) == final.id for c in inputs)
 
 
 def _default_name(naming: dict) -> str:
