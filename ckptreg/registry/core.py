@@ -92,7 +92,7 @@ class Registry:
 
     @lock_timeout.setter
     def lock_timeout(self, v) -> None:
-        self._db.lock_timeout = _check_timeout(v)
+        self._db.lock_timeout = v  # (a plain attribute before the split: not validated here either)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
