@@ -191,22 +191,6 @@ _SKIP_MISSING_HELP = ("Selections (--last) leave out checkpoints whose files are
                       "(default: a merge over missing inputs is refused, naming them all).")
 
 
-def _resolve_inputs(reg, run, last, every, exclude_final, ckpts, skip_missing=False):
-    if ckpts and run is not None and last is not None:
-        raise UsageError("give either --run/--last or explicit checkpoints, not both")
-    if ckpts:
-        out = []
-        for c in ckpts:
-            out.append(reg.get(int(c)) if str(c).isdigit() else reg.get(c))
-        return out, None
-    if run is None or last is None:
-        raise UsageError("choose inputs: --run R --last K [--every M], or checkpoints as arguments")
-    sel = {"run": run, "last": last, "every": every or 1, "exclude_final": bool(exclude_final)}
-    if skip_missing:
-        sel["skip_missing"] = True
-    return reg.select(run, last, every or 1, exclude_final=exclude_final, skip_missing=skip_missing), sel
-
-
 # ----------------------------------------------------------------------------------------- weights
 
 @click.command("weights", epilog="\b\nExample:\n  ckptreg weights --run sft --last 5 --metric train_loss --penalty 0.7 --plot weights.png")
@@ -429,22 +413,24 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
 
     if recipe is not None or replay is not None:
         return _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json, out_shard_size)
+    from .. import api
+
     m = _method(method)
     _check_weight_params(penalty, power, method_params.get("density"))
     if every is not None and last is None:
         raise UsageError("--every needs --last")
     reg = _registry(db)
-    inputs, selection = _resolve_inputs(reg, run, last, every, exclude_final, checkpoints, skip_missing)
+    inputs, selection = api.select_inputs(reg, list(checkpoints), run=run, last=last, every=every,
+                                          exclude_final=exclude_final, skip_missing=skip_missing)
     if m == "mwa" and scheme is None:
         scheme = "mwa"
     if scheme == "mwa" and penalty is None:
         raise ParameterError("MWA weighting needs --penalty")
     if scheme in ("metric", "mwa") and not metric:
         raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
-    params = _params(method_params)
     spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
-                            direction=direction, base=base, params=params, name=name, out=out, selection=selection,
-                            space=space, rank=rank, out_dtype=out_dtype)
+                            direction=direction, base=base, params=_params(method_params), name=name, out=out,
+                            selection=selection, space=space, rank=rank, out_dtype=out_dtype)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
         c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
                          progress=prog, out_shard_size=_size(out_shard_size))
