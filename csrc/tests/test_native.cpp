@@ -112,8 +112,9 @@ static void test_task_merge_invariance() {
   for (auto& x : xs) ptrs.push_back(x.data());
   double w[3] = {1.0, 0.5, 2.0};
   uint64_t keys[3] = {rng::dare_key(7, "a", 1, 0), rng::dare_key(7, "a", 1, 1), rng::dare_key(7, "a", 1, 2)};
-  for (int method = 1; method <= 2; ++method) {
-    cpu::MergeArgs a{method, 0, 0.3, 1.0, 0, w, nullptr, keys};
+  for (int method = 1; method <= 2; ++method) {  // 1: dare_ties, 2: dare_linear
+    const Consensus co = method == 1 ? Consensus::kTotal : Consensus::kNone;
+    cpu::MergeArgs a{Sparsify::kDare, co, 0.3, 1.0, 0, w, nullptr, keys};
     std::vector<float> full(numel), chunked(numel), one(numel);
     cpu::task_merge(nullptr, ptrs.data(), n, kF32, a, full.data(), kF32, numel, 2);
     cpu::task_merge(nullptr, ptrs.data(), n, kF32, a, one.data(), kF32, numel, 1);
@@ -129,7 +130,7 @@ static void test_task_merge_invariance() {
     EXPECT(diff == 0, "task_merge method %d: %lld elements differ across chunking/threads", method, (long long)diff);
     // dare_linear with one input and weight 1: kept elements are x * (1/density), others 0
     if (method == 2) {
-      cpu::MergeArgs a1{2, 0, 0.3, 1.0, 0, w, nullptr, keys};
+      cpu::MergeArgs a1{Sparsify::kDare, Consensus::kNone, 0.3, 1.0, 0, w, nullptr, keys};
       double w1 = 1.0;
       a1.weights = &w1;
       std::vector<float> o1(numel);
