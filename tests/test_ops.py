@@ -709,9 +709,9 @@ def test_opcheck():
     opc(torch.ops.ckptreg.weighted_sum.default, (xs, w, None))
     opc(torch.ops.ckptreg.weighted_sum.default, ([x.half() for x in xs], w, torch.float32))
     opc(torch.ops.ckptreg.weighted_sum_out.default, (xs, w, None, torch.empty(2, 2, 37)))
-    args = (base, xs, [1.0, 0.5, 2.0], "dare_ties", 0.5, None, keys, "total", 1.0, 3, None)
+    args = (base, xs, [1.0, 0.5, 2.0], "dare", "total", 0.5, None, keys, 1.0, 3, None)
     opc(torch.ops.ckptreg.task_merge.default, args)
-    args = (base, xs, [1.0, 0.5, 2.0], "ties", 1.0, [0.1, 0.2, 0.3], None, "frequency", 0.7, 0, torch.float64)
+    args = (base, xs, [1.0, 0.5, 2.0], "trim", "frequency", 1.0, [0.1, 0.2, 0.3], None, 0.7, 0, torch.float64)
     opc(torch.ops.ckptreg.task_merge.default, args)
     opc(torch.ops.ckptreg.task_merge_out.default, args[:-1] + (torch.float64, torch.empty(2, 37, dtype=torch.float64)))
     opc(torch.ops.ckptreg.kth_largest_abs.default, (xs[0], 5, base))
@@ -795,6 +795,6 @@ def test_cuda_opcheck():
     keys = [rng.signed64(rng.dare_key(1, "x", i)) for i in range(3)]
     torch.library.opcheck(
         torch.ops.ckptreg.task_merge.default,
-        (xs[0], xs, [1.0, 0.5, 2.0], "dare_ties", 0.5, None, keys, "total", 1.0, 3, None),
+        (xs[0], xs, [1.0, 0.5, 2.0], "dare", "total", 0.5, None, keys, 1.0, 3, None),
     )
     torch.library.opcheck(torch.ops.ckptreg.kth_largest_abs.default, (xs[0], 5, None))

@@ -119,12 +119,7 @@ bool weighted_sum(const void* const* inputs, int64_t n, DType in_dt, const float
 bool task_merge(const void* basep, const void* const* inputs, int64_t n, DType in_dt,
                 const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
   if (!valid(in_dt) || !valid(out_dt) || n < 1 || numel < 0) return false;
-  if (a.method < kTies || a.method > kTaskArithmetic) return false;
-  const bool dare = a.method == kDareTies || a.method == kDareLinear;
-  const bool trim = a.method == kTies || a.method == kMagnitudePrune;
-  if (dare && (!(a.density > 0.0 && a.density <= 1.0) || (a.density < 1.0 && !a.keys))) return false;
-  if (trim && !a.thresholds) return false;
-  if (!a.weights) return false;
+  if (merge_args_problem(a)) return false;
   if (nthreads < 1) nthreads = 1;
 #if CKPTREG_HAVE_AVX2_CLONE
   if (use_avx512()) {
