@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -42,10 +42,39 @@ __all__ = [
     "kth_largest_abs",
     "factored_svd_batched",
     "METHODS",
+    "KERNEL_SETTINGS",
+    "KernelSettings",
+    "SPARSIFY",
+    "CONSENSUS",
 ]
 
-METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "task_arithmetic")
+# The fused task-vector kernel has two settings (mergekit's generalized task arithmetic; defined
+# once for the CPU and CUDA kernels in csrc/common/merge.h):
+#   sparsify   "none" | "trim" (keep |τ_i| >= thresholds[i]) | "dare" (random keep, 1/density rescale)
+#   consensus  "none" | "total" | "frequency" (TIES sign election among the sparsified τ_i)
+# A method name is one row of KERNEL_SETTINGS: its sparsify setting and whether it elects a sign
+# (then ``sign=`` picks the consensus, "total" or "frequency"). The method table reads this.
+SPARSIFY = ("none", "trim", "dare")
+CONSENSUS = ("none", "total", "frequency")
 _SIGNS = ("total", "frequency")
+
+
+class KernelSettings(NamedTuple):
+    sparsify: str  # one of SPARSIFY
+    elect: bool  # True: consensus = the call's ``sign``; False: consensus "none"
+
+    def consensus(self, sign: str = "total") -> str:
+        return sign if self.elect else "none"
+
+
+KERNEL_SETTINGS: dict[str, KernelSettings] = {
+    "ties": KernelSettings("trim", True),
+    "dare_ties": KernelSettings("dare", True),
+    "dare_linear": KernelSettings("dare", False),
+    "magnitude_prune": KernelSettings("trim", False),
+    "task_arithmetic": KernelSettings("none", False),
+}
+METHODS = tuple(KERNEL_SETTINGS)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _BACKENDS = ("auto", "cpp", "cuda", "python")
 
@@ -326,7 +355,9 @@ def task_merge(
     inputs,
     weights,
     *,
-    method: str,
+    method: str | None = None,
+    sparsify: str | None = None,
+    consensus: str | None = None,
     density: float = 1.0,
     thresholds=None,
     keys=None,
@@ -338,21 +369,22 @@ def task_merge(
 ) -> torch.Tensor:
     """Task-vector merges of N same-shape tensors against ``base`` in one fused pass.
 
-    ``method``: "ties" | "dare_ties" | "dare_linear" | "magnitude_prune" | "task_arithmetic".
+    ``method``: "ties" | "dare_ties" | "dare_linear" | "magnitude_prune" | "task_arithmetic",
+    which names the kernel's two settings (``KERNEL_SETTINGS``; ``sign`` is the consensus of the
+    electing methods). Instead of ``method``, ``sparsify`` ("none" | "trim" | "dare") and
+    ``consensus`` ("none" | "total" | "frequency") may be given directly, each defaulting to "none";
+    e.g. method="ties", sign="frequency" is sparsify="trim", consensus="frequency".
     τ_i = inputs[i] − base (base=None means zeros). Trim: TIES / magnitude_prune keep
     ``|τ_i| >= thresholds[i]`` (float[N]; when omitted they are computed over the whole tensor
     as the exact ⌊density·numel⌋-th largest |τ_i|, +inf when that is 0 — pass them explicitly when
     calling on chunks); DARE keeps ``rng.keep_mask(keys[i], offset, numel, density)`` and rescales
     by 1/density (``keys``: the 64-bit ``rng.dare_key(seed, name, i)``, signed or unsigned;
     ``offset``: element index of this chunk in the whole tensor). Signs are elected on the trimmed,
-    unweighted τ̂ ("total": sign Σ τ̂_i, "frequency": sign Σ sign τ̂_i, +1 where the sum is 0); the
-    TIES result is base + lam · Σ_i w_i τ̂_i [sign τ̂_i = γ] / max(1, count), the others
-    base + lam · Σ_i w_i τ̂_i.
+    unweighted τ̂ ("total": sign Σ τ̂_i, "frequency": sign Σ sign τ̂_i, +1 where the sum is 0); with
+    a consensus the result is base + lam · Σ_i w_i τ̂_i [sign τ̂_i = γ] / max(1, count), without
+    one base + lam · Σ_i w_i τ̂_i.
     """
-    if method not in METHODS:
-        raise ParameterError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if sign not in _SIGNS:
-        raise ParameterError(f"sign must be 'total' or 'frequency', got {sign!r}")
+    sparsify, consensus = _settings(method, sparsify, consensus, sign)
     inputs = _check_inputs(inputs)
     n = len(inputs)
     ref = inputs[0]
@@ -378,8 +410,8 @@ def task_merge(
         raise ParameterError(f"lam must be finite, got {lam}")
     if offset < 0:
         raise ParameterError(f"offset must be >= 0, got {offset}")
-    dare = method in ("dare_ties", "dare_linear")
-    trim = method in ("ties", "magnitude_prune")
+    dare = sparsify == "dare"
+    trim = sparsify == "trim"
     if dare or trim:
         if not (0.0 < density <= 1.0):
             raise ParameterError(f"density must be in (0, 1], got {density}")
@@ -406,55 +438,79 @@ def task_merge(
     kl: list[int] | None = None
     if dare:
         if keys is None:
-            raise ParameterError(f"method {method!r} needs keys (rng.dare_key(seed, name, i) per input)")
+            what = f"method {method!r}" if method is not None else "sparsify 'dare'"
+            raise ParameterError(f"{what} needs keys (rng.dare_key(seed, name, i) per input)")
         kl = [_rng.signed64(int(k)) for k in (keys.tolist() if isinstance(keys, torch.Tensor) else keys)]
         if len(kl) != n:
             raise MismatchError(f"keys must have {n} entries, got {len(kl)}")
 
     if _route(ref.device, "task_merge") == "compiled":
-        args = (b, xs, wl, method, density, thr, kl, sign, lam, offset, odt)
+        args = (b, xs, wl, sparsify, consensus, density, thr, kl, lam, offset, odt)
         if out is not None and out.is_contiguous():
             torch.ops.ckptreg.task_merge_out(*args, out)
             return out
         res = torch.ops.ckptreg.task_merge(*args)
     else:
-        res = _task_merge_py(b, xs, wl, method, density, thr, kl, sign, lam, offset, odt)
+        res = _task_merge_py(b, xs, wl, sparsify, consensus, density, thr, kl, lam, offset, odt)
     return _deliver(res, out)
 
 
-def _trimmed(x, b, i, method, density, thr, keys, offset, acc_dt):
+def _settings(method, sparsify, consensus, sign) -> tuple[str, str]:
+    """The kernel's (sparsify, consensus) for a method name, or the settings given directly."""
+    if method is not None:
+        if sparsify is not None or consensus is not None:
+            raise ParameterError("give either method or sparsify/consensus, not both "
+                                 f"(method={method!r}, sparsify={sparsify!r}, consensus={consensus!r})")
+        ks = KERNEL_SETTINGS.get(method)
+        if ks is None:
+            raise ParameterError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if sign not in _SIGNS:
+        raise ParameterError(f"sign must be 'total' or 'frequency', got {sign!r}")
+    if method is not None:
+        return ks.sparsify, ks.consensus(sign)
+    if sparsify is None and consensus is None:
+        raise ParameterError("task_merge needs method= (or sparsify= and/or consensus=)")
+    sparsify = "none" if sparsify is None else sparsify
+    consensus = "none" if consensus is None else consensus
+    if sparsify not in SPARSIFY:
+        raise ParameterError(f"sparsify must be one of {', '.join(SPARSIFY)}, got {sparsify!r}")
+    if consensus not in CONSENSUS:
+        raise ParameterError(f"consensus must be one of {', '.join(CONSENSUS)}, got {consensus!r}")
+    return sparsify, consensus
+
+
+def _trimmed(x, b, i, sparsify, density, thr, keys, offset, acc_dt):
     """τ̂_i (before the 1/density rescale for DARE) in the accumulation dtype, flat."""
     t = x.reshape(-1).to(acc_dt)
     if b is not None:
         t = t - b.reshape(-1).to(acc_dt)
-    if method in ("ties", "magnitude_prune"):
+    if sparsify == "trim":
         t = torch.where(t.abs() >= thr[i], t, torch.zeros((), dtype=acc_dt, device=t.device))
-    elif method in ("dare_ties", "dare_linear") and density < 1.0:
+    elif sparsify == "dare" and density < 1.0:
         mask = _rng.keep_mask(keys[i] & _rng.MASK64, offset, t.numel(), density, device=t.device)
         t = torch.where(mask, t, torch.zeros((), dtype=acc_dt, device=t.device))
     return t
 
 
-def _task_merge_py(b, xs, wl, method, density, thr, keys, sign, lam, offset, odt):
+def _task_merge_py(b, xs, wl, sparsify, consensus, density, thr, keys, lam, offset, odt):
     acc_dt = _acc_dtype(xs[0].dtype)
     dev = xs[0].device
     numel = xs[0].numel()
     # DARE rescale: multiply by the accumulation-dtype value of 1/density (the kernels do the same)
-    scale = 1.0 / density if method in ("dare_ties", "dare_linear") else 1.0
+    scale = 1.0 / density if sparsify == "dare" else 1.0
     scale_t = torch.tensor(scale, dtype=acc_dt).item()
-    ties = method in ("ties", "dare_ties")
-    if ties:
+    if consensus != "none":
         # sign election on the unweighted, un-rescaled trimmed vectors (a positive rescale does
         # not change a sign, and leaving it out keeps the sum bit-identical to the kernels)
         s = torch.zeros(numel, dtype=acc_dt, device=dev)
         for i, x in enumerate(xs):
-            t = _trimmed(x, b, i, method, density, thr, keys, offset, acc_dt)
-            s += t if sign == "total" else torch.sign(t)
+            t = _trimmed(x, b, i, sparsify, density, thr, keys, offset, acc_dt)
+            s += t if consensus == "total" else torch.sign(t)
         gamma = torch.where(s >= 0, 1.0, -1.0).to(acc_dt)
         num = torch.zeros(numel, dtype=acc_dt, device=dev)
         cnt = torch.zeros(numel, dtype=acc_dt, device=dev)
         for i, x in enumerate(xs):
-            t = _trimmed(x, b, i, method, density, thr, keys, offset, acc_dt)
+            t = _trimmed(x, b, i, sparsify, density, thr, keys, offset, acc_dt)
             agree = torch.sign(t) == gamma
             if scale != 1.0:
                 t = t * scale_t
@@ -464,7 +520,7 @@ def _task_merge_py(b, xs, wl, method, density, thr, keys, sign, lam, offset, odt
     else:
         tm = torch.zeros(numel, dtype=acc_dt, device=dev)
         for i, x in enumerate(xs):
-            t = _trimmed(x, b, i, method, density, thr, keys, offset, acc_dt)
+            t = _trimmed(x, b, i, sparsify, density, thr, keys, offset, acc_dt)
             if scale != 1.0:
                 t = t * scale_t
             tm += t * wl[i]
@@ -631,13 +687,13 @@ def _register_fakes() -> None:
     if _has("task_merge"):
 
         @lib.register_fake("ckptreg::task_merge")
-        def _tm_fake(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype=None):
+        def _tm_fake(base, inputs, weights, sparsify, consensus, density, thresholds, keys, lam, offset, out_dtype=None):
             x = inputs[0]
             dt = out_dtype if out_dtype is not None else x.dtype
             return x.new_empty(x.shape, dtype=dt)
 
         @lib.register_fake("ckptreg::task_merge_out")
-        def _tm_out_fake(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out):
+        def _tm_out_fake(base, inputs, weights, sparsify, consensus, density, thresholds, keys, lam, offset, out_dtype, out):
             return None
 
     if _has("kth_largest_abs"):

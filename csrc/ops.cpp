@@ -9,12 +9,13 @@ TORCH_LIBRARY(ckptreg, m) {
   // in-place variant writing into `out` (returns nothing: mutable custom ops must not return
   // an alias, so torch.compile can functionalise them)
   m.def("weighted_sum_out(Tensor[] inputs, Tensor weights, ScalarType? out_dtype, Tensor(a!) out) -> ()");
-  // fused TIES / DARE / magnitude prune / task arithmetic (semantics: ckptreg/ops.py)
-  m.def("task_merge(Tensor? base, Tensor[] inputs, float[] weights, str method, float density, "
-        "float[]? thresholds, int[]? keys, str sign, float lam, int offset, "
+  // fused task-vector merge: sparsify "none" | "trim" | "dare" x consensus "none" | "total" |
+  // "frequency" (semantics: common/merge.h, ckptreg/ops.py; method names map onto these in Python)
+  m.def("task_merge(Tensor? base, Tensor[] inputs, float[] weights, str sparsify, str consensus, "
+        "float density, float[]? thresholds, int[]? keys, float lam, int offset, "
         "ScalarType? out_dtype=None) -> Tensor");
-  m.def("task_merge_out(Tensor? base, Tensor[] inputs, float[] weights, str method, float density, "
-        "float[]? thresholds, int[]? keys, str sign, float lam, int offset, "
+  m.def("task_merge_out(Tensor? base, Tensor[] inputs, float[] weights, str sparsify, str consensus, "
+        "float density, float[]? thresholds, int[]? keys, float lam, int offset, "
         "ScalarType? out_dtype, Tensor(a!) out) -> ()");
   // exact k-th largest |x - base| as a 0-dim float32 (float64 for float64 x) tensor
   m.def("kth_largest_abs(Tensor x, int k, Tensor? base=None) -> Tensor");

@@ -188,6 +188,53 @@ def test_weighted_sum_many_outputs_and_1d_weights(use, backend):
     assert rel_err(lst.reshape(1, -1), ref_weighted_sum(xs, torch.full((1, 10), 0.1))[0], mag[0:1]) <= 1e-6
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 9, 24])
+def test_weighted_sum_rows_independent_of_grouping(use, dtype, m):
+    """The compiled kernel computes the outputs in register groups of rows (and of tiles): every
+    row of an M-output call is bitwise the row a single-output call gives, whatever M (group
+    remainders), the tile tail (numel not a multiple of the tile) or the alignment of the output
+    rows (an out= view one element into its buffer), and matches float64."""
+    use("cpp")
+    g = gen(100 + m)
+    n, numel = 10, 3 * 1024 + 77
+    xs = [randn((numel,), dtype, g) for _ in range(n)]
+    W = torch.rand(m, n, generator=g) * 2 - 1
+    odt = torch.float32 if dtype != torch.float64 else torch.float64
+    got = ops.weighted_sum(xs, W, out_dtype=odt)
+    buf = torch.empty(m * numel + 1, dtype=odt)
+    shifted = buf[1:].view(m, numel)
+    ops.weighted_sum(xs, W, out=shifted)
+    ref, mag = ref_weighted_sum(xs, W)
+    assert rel_err(got, ref, mag) <= (1e-13 if dtype == torch.float64 else 1e-6)
+    assert torch.equal(shifted, got)
+    for r in range(m):
+        assert torch.equal(ops.weighted_sum(xs, W[r], out_dtype=odt), got[r]), r
+
+
+@needs_cpp
+def test_weighted_sum_streamed_outputs_equal_cached(use):
+    """Outputs over 32 MiB take non-temporal stores (straight from registers where a row is 64-byte
+    aligned, through the aligned-copy path where it is not); single rows below the bar take plain
+    stores. Both routes give the same bits, and the float64 reference."""
+    use("cpp")
+    g = gen(21)
+    n, m, numel = 10, 24, 360_000 + 13  # 24 x 1.4 MiB = 33 MiB of outputs
+    xs = [randn((numel,), torch.float32, g) for _ in range(n)]
+    W = torch.rand(m, n, generator=g)
+    got = ops.weighted_sum(xs, W)
+    buf = torch.empty(m * numel + 3)
+    shifted = buf[3:].view(m, numel)  # rows 12 bytes past 64-byte alignment
+    ops.weighted_sum(xs, W, out=shifted)
+    assert torch.equal(shifted, got)
+    for r in (0, 5, 23):
+        assert torch.equal(ops.weighted_sum(xs, W[r]), got[r]), r
+    idx = torch.randint(0, numel, (4096,), generator=g)
+    ref, mag = ref_weighted_sum([x[idx] for x in xs], W)
+    assert rel_err(got[:, idx], ref, mag) <= 1e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_sum_non_contiguous(use, backend):
     use(backend)
@@ -662,9 +709,9 @@ def test_opcheck():
     opc(torch.ops.ckptreg.weighted_sum.default, (xs, w, None))
     opc(torch.ops.ckptreg.weighted_sum.default, ([x.half() for x in xs], w, torch.float32))
     opc(torch.ops.ckptreg.weighted_sum_out.default, (xs, w, None, torch.empty(2, 2, 37)))
-    args = (base, xs, [1.0, 0.5, 2.0], "dare_ties", 0.5, None, keys, "total", 1.0, 3, None)
+    args = (base, xs, [1.0, 0.5, 2.0], "dare", "total", 0.5, None, keys, 1.0, 3, None)
     opc(torch.ops.ckptreg.task_merge.default, args)
-    args = (base, xs, [1.0, 0.5, 2.0], "ties", 1.0, [0.1, 0.2, 0.3], None, "frequency", 0.7, 0, torch.float64)
+    args = (base, xs, [1.0, 0.5, 2.0], "trim", "frequency", 1.0, [0.1, 0.2, 0.3], None, 0.7, 0, torch.float64)
     opc(torch.ops.ckptreg.task_merge.default, args)
     opc(torch.ops.ckptreg.task_merge_out.default, args[:-1] + (torch.float64, torch.empty(2, 37, dtype=torch.float64)))
     opc(torch.ops.ckptreg.kth_largest_abs.default, (xs[0], 5, base))
@@ -748,6 +795,6 @@ def test_cuda_opcheck():
     keys = [rng.signed64(rng.dare_key(1, "x", i)) for i in range(3)]
     torch.library.opcheck(
         torch.ops.ckptreg.task_merge.default,
-        (xs[0], xs, [1.0, 0.5, 2.0], "dare_ties", 0.5, None, keys, "total", 1.0, 3, None),
+        (xs[0], xs, [1.0, 0.5, 2.0], "dare", "total", 0.5, None, keys, 1.0, 3, None),
     )
     torch.library.opcheck(torch.ops.ckptreg.kth_largest_abs.default, (xs[0], 5, None))

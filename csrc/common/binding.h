@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "merge.h"
 
 namespace ckptreg {
 namespace binding {
@@ -87,49 +88,53 @@ inline void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Te
   to_dtype(out.scalar_type(), "out");
 }
 
-inline int method_code(c10::string_view m) {
-  if (m == "ties") return 0;
-  if (m == "dare_ties") return 1;
-  if (m == "dare_linear") return 2;
-  if (m == "magnitude_prune") return 3;
-  if (m == "task_arithmetic") return 4;
-  TORCH_CHECK_VALUE(false, "ckptreg: unknown method '", std::string(m),
-                    "' (ties, dare_ties, dare_linear, magnitude_prune, task_arithmetic)");
-  return -1;
+// "none" | "trim" | "dare" and "none" | "total" | "frequency" (common/merge.h) -> the settings
+inline Sparsify sparsify_setting(c10::string_view s) {
+  const int i = setting_index(kSparsifyNames, kNumSparsify, s.data(), s.size());
+  TORCH_CHECK_VALUE(i >= 0, "ckptreg: sparsify must be 'none', 'trim' or 'dare', got '", std::string(s), "'");
+  return (Sparsify)i;
 }
 
-inline int sign_code(c10::string_view s) {
-  if (s == "total") return 0;
-  if (s == "frequency") return 1;
-  TORCH_CHECK_VALUE(false, "ckptreg: sign must be 'total' or 'frequency', got '", std::string(s), "'");
-  return -1;
+inline Consensus consensus_setting(c10::string_view s) {
+  const int i = setting_index(kConsensusNames, kNumConsensus, s.data(), s.size());
+  TORCH_CHECK_VALUE(i >= 0, "ckptreg: consensus must be 'none', 'total' or 'frequency', got '", std::string(s),
+                    "'");
+  return (Consensus)i;
 }
 
-// Checks every task_merge argument; fills the per-input arrays.
-inline void check_merge_args(const c10::optional<at::Tensor>& base, const at::TensorList& inputs,
-                             at::ArrayRef<double> weights, int method, double density,
-                             const c10::optional<at::ArrayRef<double>>& thresholds,
-                             const c10::optional<at::ArrayRef<int64_t>>& keys, int64_t offset,
-                             c10::DeviceType dev) {
+// Checks every task_merge argument against the settings and returns the kernels' MergeArgs with
+// sparsify, consensus, density, lam and offset filled in (the arrays are the backend's business:
+// host pointers on the CPU, device copies on CUDA).
+inline MergeArgs check_merge_args(const c10::optional<at::Tensor>& base, const at::TensorList& inputs,
+                                  at::ArrayRef<double> weights, c10::string_view sparsify,
+                                  c10::string_view consensus, double density,
+                                  const c10::optional<at::ArrayRef<double>>& thresholds,
+                                  const c10::optional<at::ArrayRef<int64_t>>& keys, double lam,
+                                  int64_t offset, c10::DeviceType dev) {
+  MergeArgs a{};
+  a.sparsify = sparsify_setting(sparsify);
+  a.consensus = consensus_setting(consensus);
+  a.density = density;
+  a.lam = lam;
+  a.offset = offset;
   check_inputs(inputs, dev);
   const int64_t n = (int64_t)inputs.size();
   if (base.has_value()) check_same(*base, inputs[0], "base");
   TORCH_CHECK_VALUE((int64_t)weights.size() == n, "ckptreg: weights must have ", n,
                     " entries, got ", weights.size());
   TORCH_CHECK_VALUE(offset >= 0, "ckptreg: offset must be >= 0, got ", offset);
-  const bool dare = method == 1 || method == 2;
-  const bool trim = method == 0 || method == 3;
-  if (dare || trim)
+  if (a.sparsify != Sparsify::kNone)
     TORCH_CHECK_VALUE(density > 0.0 && density <= 1.0, "ckptreg: density must be in (0, 1], got ",
                       density);
-  if (trim) {
+  if (a.trim()) {
     TORCH_CHECK_VALUE(thresholds.has_value() && (int64_t)thresholds->size() == n,
-                      "ckptreg: methods ties/magnitude_prune need thresholds with ", n, " entries");
+                      "ckptreg: sparsify 'trim' needs thresholds with ", n, " entries");
   }
-  if (dare && density < 1.0) {
+  if (a.use_mask()) {
     TORCH_CHECK_VALUE(keys.has_value() && (int64_t)keys->size() == n,
-                      "ckptreg: DARE methods need keys with ", n, " entries");
+                      "ckptreg: sparsify 'dare' with density < 1 needs keys with ", n, " entries");
   }
+  return a;
 }
 
 inline at::ScalarType acc_type(at::ScalarType st) {
@@ -141,9 +146,9 @@ inline at::ScalarType acc_type(at::ScalarType st) {
 using WeightedSumOut = at::Tensor& (*)(at::TensorList, const at::Tensor&, c10::optional<at::ScalarType>,
                                        at::Tensor&);
 using TaskMergeOut = at::Tensor& (*)(const c10::optional<at::Tensor>&, at::TensorList, at::ArrayRef<double>,
-                                     c10::string_view, double, c10::optional<at::ArrayRef<double>>,
-                                     c10::optional<at::ArrayRef<int64_t>>, c10::string_view, double, int64_t,
-                                     c10::optional<at::ScalarType>, at::Tensor&);
+                                     c10::string_view, c10::string_view, double,
+                                     c10::optional<at::ArrayRef<double>>, c10::optional<at::ArrayRef<int64_t>>,
+                                     double, int64_t, c10::optional<at::ScalarType>, at::Tensor&);
 
 template <WeightedSumOut Out, c10::DeviceType Dev>
 at::Tensor weighted_sum_functional(at::TensorList inputs, const at::Tensor& weights,
@@ -165,23 +170,24 @@ void weighted_sum_out_op(at::TensorList inputs, const at::Tensor& weights, c10::
 
 template <TaskMergeOut Out, c10::DeviceType Dev>
 at::Tensor task_merge_functional(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                                 at::ArrayRef<double> weights, c10::string_view method, double density,
+                                 at::ArrayRef<double> weights, c10::string_view sparsify,
+                                 c10::string_view consensus, double density,
                                  c10::optional<at::ArrayRef<double>> thresholds,
-                                 c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign, double lam,
-                                 int64_t offset, c10::optional<at::ScalarType> out_dtype) {
+                                 c10::optional<at::ArrayRef<int64_t>> keys, double lam, int64_t offset,
+                                 c10::optional<at::ScalarType> out_dtype) {
   check_inputs(inputs, Dev);
   const at::Tensor& x0 = inputs[0];
   at::Tensor out = at::empty(x0.sizes(), x0.options().dtype(out_dtype.value_or(x0.scalar_type())));
-  Out(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out);
+  Out(base, inputs, weights, sparsify, consensus, density, thresholds, keys, lam, offset, out_dtype, out);
   return out;
 }
 
 template <TaskMergeOut Out>
 void task_merge_out_op(const c10::optional<at::Tensor>& base, at::TensorList inputs, at::ArrayRef<double> weights,
-                       c10::string_view method, double density, c10::optional<at::ArrayRef<double>> thresholds,
-                       c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign, double lam,
-                       int64_t offset, c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
-  Out(base, inputs, weights, method, density, thresholds, keys, sign, lam, offset, out_dtype, out);
+                       c10::string_view sparsify, c10::string_view consensus, double density,
+                       c10::optional<at::ArrayRef<double>> thresholds, c10::optional<at::ArrayRef<int64_t>> keys,
+                       double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  Out(base, inputs, weights, sparsify, consensus, density, thresholds, keys, lam, offset, out_dtype, out);
 }
 
 // Exact thin SVD of B @ core @ A for a batch of layers (see ckptreg/ops.py).

@@ -17,8 +17,12 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>  // the AVX/AVX-512 intrinsics are usable inside the target regions below
+#endif
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -34,24 +38,30 @@ namespace cpu {
 #if CKPTREG_HAVE_AVX2_CLONE
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define CKPTREG_ISA_LEVEL 1
 namespace avx2 {
 #include "kernels_impl.inc"
 }  // namespace avx2
+#undef CKPTREG_ISA_LEVEL
 #pragma GCC pop_options
 #endif
 
 #if CKPTREG_HAVE_AVX2_CLONE
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+#define CKPTREG_ISA_LEVEL 2
 namespace avx512 {
 #include "kernels_impl.inc"
 }  // namespace avx512
+#undef CKPTREG_ISA_LEVEL
 #pragma GCC pop_options
 #endif
 
+#define CKPTREG_ISA_LEVEL 0
 namespace base {
 #include "kernels_impl.inc"
 }  // namespace base
+#undef CKPTREG_ISA_LEVEL
 
 static bool use_avx512() {
 #if CKPTREG_HAVE_AVX2_CLONE
@@ -109,12 +119,7 @@ bool weighted_sum(const void* const* inputs, int64_t n, DType in_dt, const float
 bool task_merge(const void* basep, const void* const* inputs, int64_t n, DType in_dt,
                 const MergeArgs& a, void* out, DType out_dt, int64_t numel, int nthreads) {
   if (!valid(in_dt) || !valid(out_dt) || n < 1 || numel < 0) return false;
-  if (a.method < kTies || a.method > kTaskArithmetic) return false;
-  const bool dare = a.method == kDareTies || a.method == kDareLinear;
-  const bool trim = a.method == kTies || a.method == kMagnitudePrune;
-  if (dare && (!(a.density > 0.0 && a.density <= 1.0) || (a.density < 1.0 && !a.keys))) return false;
-  if (trim && !a.thresholds) return false;
-  if (!a.weights) return false;
+  if (merge_args_problem(a)) return false;
   if (nthreads < 1) nthreads = 1;
 #if CKPTREG_HAVE_AVX2_CLONE
   if (use_avx512()) {

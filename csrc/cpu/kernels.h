@@ -4,12 +4,10 @@
 #include <stdint.h>
 
 #include "../common/dtype.h"
+#include "../common/merge.h"
 
 namespace ckptreg {
 namespace cpu {
-
-enum Method : int { kTies = 0, kDareTies = 1, kDareLinear = 2, kMagnitudePrune = 3, kTaskArithmetic = 4 };
-enum Sign : int { kSignTotal = 0, kSignFrequency = 1 };
 
 // out[m * numel + j] = sum_n w[m * n_inputs + n] * inputs[n][j] for m < n_out, accumulated in
 // float32 (float64 when in_dtype is kF64). Each input element is read once for all outputs.
@@ -17,18 +15,13 @@ enum Sign : int { kSignTotal = 0, kSignFrequency = 1 };
 bool weighted_sum(const void* const* inputs, int64_t n_inputs, DType in_dtype, const float* w,
                   int64_t n_out, void* out, DType out_dtype, int64_t numel, int nthreads);
 
-struct MergeArgs {
-  int method;             // Method
-  int sign;               // Sign (TIES election)
-  double density;         // DARE keep probability (0, 1]
-  double lam;             // scale of the merged task vector
-  int64_t offset;         // element index of this chunk in the whole tensor (DARE counters)
-  const double* weights;  // [n_inputs]
-  const double* thresholds;  // [n_inputs] TIES / magnitude-prune trims (|tau| >= thr kept), or null
-  const uint64_t* keys;      // [n_inputs] DARE stream keys, or null
-};
+// The settings and arguments of task_merge (sparsify x consensus): common/merge.h, shared with CUDA.
+using ckptreg::Consensus;
+using ckptreg::MergeArgs;
+using ckptreg::Sparsify;
 
-// Fused task-vector merge (see ckptreg/ops.py task_merge). base may be null (zeros).
+// Fused task-vector merge (see common/merge.h and ckptreg/ops.py task_merge). base may be null
+// (zeros). Returns false on an unsupported dtype or when merge_args_problem(args) is not null.
 bool task_merge(const void* base, const void* const* inputs, int64_t n_inputs, DType in_dtype,
                 const MergeArgs& args, void* out, DType out_dtype, int64_t numel, int nthreads);
 

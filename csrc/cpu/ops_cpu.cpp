@@ -38,15 +38,13 @@ at::Tensor& weighted_sum_out_cpu(at::TensorList inputs, const at::Tensor& weight
 }
 
 at::Tensor& task_merge_out_cpu(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                               at::ArrayRef<double> weights, c10::string_view method,
-                               double density, c10::optional<at::ArrayRef<double>> thresholds,
-                               c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                               double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
-                               at::Tensor& out) {
-  const int mc = method_code(method);
-  const int sc = sign_code(sign);
-  check_merge_args(base, inputs, weights, mc, density, thresholds, keys, offset,
-                   c10::DeviceType::CPU);
+                               at::ArrayRef<double> weights, c10::string_view sparsify,
+                               c10::string_view consensus, double density,
+                               c10::optional<at::ArrayRef<double>> thresholds,
+                               c10::optional<at::ArrayRef<int64_t>> keys, double lam, int64_t offset,
+                               c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  MergeArgs a = check_merge_args(base, inputs, weights, sparsify, consensus, density, thresholds, keys,
+                                 lam, offset, c10::DeviceType::CPU);
   const at::Tensor& x0 = inputs[0];
   check_out(out, x0.sizes(), x0, out_dtype);
   const int64_t n = (int64_t)inputs.size();
@@ -55,12 +53,6 @@ at::Tensor& task_merge_out_cpu(const c10::optional<at::Tensor>& base, at::Tensor
   std::vector<uint64_t> ukeys;
   if (keys.has_value())
     for (int64_t k : *keys) ukeys.push_back((uint64_t)k);
-  cpu::MergeArgs a;
-  a.method = mc;
-  a.sign = sc;
-  a.density = density;
-  a.lam = lam;
-  a.offset = offset;
   a.weights = weights.data();
   a.thresholds = thresholds.has_value() ? thresholds->data() : nullptr;
   a.keys = ukeys.empty() ? nullptr : ukeys.data();

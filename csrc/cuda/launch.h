@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "../common/dtype.h"
+#include "../common/merge.h"
 
 namespace ckptreg {
 namespace cuda {
@@ -17,18 +18,14 @@ cudaError_t weighted_sum(const void* const* inputs, int64_t n, DType in_dtype, c
                          int64_t m, void* out, DType out_dtype, int64_t numel, bool inputs_aligned,
                          cudaStream_t stream);
 
-struct MergeArgs {
-  int method;  // 0 ties, 1 dare_ties, 2 dare_linear, 3 magnitude_prune, 4 task_arithmetic
-  int sign;    // 0 total, 1 frequency
-  double density;
-  double lam;
-  int64_t offset;
-  const double* weights;     // device [n]
-  const double* thresholds;  // device [n] or null
-  const uint64_t* keys;      // device [n] or null
-};
+// The settings and arguments of task_merge (sparsify x consensus): common/merge.h, shared with the
+// CPU kernels; here weights, thresholds and keys are device arrays.
+using ckptreg::Consensus;
+using ckptreg::MergeArgs;
+using ckptreg::Sparsify;
 
 // Fused task-vector merge; base may be null (zeros). `inputs`: device array of n device pointers.
+// cudaErrorInvalidValue when merge_args_problem(args) is not null.
 cudaError_t task_merge(const void* base, const void* const* inputs, int64_t n, DType in_dtype,
                        const MergeArgs& args, void* out, DType out_dtype, int64_t numel,
                        cudaStream_t stream);

@@ -1,6 +1,6 @@
 // CUDA kernels: weighted_sum (16-byte vector loads, grid-stride, float32 accumulation, up to 8
-// outputs per pass over the inputs) and the fused task_merge (TIES / DARE / prune / task
-// arithmetic; DARE masks from the counter-based RNG of common/rng.h, identical to the CPU ones).
+// outputs per pass over the inputs) and the fused task_merge (sparsify none/trim/dare x consensus
+// none/total/frequency, common/merge.h; DARE masks from the counter-based RNG of common/rng.h, identical to the CPU ones).
 // Plain CUDA: no torch headers.
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -143,10 +143,11 @@ __global__ void __launch_bounds__(kThreads) task_merge_kernel(
     const In* __restrict__ base, const void* const* __restrict__ inputs, int64_t n, MergeArgs a,
     Out* __restrict__ out, int64_t numel) {
   typedef typename Conv<In>::acc Acc;
-  const bool dare = a.method == 1 || a.method == 2;
-  const bool trim = a.method == 0 || a.method == 3;
-  const bool ties = a.method == 0 || a.method == 1;
-  const bool use_mask = dare && a.density < 1.0;
+  const bool dare = a.dare();
+  const bool trim = a.trim();
+  const bool ties = a.elect();  // a sign election (TIES consensus)
+  const bool freq = a.frequency();
+  const bool use_mask = a.use_mask();
   const uint32_t thr24 = dare ? rng::threshold24(a.density) : 0u;
   const Acc scale = dare ? (Acc)(1.0 / a.density) : (Acc)1;
   const Acc lam = (Acc)a.lam;
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) task_merge_kernel(
       for (int64_t i = 0; i < n; ++i) {
         const Acc t = trimmed<In>(inputs, i, j, bj, a, trim, use_mask, thr24);
         if (i < kCache) tc[i] = t;
-        if (a.sign == 0) s += t;
+        if (!freq) s += t;
         else s += (t > (Acc)0 ? (Acc)1 : (Acc)0) - (t < (Acc)0 ? (Acc)1 : (Acc)0);
       }
       const bool pos = s >= (Acc)0;
@@ -202,7 +203,7 @@ cudaError_t weighted_sum(const void* const* inputs, int64_t n, DType in_dtype, c
 cudaError_t task_merge(const void* base, const void* const* inputs, int64_t n, DType in_dtype,
                        const MergeArgs& args, void* out, DType out_dtype, int64_t numel,
                        cudaStream_t stream) {
-  if (n < 1 || numel < 0 || args.method < 0 || args.method > 4) return cudaErrorInvalidValue;
+  if (n < 1 || numel < 0 || merge_args_problem(args)) return cudaErrorInvalidValue;
   if (numel == 0) return cudaSuccess;
   cudaError_t err = cudaErrorInvalidValue;
   CKPTREG_DISPATCH(in_dtype, TI, CKPTREG_DISPATCH(out_dtype, TO, {

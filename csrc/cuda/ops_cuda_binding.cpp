@@ -68,15 +68,13 @@ at::Tensor& weighted_sum_out_cuda(at::TensorList inputs, const at::Tensor& weigh
 }
 
 at::Tensor& task_merge_out_cuda(const c10::optional<at::Tensor>& base, at::TensorList inputs,
-                                at::ArrayRef<double> weights, c10::string_view method,
-                                double density, c10::optional<at::ArrayRef<double>> thresholds,
-                                c10::optional<at::ArrayRef<int64_t>> keys, c10::string_view sign,
-                                double lam, int64_t offset, c10::optional<at::ScalarType> out_dtype,
-                                at::Tensor& out) {
-  const int mc = method_code(method);
-  const int sc = sign_code(sign);
-  check_merge_args(base, inputs, weights, mc, density, thresholds, keys, offset,
-                   c10::DeviceType::CUDA);
+                                at::ArrayRef<double> weights, c10::string_view sparsify,
+                                c10::string_view consensus, double density,
+                                c10::optional<at::ArrayRef<double>> thresholds,
+                                c10::optional<at::ArrayRef<int64_t>> keys, double lam, int64_t offset,
+                                c10::optional<at::ScalarType> out_dtype, at::Tensor& out) {
+  MergeArgs a = check_merge_args(base, inputs, weights, sparsify, consensus, density, thresholds, keys,
+                                 lam, offset, c10::DeviceType::CUDA);
   const at::Tensor& x0 = inputs[0];
   check_out(out, x0.sizes(), x0, out_dtype);
   const int64_t n = (int64_t)inputs.size();
@@ -89,12 +87,6 @@ at::Tensor& task_merge_out_cuda(const c10::optional<at::Tensor>& base, at::Tenso
     thr = to_device(std::vector<double>(thresholds->begin(), thresholds->end()), at::kDouble, dev);
   if (keys.has_value())
     ks = to_device(std::vector<int64_t>(keys->begin(), keys->end()), at::kLong, dev);
-  cuda::MergeArgs a;
-  a.method = mc;
-  a.sign = sc;
-  a.density = density;
-  a.lam = lam;
-  a.offset = offset;
   a.weights = w.const_data_ptr<double>();
   a.thresholds = thr.defined() ? thr.const_data_ptr<double>() : nullptr;
   a.keys = ks.defined() ? reinterpret_cast<const uint64_t*>(ks.const_data_ptr<int64_t>()) : nullptr;

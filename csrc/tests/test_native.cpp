@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
 #include <random>
@@ -112,8 +113,9 @@ static void test_task_merge_invariance() {
   for (auto& x : xs) ptrs.push_back(x.data());
   double w[3] = {1.0, 0.5, 2.0};
   uint64_t keys[3] = {rng::dare_key(7, "a", 1, 0), rng::dare_key(7, "a", 1, 1), rng::dare_key(7, "a", 1, 2)};
-  for (int method = 1; method <= 2; ++method) {
-    cpu::MergeArgs a{method, 0, 0.3, 1.0, 0, w, nullptr, keys};
+  for (int method = 1; method <= 2; ++method) {  // 1: dare_ties, 2: dare_linear
+    const Consensus co = method == 1 ? Consensus::kTotal : Consensus::kNone;
+    cpu::MergeArgs a{Sparsify::kDare, co, 0.3, 1.0, 0, w, nullptr, keys};
     std::vector<float> full(numel), chunked(numel), one(numel);
     cpu::task_merge(nullptr, ptrs.data(), n, kF32, a, full.data(), kF32, numel, 2);
     cpu::task_merge(nullptr, ptrs.data(), n, kF32, a, one.data(), kF32, numel, 1);
@@ -129,7 +131,7 @@ static void test_task_merge_invariance() {
     EXPECT(diff == 0, "task_merge method %d: %lld elements differ across chunking/threads", method, (long long)diff);
     // dare_linear with one input and weight 1: kept elements are x * (1/density), others 0
     if (method == 2) {
-      cpu::MergeArgs a1{2, 0, 0.3, 1.0, 0, w, nullptr, keys};
+      cpu::MergeArgs a1{Sparsify::kDare, Consensus::kNone, 0.3, 1.0, 0, w, nullptr, keys};
       double w1 = 1.0;
       a1.weights = &w1;
       std::vector<float> o1(numel);
@@ -146,6 +148,54 @@ static void test_task_merge_invariance() {
       EXPECT(kept > numel / 4 && kept < numel * 7 / 20, "dare kept %lld of %lld", (long long)kept, (long long)numel);
     }
   }
+}
+
+// The settings of common/merge.h: names parse to their enum values, the kernel refuses what
+// merge_args_problem refuses, and a trim + total-consensus merge (the register-tiled path) equals
+// trim + frequency where every input agrees in sign.
+static void test_merge_settings() {
+  for (int i = 0; i < kNumSparsify; ++i)
+    EXPECT(setting_index(kSparsifyNames, kNumSparsify, kSparsifyNames[i], strlen(kSparsifyNames[i])) == i,
+           "sparsify name %d", i);
+  for (int i = 0; i < kNumConsensus; ++i)
+    EXPECT(setting_index(kConsensusNames, kNumConsensus, kConsensusNames[i], strlen(kConsensusNames[i])) == i,
+           "consensus name %d", i);
+  EXPECT(setting_index(kSparsifyNames, kNumSparsify, "trimmed", 4) == 1, "length-delimited name");
+  EXPECT(setting_index(kSparsifyNames, kNumSparsify, "tri", 3) == -1, "prefix is not a name");
+  EXPECT(setting_index(kConsensusNames, kNumConsensus, "ties", 4) == -1, "method name is not a setting");
+  const int64_t numel = 4099, n = 3;
+  std::vector<float> x0(numel, 0.5f), x1(numel, 0.25f), x2(numel, 0.125f), out(numel), out2(numel);
+  const void* ptrs[3] = {x0.data(), x1.data(), x2.data()};
+  double w[3] = {1.0, 1.0, 1.0}, thr[3] = {0.0, 0.0, 0.0};
+  uint64_t keys[3] = {1, 2, 3};
+  MergeArgs ok{Sparsify::kTrim, Consensus::kTotal, 1.0, 1.0, 0, w, thr, nullptr};
+  EXPECT(merge_args_problem(ok) == nullptr, "trim + total is valid");
+  EXPECT(cpu::task_merge(nullptr, ptrs, n, kF32, ok, out.data(), kF32, numel, 2), "trim + total runs");
+  MergeArgs fr = ok;
+  fr.consensus = Consensus::kFrequency;
+  EXPECT(cpu::task_merge(nullptr, ptrs, n, kF32, fr, out2.data(), kF32, numel, 2), "trim + frequency runs");
+  int64_t bad = 0;
+  for (int64_t j = 0; j < numel; ++j) bad += out[j] != 0.875f / 3.0f || out2[j] != out[j];
+  EXPECT(bad == 0, "TIES mean of agreeing entries: %lld elements wrong", (long long)bad);
+  MergeArgs a = ok;
+  a.thresholds = nullptr;
+  EXPECT(merge_args_problem(a) && !cpu::task_merge(nullptr, ptrs, n, kF32, a, out.data(), kF32, numel, 2),
+         "trim without thresholds is refused");
+  a = ok;
+  a.sparsify = (Sparsify)3;
+  EXPECT(merge_args_problem(a) && !cpu::task_merge(nullptr, ptrs, n, kF32, a, out.data(), kF32, numel, 2),
+         "an unknown sparsify value is refused");
+  a = ok;
+  a.consensus = (Consensus)-1;
+  EXPECT(merge_args_problem(a) && !cpu::task_merge(nullptr, ptrs, n, kF32, a, out.data(), kF32, numel, 2),
+         "an unknown consensus value is refused");
+  MergeArgs d{Sparsify::kDare, Consensus::kNone, 0.5, 1.0, 0, w, nullptr, nullptr};
+  EXPECT(merge_args_problem(d) && !cpu::task_merge(nullptr, ptrs, n, kF32, d, out.data(), kF32, numel, 2),
+         "dare with density < 1 and no keys is refused");
+  d.keys = keys;
+  EXPECT(merge_args_problem(d) == nullptr, "dare with keys is valid");
+  d.density = 0.0;
+  EXPECT(merge_args_problem(d) != nullptr, "dare with density 0 is refused");
 }
 
 static void test_kth() {
@@ -248,6 +298,7 @@ int main() {
     test_weighted_sum<float>(5000, 10, 24, threads);
   }
   test_task_merge_invariance();
+  test_merge_settings();
   test_kth();
   test_factored_svd(19, 40, 16, 33);
   test_factored_svd(5, 30, 7, 29);

@@ -67,10 +67,10 @@ int main() {
   CK(cudaMalloc(&dkeys, sizeof(keys)));
   CK(cudaMemcpy(dwd, wd, sizeof(wd), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dkeys, keys, sizeof(keys), cudaMemcpyHostToDevice));
-  cuda::MergeArgs ca{2, 0, 0.4, 1.0, 123, dwd, nullptr, dkeys};
+  cuda::MergeArgs ca{Sparsify::kDare, Consensus::kNone, 0.4, 1.0, 123, dwd, nullptr, dkeys};
   CK(cuda::task_merge(nullptr, (const void* const*)dptrs, n, kF32, ca, dout, kF32, numel, 0));
   CK(cudaMemcpy(got.data(), dout, numel * 4, cudaMemcpyDeviceToHost));
-  cpu::MergeArgs a{2, 0, 0.4, 1.0, 123, wd, nullptr, keys};
+  cpu::MergeArgs a{Sparsify::kDare, Consensus::kNone, 0.4, 1.0, 123, wd, nullptr, keys};
   cpu::task_merge(nullptr, hp.data(), n, kF32, a, ref.data(), kF32, numel, 2);
   for (int64_t j = 0; j < numel; ++j)
     if ((got[j] == 0.0f) != (ref[j] == 0.0f) || fabsf(got[j] - ref[j]) > 1e-5f * (1.0f + fabsf(ref[j]))) ++failures;
