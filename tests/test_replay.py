@@ -131,7 +131,6 @@ def test_replay_refuses_plain_and_mixed_options(full_run, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the model card
 
-@pytest.mark.xfail(strict=True, reason="waits for the ckptreg/merge/ package (card in the output target, param_rules in the streaming loop)")
 def test_model_card_in_every_output_folder(full_run, tmp_path):
     """README.md in the output folder: method, parameters, inputs (refs) with weights and
     fingerprints, base, ckptreg version, the --replay line and a recipe that reproduces it; it is
@@ -187,7 +186,6 @@ def test_no_card_beside_a_single_file_output(tmp_path):
     assert _tensor_bytes(tmp_path / "out" / "m.safetensors") == _tensor_bytes(tmp_path / "out" / "m-replay.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="waits for the ckptreg/merge/ package (card in the output target, param_rules in the streaming loop)")
 def test_card_replaces_an_input_readme(tmp_path):
     """An HF input folder's own README.md (the input model's card) is not copied as the merge's
     card: the output's README.md is ckptreg's."""

@@ -195,7 +195,7 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
         recipe = _recipe(spec, method, w, p, space, rank, odt_user, pl)
         meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
         target = _Output(out, winfo, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
-                         adapter_config=adapter_cfg)
+                         adapter_config=adapter_cfg, run=_output_run(spec))
         job = Job(spec=spec, defn=defn, weights=w, params=p, out=target, rules=_bound_rules(spec, pl))
         try:
             run_pass(Pass(plan=pl, sources=sources, base_src=base_src, jobs=[job], odts=odts, chunk=chunk,
@@ -337,7 +337,8 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
                 meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
                 target = _Output(Path(s.out), info0, entries, meta, overwrite=overwrite,
                                  out_shard_size=out_shard_size,
-                                 adapter_config=_read_cfg(info0) if info0.format == "peft" else None)
+                                 adapter_config=_read_cfg(info0) if info0.format == "peft" else None,
+                                 run=_output_run(s))
                 jobs.append(Job(spec=s, defn=defn, weights=w, params=p, out=target, cols=[col[c.id] for c in inputs],
                                 rules=_bound_rules(s, pl)))
             run_pass(Pass(plan=pl, sources=sources, base_src=None, jobs=jobs, odts=odts, chunk=chunk,

@@ -99,8 +99,9 @@ class _Output:
     ``--overwrite`` can tell that everything in the folder is ckptreg's."""
 
     def __init__(self, out: Path, info, entries, metadata, *, overwrite, out_shard_size=None,
-                 adapter_config: dict | None = None):
+                 adapter_config: dict | None = None, run: str | None = None):
         from ..writer import AtomicDir, ShardedWriter, StreamingWriter, shard_names, shard_plan
+        from .card import CARD_NAME, card_for
 
         self.path = Path(out)
         self.layout = _out_layout(info, out_shard_size)
@@ -116,8 +117,12 @@ class _Output:
                 raise (fs_error(e, self.path, f"creating {self.path.parent}") or e) from e
             self.w = StreamingWriter(self.path, entries, metadata, overwrite=overwrite, keep_old=True)
             return
-        configs = [] if self.layout == "sharded" else [
-            Path(cf).name for cf in info.config_files if Path(cf).name != "model.safetensors.index.json"]
+        # the folder's card is ckptreg's (card_for: from the recipe in ``metadata``), never an input's
+        # own README.md (the input model's card describes another model)
+        card = card_for(metadata, run)
+        copied = [] if self.layout == "sharded" else [
+            cf for cf in info.config_files if Path(cf).name not in ("model.safetensors.index.json", CARD_NAME)]
+        configs = [Path(cf).name for cf in copied]
         if self.layout == "peft":
             tensor_files = ["adapter_model.safetensors"]
             if adapter_config is not None and "adapter_config.json" not in configs:
@@ -134,17 +139,18 @@ class _Output:
                 tensor_files = shard_names(len(shard_plan(entries, out_shard_size))) + ["model.safetensors.index.json"]
             else:
                 tensor_files = ["model.safetensors"]
-        metadata = {**(metadata or {}), "ckptreg_files": json.dumps(sorted(set(configs + tensor_files)))}
+        own = configs + tensor_files + ([CARD_NAME] if card is not None else [])
+        metadata = {**(metadata or {}), "ckptreg_files": json.dumps(sorted(set(own)))}
         self.adir = AtomicDir(self.path, overwrite=overwrite, keep_old=True)
         try:
-            for cf in info.config_files if self.layout != "sharded" else []:
+            for cf in copied:
                 nm = Path(cf).name
                 if nm == "adapter_config.json" and adapter_config is not None:
                     self.adir.write_text(nm, json.dumps(adapter_config, indent=2) + "\n")
-                elif nm == "model.safetensors.index.json":
-                    continue
                 else:
                     self.adir.copy_in(cf, nm)
+            if card is not None:
+                self.adir.write_text(CARD_NAME, card)
             if self.layout == "peft":
                 if adapter_config is not None and not any(Path(c).name == "adapter_config.json" for c in info.config_files):
                     self.adir.write_text("adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
