@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import MergeSpec
     from .registry import Checkpoint, Registry
 
-__all__ = ["merge", "sweep", "plan_sweep", "leaderboard", "select_inputs", "SweepPlan", "Leaderboard",
-           "check_weight_params"]
+__all__ = ["merge", "sweep", "plan_sweep", "plan_merge", "leaderboard", "select_inputs", "SweepPlan",
+           "Leaderboard", "check_weight_params"]
 
 #: a database: a path (str / PathLike), an open Registry, or None (``$CKPTREG_DB`` or ./ckptreg.duckdb)
 DB = Union[str, "os.PathLike[str]", "Registry", None]
@@ -128,31 +128,46 @@ def merge_spec_run(db: DB, refs: Sequence[Ref] | None = None, **kw) -> tuple["Ch
     from . import engine
 
     reg = _registry(db)
-    method = engine.canonical_method(kw.get("method") or "linear")
-    scheme, metric, penalty = kw.get("scheme"), kw.get("metric"), kw.get("penalty")
-    params = dict(kw.get("params") or {})
-    check_weight_params(penalty, kw.get("power"), params.get("density"))
-    inputs, selection = select_inputs(reg, refs, run=kw.get("run"), last=kw.get("last"), every=kw.get("every"),
-                                      exclude_final=kw.get("exclude_final", False),
-                                      skip_missing=kw.get("skip_missing", False))
+    spec = plan_merge(reg, refs, **{k: v for k, v in kw.items()
+                                    if k not in ("overwrite", "out_shard_size", "progress")})
+    c = engine.merge(reg, spec, space=kw.get("space") or "factors", rank=kw.get("rank"),
+                     out_dtype=kw.get("out_dtype"), overwrite=bool(kw.get("overwrite")),
+                     progress=kw.get("progress"), out_shard_size=kw.get("out_shard_size"))
+    if spec.status is None:
+        spec.status = "merged"
+    return c, spec
+
+
+def plan_merge(db: DB, refs: Sequence[Ref] | None = None, *, run: str | None = None, last: int | None = None,
+               every: int | None = None, exclude_final: bool = False, skip_missing: bool = False,
+               method: str = "linear", scheme: str | None = None, metric: str | None = None,
+               direction: str | None = None, penalty: float | None = None, power: float | None = None,
+               weights: Sequence[float] | None = None, params: dict[str, Any] | None = None,
+               base: Ref | None = None, space: str = "factors", rank: int | None = None,
+               out_dtype: str | None = None, out: str | os.PathLike | None = None,
+               name: str | None = None) -> "MergeSpec":
+    """The :class:`MergeSpec` :func:`merge` runs (its arguments less the run's): the weighting and
+    parameter checks (WeightError / ParameterError before any work: MWA needs a penalty, metric
+    and MWA weighting a metric), the inputs (:func:`select_inputs`), ``engine.make_spec``. Reads
+    the registry only; writes nothing. ``engine.merge(reg, spec, ...)`` runs it."""
+    from . import engine
+
+    reg = _registry(db)
+    method = engine.canonical_method(method or "linear")
+    params = dict(params or {})
+    check_weight_params(penalty, power, params.get("density"))
+    inputs, selection = select_inputs(reg, refs, run=run, last=last, every=every, exclude_final=exclude_final,
+                                      skip_missing=skip_missing)
     if method == "mwa" and scheme is None:
         scheme = "mwa"
     if scheme == "mwa" and penalty is None:
         raise ParameterError("MWA weighting needs --penalty")
     if scheme in ("metric", "mwa") and not metric:
         raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
-    space, rank, out_dtype = kw.get("space") or "factors", kw.get("rank"), kw.get("out_dtype")
-    out = kw.get("out")
-    spec = engine.make_spec(reg, method, inputs, scheme=scheme, metric=metric, penalty=penalty,
-                            power=kw.get("power"), direction=kw.get("direction"), weights=kw.get("weights"),
-                            base=kw.get("base"), params=params, name=kw.get("name"),
+    return engine.make_spec(reg, method, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
+                            direction=direction, weights=weights, base=base, params=params, name=name,
                             out=None if out is None else os.fspath(out), selection=selection,
-                            space=space, rank=rank, out_dtype=out_dtype)
-    c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=bool(kw.get("overwrite")),
-                     progress=kw.get("progress"), out_shard_size=kw.get("out_shard_size"))
-    if spec.status is None:
-        spec.status = "merged"
-    return c, spec
+                            space=space or "factors", rank=rank, out_dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ sweeps

@@ -416,21 +416,15 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
     from .. import api
 
     m = _method(method)
-    _check_weight_params(penalty, power, method_params.get("density"))
-    if every is not None and last is None:
+    params = _params(method_params)
+    _check_weight_params(penalty, power, params.get("density"))   # before the usage check, as always
+    if every is not None and last is None:   # also with explicit checkpoints (the library ignores it there)
         raise UsageError("--every needs --last")
     reg = _registry(db)
-    inputs, selection = api.select_inputs(reg, list(checkpoints), run=run, last=last, every=every,
-                                          exclude_final=exclude_final, skip_missing=skip_missing)
-    if m == "mwa" and scheme is None:
-        scheme = "mwa"
-    if scheme == "mwa" and penalty is None:
-        raise ParameterError("MWA weighting needs --penalty")
-    if scheme in ("metric", "mwa") and not metric:
-        raise ParameterError(f"--weights {scheme} needs --metric (e.g. train_loss or step)")
-    spec = engine.make_spec(reg, m, inputs, scheme=scheme, metric=metric, penalty=penalty, power=power,
-                            direction=direction, base=base, params=_params(method_params), name=name, out=out,
-                            selection=selection, space=space, rank=rank, out_dtype=out_dtype)
+    spec = api.plan_merge(reg, list(checkpoints), run=run, last=last, every=every, exclude_final=exclude_final,
+                          skip_missing=skip_missing, method=m, scheme=scheme, metric=metric, direction=direction,
+                          penalty=penalty, power=power, base=base, params=params, space=space, rank=rank,
+                          out_dtype=out_dtype, out=out, name=name)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
         c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
                          progress=prog, out_shard_size=_size(out_shard_size))
