@@ -67,7 +67,7 @@ from .spool import Spool, _info_from_dict, _info_to_dict
 class Registry:
     """A checkpoint registry (one DuckDB file). See the package docstring for concurrency."""
 
-    def __init__(self, path=None, *, lock_timeout: float | None = None):
+    def __init__(self, path=None, *, lock_timeout: float | None = None, force_local_locks: bool = False):
         if path is None:
             path = os.environ.get("CKPTREG_DB") or "ckptreg.duckdb"
         self.path = pathlib.Path(path).expanduser().absolute()
@@ -75,7 +75,9 @@ class Registry:
         # training-loop entry points pass lock_timeout_for_training() instead (short, then spool)
         timeout = lock_timeout_from_env() if lock_timeout is None else _check_timeout(lock_timeout)
         #: the backend (connections, lock, migrations, engine-specific SQL)
-        self._db = DuckDBDriver(self.path, timeout)
+        # force_local_locks: open a DuckDB file on a network filesystem anyway (otherwise
+        # AccessError, exit 15, before anything is written; see DuckDBDriver.check_locks)
+        self._db = DuckDBDriver(self.path, timeout, force_local_locks=force_local_locks)
         self._spool_ = Spool(self.path)
         self._db.on_open = self._ingest_spool
         #: What the last add() on this object did: {"id", "ref", "status": "added" | "unchanged"
@@ -279,6 +281,15 @@ class Registry:
             same = self._plain_conflict(old_row, info, what, replace)
             if same:
                 self._outcome = {"id": int(old), "ref": what, "status": "unchanged"}
+                if replace is True:
+                    # an explicit --replace of the same files: the user vouches for them as they
+                    # are now, so their stats (inode change time...) are recorded again (and the
+                    # full hash, when one was computed); a plain re-add never does that
+                    sets, args = "files = ?", [_jdumps(_file_stats(info.files))]
+                    if full is not None:
+                        sets, args = sets + ", full_hash = ?", args + [_jdumps(full)]
+                    con.execute(f"UPDATE checkpoints SET {sets} WHERE id = ?", args + [int(old)])
+                    self._outcome["refreshed"] = True
                 return int(old)
             self._outcome = {"id": int(old), "ref": what, "status": "replaced",
                              "previous": {"path": old_row[2], "fingerprint": old_row[1]}}
@@ -845,15 +856,16 @@ class Registry:
             files = _jloads(con.execute("SELECT files FROM checkpoints WHERE id = ?", [c.id]).fetchone()[0]) or []
         return c, [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None} for f in files]
 
-    def _status(self, c: Checkpoint, files: list[dict]) -> tuple[str, str]:
-        from .. import formats
-
+    def _status(self, c: Checkpoint, files: list[dict], full_hash=None) -> tuple[str, str]:
+        """(status, detail) of the cheap check: files present, sampled fingerprint, and (rows
+        registered with ``ctime_ns``) inode change time and inode as recorded. ``full_hash``: the
+        checkpoint's recorded {file: full hash}, compared (only) for files whose ctime/inode moved."""
         missing = [f["path"] for f in files if not os.path.exists(f["path"])]
         if missing:
             return "missing", "missing: " + ", ".join(missing)
         try:
             if self._fingerprint_ok(c.fingerprint, [f["path"] for f in files]):
-                return "ok", ""
+                return self._ctime_status(files, full_hash)
         except CkptregError as e:
             return "changed", str(e)
         changed = []
@@ -866,6 +878,43 @@ class Registry:
                 changed.append(f["path"])
         names = changed or [f["path"] for f in files]
         return "changed", "changed since registration: " + ", ".join(names)
+
+    def _ctime_status(self, files: list[dict], full_hash=None) -> tuple[str, str]:
+        """The sampled fingerprint matched; did anything write a file (or reset its times)
+        since registration? A write, and a utime call restoring the mtime, set st_ctime to now
+        (no user can set it back), a replacement has another inode. Rows without ``ctime_ns``
+        (registered by an older ckptreg) are not checked. The device number is recorded but not
+        compared (it can change across reboots/remounts for the same file)."""
+        moved = []
+        for f in files:
+            if f.get("ctime_ns") is None:
+                continue
+            try:
+                st = os.stat(f["path"])
+            except OSError:
+                moved.append(f["path"])
+                continue
+            if st.st_ctime_ns != f["ctime_ns"] or (f.get("ino") is not None and st.st_ino != f["ino"]):
+                moved.append(f["path"])
+        if not moved:
+            return "ok", ""
+        if callable(full_hash):
+            full_hash = full_hash()
+        if isinstance(full_hash, dict) and all(p in full_hash for p in moved):
+            try:
+                now = self._full_hashes(moved)   # the only case the cheap check reads whole files
+            except CkptregError as e:
+                return "changed", str(e)
+            bad = [p for p in moved if full_hash.get(p) != now[p]]
+            if bad:
+                return "changed", "content changed since its full hash was recorded: " + ", ".join(bad)
+            return "ok", ("inode change time moved since registration; full hash matches: "
+                          + ", ".join(moved))
+        return "changed", (", ".join(moved) + ": inode change time moved since registration (the file "
+                           "was written or its times reset); the sampled fingerprint matches but "
+                           "cannot prove the content is unchanged: run `ckptreg verify --full` after "
+                           "re-adding, or re-register with `ckptreg add --replace` if the change is "
+                           "known to be harmless (chmod/chown also move it)")
 
     @staticmethod
     def _fingerprint_ok(stored: str, files) -> bool:
@@ -883,19 +932,22 @@ class Registry:
         """ChangedError naming the file(s) when the checkpoint's files differ from registration;
         ``full``: also compare every byte with the full hash, when one was recorded."""
         c, files = self._file_rows(ckpt)
-        status, detail = self._status(c, files)
+        status, detail = self._status(c, files, lambda: self._stored_full_hash(c.id))
         if status != "ok":
             raise ChangedError(f"{c.ref} (id {c.id}): {detail}")
         if full:
-            with self._reader() as con:
-                old = _jloads(con.execute("SELECT full_hash FROM checkpoints WHERE id = ?",
-                                          [c.id]).fetchone()[0])
+            old = self._stored_full_hash(c.id)
             if isinstance(old, dict):
                 now = self._full_hashes([f["path"] for f in files])
                 bad = [p for p in now if old.get(p) != now[p]]
                 if bad:
                     raise ChangedError(f"{c.ref} (id {c.id}): content changed since its full hash was "
                                        "recorded: " + ", ".join(bad))
+
+    def _stored_full_hash(self, cid: int):
+        with self._reader() as con:
+            return _jloads(con.execute("SELECT full_hash FROM checkpoints WHERE id = ?",
+                                       [cid]).fetchone()[0])
 
     @staticmethod
     def _full_hashes(files) -> dict[str, str]:
@@ -927,7 +979,7 @@ class Registry:
         for c in cs:
             fl = [f if isinstance(f, dict) else {"path": f, "size": None, "mtime_ns": None}
                   for f in files.get(c.id, [])]
-            status, detail = self._status(c, fl)
+            status, detail = self._status(c, fl, stored.get(c.id))
             row = {"id": c.id, "ref": c.ref, "path": c.path, "status": status, "detail": detail}
             if full and status == "ok":
                 paths = [f["path"] for f in fl]

@@ -230,11 +230,16 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 
 def _file_stats(files) -> list[dict]:
+    """What the registry keeps of each tensor file at registration: size and mtime (gc/rm and
+    the cheap check), and the inode change time, inode and device: a write, or a utime call that
+    restores the mtime, sets st_ctime to now and no user can set it back, so the cheap verify
+    can tell a file touched since registration even when its sampled fingerprint matches."""
     out = []
     for f in files:
         try:
             st = os.stat(f)
-            out.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            out.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "dev": st.st_dev})
         except OSError:
             out.append({"path": str(f), "size": None, "mtime_ns": None})
     return out
