@@ -8,6 +8,7 @@ from mountinfo texts in the kernel's format.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -250,3 +251,110 @@ def test_statfs_magics_of_network_filesystems_are_refused():
 def test_empty_or_foreign_table_is_unknown_and_accepted():
     assert fsinfo.filesystem_type("/x/reg.duckdb", mountinfo="") == "unknown"
     assert fsinfo.check_local_locks("/x/reg.duckdb", mountinfo="garbage\n") == "unknown"
+
+
+# ----------------------------------------------------------------------------- the registry refuses it
+
+def _export_files(export):
+    return sorted(os.path.relpath(os.path.join(d, f), export) for d, _, fs in os.walk(export) for f in fs)
+
+
+def test_cli_refuses_a_registry_on_a_real_network_filesystem(sshfs_mount, tmp_path, monkeypatch):
+    """``ckptreg --db MNT/r.duckdb ...`` on the sshfs mount: every command, reading or writing, exits
+    15 naming the path and the filesystem before any file is made there (no database, lock file or
+    spool); ``--force-local-locks`` (or its environment variable) opens it."""
+    from click.testing import CliRunner
+
+    from ckptreg.cli import main
+    from ckptreg.registry import Registry
+    from helpers_files import write_peft_adapter
+
+    mnt, export = sshfs_mount
+    monkeypatch.delenv(fsinfo.FORCE_ENV, raising=False)
+    ckpt = write_peft_adapter(tmp_path / "out" / "checkpoint-10", 0)  # the checkpoint is local
+    db = mnt / "r.duckdb"
+    runner = CliRunner()
+    add = ["add", str(ckpt), "--run", "sft", "--step", "10", "--metric", "train_loss=0.5"]
+    for cmd in (add, ["ls", "--run", "sft"], ["runs"], ["sql", "SELECT 1"], ["show", "sft@10"],
+                ["best", "--run", "sft", "--metric", "train_loss"],
+                ["leaderboard", "--run", "sft", "--score", "train_loss"]):
+        r = runner.invoke(main, ["--db", str(db)] + cmd)
+        assert r.exit_code == 15, (cmd, r.output)
+        err = r.stderr
+        for part in (f"error: {db}", "network filesystem", "fuse.sshfs", str(mnt), "--force-local-locks",
+                     "postgresql://"):
+            assert part in err, (cmd, part, err)
+        assert _export_files(export) == [], cmd          # nothing written on the share
+    assert not db.exists()
+
+    r = runner.invoke(main, ["--db", str(db), "--force-local-locks"] + add)
+    assert r.exit_code == 0, r.output
+    assert (export / "r.duckdb").exists()
+    r = runner.invoke(main, ["--db", str(db), "--force-local-locks", "ls", "--run", "sft", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [row["step"] for row in json.loads(r.stdout)] == [10]
+    # the environment variable is the same switch (trainer jobs, scripts)
+    monkeypatch.setenv(fsinfo.FORCE_ENV, "1")
+    r = runner.invoke(main, ["--db", str(db), "ls", "--run", "sft", "--json"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.delenv(fsinfo.FORCE_ENV)
+    # without it the existing file is refused again, and stays as it was
+    before = (export / "r.duckdb").read_bytes()
+    r = runner.invoke(main, ["--db", str(db), "add", str(ckpt), "--run", "sft", "--step", "20"])
+    assert r.exit_code == 15, r.output
+    assert (export / "r.duckdb").read_bytes() == before
+    assert [c.step for c in Registry(db, force_local_locks=True).checkpoints("sft")] == [10]
+    # the Python class: refused unless told
+    with pytest.raises(AccessError):
+        Registry(db).checkpoints("sft")
+
+
+@pytest.mark.slow  # ~7 s: two tiny HF Trainer runs
+def test_training_loop_on_a_network_filesystem_is_not_raised_into(sshfs_mount, tmp_path, monkeypatch):
+    """A non-strict trainer callback whose registry is on the sshfs mount: training finishes, each
+    save is a warning and a "failed" result naming the filesystem, nothing is written on the
+    share; strict=True and the plain ``ckptreg.add`` raise the AccessError; the environment
+    variable lets them register."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import ckptreg
+    from ckptreg.integrations.hf import CkptregCallback
+    from ckptreg.registry import Registry
+
+    mnt, export = sshfs_mount
+    monkeypatch.delenv(fsinfo.FORCE_ENV, raising=False)
+    db = mnt / "train.duckdb"
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = (torch.arange(8) + i) % 32
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    def train(out, cb):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0))
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_steps=1,
+            report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]).train()
+
+    cb = CkptregCallback(run="sft", db=db)
+    with pytest.warns(RuntimeWarning, match="network filesystem"):
+        train(tmp_path / "a", cb)                      # not raised into
+    res = cb.results()
+    assert sorted(res) == [1, 2] and all(v["status"] == "failed" for v in res.values()), res
+    assert all("fuse.sshfs" in v["reason"] for v in res.values()), res
+    assert _export_files(export) == []
+    with pytest.raises(AccessError):
+        train(tmp_path / "b", CkptregCallback(run="sft", db=db, strict=True))
+    with pytest.raises(AccessError):
+        ckptreg.add(tmp_path / "a" / "checkpoint-2", run="sft", db=db)
+    assert _export_files(export) == []
+    monkeypatch.setenv(fsinfo.FORCE_ENV, "1")
+    assert ckptreg.add(tmp_path / "a" / "checkpoint-2", run="sft", db=db) is not None
+    assert [c.step for c in Registry(db).checkpoints("sft")] == [2]

@@ -28,12 +28,17 @@ class CkptregGroup(click.Group):
              epilog="\b\nExample:\n  ckptreg add out/checkpoint-500 --run sft --metric train_loss=0.91\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7")
 @click.option("--db", "db", envvar="CKPTREG_DB", default=None, metavar="PATH",
               help="Registry database (default ./ckptreg.duckdb; env CKPTREG_DB).")
+@click.option("--force-local-locks", "force_local_locks", is_flag=True, envvar="CKPTREG_FORCE_LOCAL_LOCKS",
+              help="Open a .duckdb registry on a network filesystem (NFS, SMB, sshfs, ...) anyway, "
+                   "where file locks do not keep two machines apart: only if one process on one "
+                   "machine ever opens it (env CKPTREG_FORCE_LOCAL_LOCKS=1).")
 @click.version_option(package_name="ckptreg")
 @click.pass_context
-def main(ctx, db):
+def main(ctx, db, force_local_locks):
     """ckptreg: register checkpoints from any training loop; merge them (MWA, TIES, DARE, SLERP, CART)."""
     ctx.ensure_object(dict)
     ctx.obj["db"] = db
+    ctx.obj["force_local_locks"] = bool(force_local_locks)
 
 
 def pass_db(f):
@@ -47,6 +52,15 @@ def pass_db(f):
         return f(db, *args, **kwargs)
 
     return wrapper
+
+
+def force_local_locks() -> bool:
+    """The ``--force-local-locks`` flag of the running command (False outside one): every
+    ``Registry`` the CLI builds gets it (``Registry(db, force_local_locks=...)``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    return bool((ctx.find_root().obj or {}).get("force_local_locks"))
 
 
 def _register_subcommands():

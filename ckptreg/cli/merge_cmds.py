@@ -22,8 +22,9 @@ def _table():
 
 def _registry(db):
     from ..registry import Registry
+    from . import force_local_locks
 
-    return Registry(db)
+    return Registry(db, force_local_locks=force_local_locks())
 
 
 def _method(value: str) -> str:
@@ -597,7 +598,7 @@ def leaderboard_cmd(db, run, score, base, plot, as_json):
     """Rank merged and plain checkpoints of a run by a weighted score (Table 2 of the paper)."""
     from .. import api
 
-    rows = api.leaderboard(db, run, score, base=base, plot=plot)
+    rows = api.leaderboard(_registry(db), run, score, base=base, plot=plot)
     if plot and not as_json:
         _fmt.info(f"wrote {plot}")
     if as_json:

@@ -14,7 +14,7 @@ import sys
 import click
 
 from ..errors import ChangedError, DuplicateError, NotFoundError, UsageError
-from . import pass_db
+from . import force_local_locks, pass_db
 from ._fmt import emit_json, info, kv, table
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -25,7 +25,7 @@ def _registry(db):
 
     # lock_timeout=None: $CKPTREG_LOCK_TIMEOUT, else the interactive wait (30 s);
     # UsageError (exit 2) for a value that is not a number of seconds >= 0
-    return Registry(db)
+    return Registry(db, force_local_locks=force_local_locks())
 
 
 def parse_kv_number(s: str, arg: str) -> tuple[str, float]:

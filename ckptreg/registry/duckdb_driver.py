@@ -215,9 +215,12 @@ class DuckDBDriver:
 
     name = "duckdb"
 
-    def __init__(self, path: pathlib.Path, lock_timeout: float):
+    def __init__(self, path: pathlib.Path, lock_timeout: float, *, force_local_locks: bool = False):
         self.path = path
         self.lock_timeout = lock_timeout
+        #: skip the network-filesystem refusal (``--force-local-locks``; see :meth:`check_locks`)
+        self.force_local_locks = bool(force_local_locks)
+        self._locks_ok = False  # check_locks passed once for this object
         self.lock_path = pathlib.Path(str(self.path) + ".lock")
         self.on_open = None
         self.held = None  # the connection while inside hold() (Registry.batch)
@@ -243,6 +246,20 @@ class DuckDBDriver:
         if not parent.is_dir():
             raise NotFoundError(f"{self.path}: the registry's folder {parent} does not exist "
                                 f"(check --db / CKPTREG_DB; create the folder to start a new registry there)")
+        self.check_locks()
+
+    def check_locks(self) -> None:
+        """AccessError (exit 15) when the database is on a filesystem whose file locks do not keep
+        two machines' writers apart (NFS, SMB, sshfs, ...: :func:`ckptreg.fsinfo.check_local_locks`),
+        unless ``force_local_locks`` or ``$CKPTREG_FORCE_LOCAL_LOCKS``. Runs before any lock file,
+        connection or database file is made; decided once per object (a statfs, and the mount
+        table for FUSE), a refusal is re-raised on every call."""
+        if self._locks_ok:
+            return
+        from ..fsinfo import check_local_locks
+
+        check_local_locks(self.path, force=self.force_local_locks)
+        self._locks_ok = True
 
     def _acquire_lock(self, deadline: float):
         import filelock
@@ -288,6 +305,7 @@ class DuckDBDriver:
         """Attach the registry file to this process's engine (:func:`_engine`) on a fresh
         connection of its own, the file as that connection's default database; retried with
         jitter while another process (or thread) holds the file. Undo with :meth:`_close`."""
+        self.check_locks()
         duckdb = _duckdb()
         eng = _engine()
         alias = f"ckptreg_{next(_ALIASES)}"
@@ -699,6 +717,7 @@ class DuckDBDriver:
         """A dedicated, locked-down, read-only connection to the registry file (see
         ``Registry.sql``); an empty in-memory registry when the file does not exist. Retried
         while busy."""
+        self.check_locks()
         duckdb = _duckdb()
         if not self.path.exists():
             con = duckdb.connect(":memory:", config=dict(_SQL_CONFIG))
