@@ -379,7 +379,7 @@ def test_pickle_free_progress_and_peft_files(lora):
                      progress=lambda d, t, n: seen.append((d, t, n)), chunk_elems=CHUNK)
     assert seen and seen[-1][0] == seen[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
-    assert sorted(os.listdir(c.path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(c.path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_pickle_inputs_give_safetensors(tmp_path):
@@ -393,7 +393,7 @@ def test_pickle_inputs_give_safetensors(tmp_path):
         reg.add(d, run="pk", step=i + 1, allow_pickle=True)
     ins = reg.select("pk", 3)
     c = engine.merge(reg, engine.make_spec(reg, "uniform", ins, selection={"last": 3}))
-    assert sorted(os.listdir(c.path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(c.path)) == ["README.md", "config.json", "model.safetensors"]
     out = load_any(c.path)
     for k in out:
         assert close(out[k], ref_linear([s[k] for s in states], [1 / 3] * 3))

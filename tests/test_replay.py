@@ -198,6 +198,48 @@ def test_card_replaces_an_input_readme(tmp_path):
     assert card.startswith("# o\n") and "base model's card" not in card
 
 
+def test_card_in_sweep_peft_and_sharded_outputs(tmp_path):
+    """Every folder layout gets the card: each sweep output (PEFT adapters whose inputs carry
+    their own README.md, which is not copied), and a folder of shards from single-file inputs;
+    each lists README.md in ckptreg_files, and --overwrite replaces such a folder."""
+    from safetensors.torch import save_file
+
+    from ckptreg.safetensors_io import read_header
+    from helpers_files import random_full_state
+
+    make_lora_run(tmp_path, run="sft", steps=(10, 20, 30))
+    for s in (10, 20, 30):
+        (tmp_path / "sft" / f"checkpoint-{s}" / "README.md").write_text("# the adapter's own card\n")
+    run = _cli(tmp_path / "reg.duckdb")
+    res = run("sweep", "--run", "sft", "--last", "2,3", "--method", "uniform", "-o", tmp_path / "sw", "-q", "--json")
+    rows = json.loads(res.output)
+    assert len(rows) == 2
+    for r in rows:
+        card = (Path(r["path"]) / "README.md").read_text()
+        assert card.startswith(f"# {r['name']}\n") and "adapter's own card" not in card
+        assert f"ckptreg merge --replay sft@{r['name']} -o {r['name']}-replay" in card
+        md = read_header(Path(r["path"]) / "adapter_model.safetensors").metadata
+        assert "README.md" in json.loads(md["ckptreg_files"])
+    run("sweep", "--run", "sft", "--last", "2,3", "--method", "uniform", "-o", tmp_path / "sw", "-q", "--overwrite")
+
+    reg = Registry(tmp_path / "reg.duckdb")
+    (tmp_path / "in").mkdir()
+    for s in (1, 2):
+        p = tmp_path / "in" / f"s{s}.safetensors"
+        save_file(random_full_state(s), str(p))
+        reg.add(p, run="f", step=s)
+    run("merge", "f@1", "f@2", "-o", tmp_path / "sh", "--name", "sh", "--out-shard-size", "1000")
+    files = sorted(p.name for p in (tmp_path / "sh").iterdir())
+    assert "README.md" in files and "model.safetensors.index.json" in files
+    assert (tmp_path / "sh" / "README.md").read_text().startswith("# sh\n")
+    md = read_header(next((tmp_path / "sh").glob("model-*.safetensors"))).metadata
+    assert sorted(json.loads(md["ckptreg_files"])) == files
+    # a different merge under the same name and path: --overwrite must take the folder as ckptreg's
+    run("merge", "f@1", "f@2", "-o", tmp_path / "sh", "--name", "sh", "--out-shard-size", "1000",
+        "--method", "slerp", "--t", "0.3", "--overwrite")
+    assert "`slerp`" in (tmp_path / "sh" / "README.md").read_text()
+
+
 def _engine_has_param_rules() -> bool:
     import dataclasses
 
