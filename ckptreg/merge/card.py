@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["CARD_NAME", "render_card"]
+__all__ = ["CARD_NAME", "render_card", "card_for"]
 
 #: the card's file name inside an output folder (listed in the folder's ``ckptreg_files``)
 CARD_NAME = "README.md"
