@@ -912,9 +912,11 @@ class Registry:
                           + ", ".join(moved))
         return "changed", (", ".join(moved) + ": inode change time moved since registration (the file "
                            "was written or its times reset); the sampled fingerprint matches but "
-                           "cannot prove the content is unchanged: run `ckptreg verify --full` after "
-                           "re-adding, or re-register with `ckptreg add --replace` if the change is "
-                           "known to be harmless (chmod/chown also move it)")
+                           "cannot prove the content is unchanged (no full hash was recorded to "
+                           "compare with). If the change is known to be harmless (chmod/chown also "
+                           "move it), re-register the files with `ckptreg add PATH --run RUN --step "
+                           "STEP --replace --full-hash`; later `ckptreg verify` then compares every "
+                           "byte when this happens again")
 
     @staticmethod
     def _fingerprint_ok(stored: str, files) -> bool:
