@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import MergeSpec
     from .registry import Checkpoint, Registry
 
-__all__ = ["merge", "sweep", "plan_sweep", "plan_merge", "leaderboard", "select_inputs", "SweepPlan",
+__all__ = ["merge", "sweep", "plan_sweep", "expand_sweep", "plan_merge", "leaderboard", "select_inputs", "SweepPlan",
            "Leaderboard", "check_weight_params"]
 
 #: a database: a path (str / PathLike), an open Registry, or None (``$CKPTREG_DB`` or ./ckptreg.duckdb)
@@ -230,6 +230,28 @@ def plan_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: int 
     go to (each spec's ``out`` is set to ``out/NAME``)."""
     from . import engine
 
+    specs, skipped = expand_sweep(db, run=run, last=last, every=every, exclude_final=exclude_final,
+                                  skip_missing=skip_missing, method=method, metric=metric, penalty=penalty,
+                                  power=power, direction=direction, params=params, base=base, out_dtype=out_dtype,
+                                  out=out)
+    uniq, dropped = engine.dedupe_specs(specs)
+    return SweepPlan(specs=uniq, skipped=skipped, dropped=[specs[i].name for i in sorted(dropped)],
+                     out_dir=None if out is None else os.fspath(out), out_dtype=out_dtype, run=run)
+
+
+def expand_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: int | Sequence[int] | str = 1,
+                 exclude_final: bool = False, skip_missing: bool = False,
+                 method: str | Sequence[str] = ("uniform", "mwa"), metric: str | Sequence[str] = ("train_loss",),
+                 penalty: float | Sequence[float] | str = (0.7,), power: float | None = None,
+                 direction: str | None = None, params: dict[str, Any] | None = None, base: Ref | None = None,
+                 out_dtype: str | None = None, out: str | os.PathLike | None = None) -> tuple[list, list[str]]:
+    """The grid of :func:`plan_sweep` before duplicates are dropped: ``(specs, skipped)``, one
+    spec per grid point in grid order (K, M, method, metric, penalty), duplicates kept (running
+    them with ``engine.sweep`` merges each once; every spec gets the registered checkpoint), each
+    spec's ``out`` set to ``out/NAME`` when ``out`` is given. Same arguments and errors as
+    :func:`plan_sweep`."""
+    from . import engine
+
     lasts = _as_list(last, int, "--last")
     everys = _as_list(every, int, "--every")
     methods = [engine.canonical_method(m) for m in _as_list(method, str, "--method")]
@@ -264,13 +286,10 @@ def plan_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: int 
                                               out_dtype=out_dtype))
     if not specs:
         raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
-    uniq, dropped = engine.dedupe_specs(specs)
-    out_dir = None if out is None else os.fspath(out)
-    if out_dir is not None:
-        for s in uniq:
-            s.out = str(engine.default_out(s, parent=out_dir))
-    return SweepPlan(specs=uniq, skipped=skipped, dropped=[specs[i].name for i in sorted(dropped)],
-                     out_dir=out_dir, out_dtype=out_dtype, run=run)
+    if out is not None:
+        for s in specs:
+            s.out = str(engine.default_out(s, parent=os.fspath(out)))
+    return specs, skipped
 
 
 def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,

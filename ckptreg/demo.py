@@ -704,7 +704,7 @@ def run_demo(db=None, out="ckptreg-demo", *, steps: int | None = None, seed: int
 
 
 def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
-    from . import engine
+    from . import api, engine
     from . import leaderboard as lb
     from . import plots
     from .registry import Registry
@@ -811,15 +811,21 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         m = scores[c.id]
         return (-m[SCORE], m["heldout_loss"])
 
-    # 4a. uniform soups of the last k, with and without intervals
-    soup_specs = []
-    for k in plan.soup_sizes:
-        if k <= n_avail:
-            soup_specs.append(spec("uniform", k, 1))
-    for k in plan.soup_sizes:
-        for m in plan.intervals:
-            if (k - 1) * m + 1 <= n_avail and k >= 2:
-                soup_specs.append(spec("uniform", k, m))
+    def grid(**kw):
+        """The sweep grid's specs (``api.expand_sweep``: the one grid expansion; windows the run
+        cannot fill are left out), duplicates kept (engine.sweep merges them once)."""
+        return api.expand_sweep(reg, run=run, exclude_final=True, out=merged_dir, **kw)[0]
+
+    # 4a. uniform soups of the last k, with and without intervals: every k first, then each k
+    # over the intervals (k >= 2), in the plan's order
+    sizes, everys = list(plan.soup_sizes), [1] + [m for m in plan.intervals if m != 1]
+
+    def soup_order(s):
+        k, m = s.selection["last"], s.selection["every"]
+        return (m != 1, sizes.index(k), everys.index(m))
+
+    soup_specs = sorted((s for s in grid(last=sizes, every=everys, method="uniform")
+                         if s.selection["every"] == 1 or s.selection["last"] >= 2), key=soup_order)
     soups = run_sweep(soup_specs, "uniform soups (last k, last k every m)")
     soup_sel = {c.id: s.selection for c, s in zip(soups, soup_specs)}
     shortlist = sorted(soups, key=rank_key)[: plan.shortlist]
@@ -827,11 +833,8 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
     say("  shortlisted: " + ", ".join(f"{c.name} ({scores[c.id][SCORE]:.3f})" for c in shortlist))
 
     # 4b. loss- and step-weighted MWA over the penalties, on the shortlisted windows (one pass)
-    mwa_specs = []
-    for (k, m) in short_windows:
-        for metric in plan.mwa_metrics:
-            for p in plan.penalties:
-                mwa_specs.append(spec("mwa", k, m, metric=metric, penalty=p))
+    mwa_specs = [s for (k, m) in short_windows
+                 for s in grid(last=k, every=m, method="mwa", metric=plan.mwa_metrics, penalty=plan.penalties)]
     mwa = run_sweep(mwa_specs, "metrics-weighted averages (loss, steps) x penalties")
 
     # 4c. baselines: TIES, DARE-TIES (last 3/5/10), SLERP (last 2), base first and base last

@@ -278,13 +278,21 @@ def _fingerprint_v1(files, full: bool = False) -> str:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _load_json(path: Path, what: str) -> dict:
+def read_text(path, *, missing, unreadable) -> str:
+    """A UTF-8 text file's contents (config JSONs here, recipe files); ``missing()`` and
+    ``unreadable(exc)`` build the typed error raised when the file does not exist or cannot be
+    read or decoded (each caller keeps its own error class and wording)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file") from None
+        raise missing() from None
     except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot read {what}: {e}") from None
+        raise unreadable(e) from None
+
+
+def _load_json(path: Path, what: str) -> dict:
+    text = read_text(path, missing=lambda: NotFoundError(f"{path}: no such file"),
+                     unreadable=lambda e: FormatError(f"{path}: cannot read {what}: {e}"))
     try:
         obj = json.loads(text)
     except ValueError as e:

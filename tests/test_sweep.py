@@ -1,13 +1,12 @@
 """Sweeps: one pass for all weighted sums, bitwise equal to the same merges run one by one."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
-from ckptreg import engine
+from ckptreg import api, engine
 from ckptreg.errors import OutputExistsError, ParameterError
 from ckptreg.registry import Registry
 from helpers_engine import close, load_any, make_full_run, make_lora_run
@@ -17,16 +16,10 @@ STEPS = tuple(range(10, 130, 10))  # 12 checkpoints
 
 
 def _paper_specs(reg, run, out_dir=None):
-    specs = []
-    for k, m in itertools.product((2, 3, 4), (1, 3)):
-        ins = reg.select(run, k, m)
-        sel = {"last": k, "every": m}
-        specs.append(engine.make_spec(reg, "uniform", ins, selection=sel))
-        for metric, p in itertools.product(("train_loss", "step"), (0.5, 0.9)):
-            specs.append(engine.make_spec(reg, "mwa", ins, metric=metric, penalty=p, selection=sel))
-    if out_dir is not None:
-        for s in specs:
-            s.out = str(engine.default_out(s, parent=out_dir))
+    """The paper's grid, K in (2, 3, 4) x M in (1, 3) x (uniform, MWA over loss/steps x penalties
+    0.5/0.9), as the library expands it (api.expand_sweep: plan_sweep's grid, duplicates kept)."""
+    specs, _skipped = api.expand_sweep(reg, run=run, last=(2, 3, 4), every=(1, 3), method=("uniform", "mwa"),
+                                       metric=("train_loss", "step"), penalty=(0.5, 0.9), out=out_dir)
     return specs
 
 

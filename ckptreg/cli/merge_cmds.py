@@ -53,18 +53,11 @@ def _size(text):
 
 
 def _split(text, conv, what):
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(conv(part))
-        except ValueError:
-            raise UsageError(f"{what}: {part!r} is not valid") from None
-    if not out:
-        raise UsageError(f"{what}: empty list")
-    return out
+    """A comma list option -> values (the library's parser, ``api._as_list``: UsageError naming
+    the option and the bad item, or an empty list)."""
+    from ..api import _as_list
+
+    return _as_list(str(text), conv, what)
 
 
 def _check_weight_params(penalty, power, density):

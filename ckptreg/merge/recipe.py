@@ -296,14 +296,12 @@ class Recipe:
 
 def load_recipe(path) -> Recipe:
     """Read and validate a recipe file (``.yaml``/``.yml`` need PyYAML; ``.json`` always works)."""
+    from ..formats import read_text
+
     p = Path(path)
     source = str(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"recipe {source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"recipe {source}: cannot be read ({e})") from None
+    text = read_text(p, missing=lambda: UsageError(f"recipe {source}: no such file"),
+                     unreadable=lambda e: UsageError(f"recipe {source}: cannot be read ({e})"))
     suffix = p.suffix.lower()
     if suffix == ".json":
         try:
