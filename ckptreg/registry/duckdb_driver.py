@@ -102,14 +102,16 @@ _ALIASES = itertools.count()
 
 #: DETACH does not checkpoint (~8 ms per add of a 500-tensor adapter: it rewrote the tables and
 #: their indexes into the main file). Durability is unchanged: DuckDB fsyncs the WAL at COMMIT.
-#: The WAL is folded into the file by the commit that takes it past 1 MB, so the replay every
-#: attach does (readers included) stays ~1-2 ms at most.
+#: The WAL is folded into the file by the commit that takes it past the threshold, so the replay
+#: every attach does (readers included) stays ~1 ms.
 #: The registry never needs an extension: a file that is not DuckDB's (a SQLite database, say)
 #: must fail to open, not make DuckDB download and load a scanner.
-#: (2 MB, not 1: DuckDB's commit-time estimate for the first add of a fresh registry, which
-#: appends to five empty tables with the events row, crossed 1 MB and checkpointed a 12 KB
-#: database into a 2.9 MB file at once; with 2 MB it stays in the WAL like every other add.)
-_ENGINE_CONFIG = {"checkpoint_on_detach": "DISABLED", "wal_autocheckpoint": "2MB",
+#: 256 KB: every operation ATTACHes the file and so replays the WAL; with 2 MB the replay was
+#: ~16 ms of a ~21 ms add and 8 concurrent writers managed 35 adds/s (target 50). With 256 KB the
+#: attach is ~1 ms and the checkpoint cost moves into the commit that crosses it: API add 17.9 ms,
+#: 8 writers 54 adds/s (bench/bench_registry.py, same run). The first add of a fresh registry
+#: checkpoints at once (a ~3 MB file), which a nearly full disk then refuses as DiskFullError.
+_ENGINE_CONFIG = {"checkpoint_on_detach": "DISABLED", "wal_autocheckpoint": "256KB",
                   "autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 #: ``Registry.sql``'s dedicated connection: read-only by construction. No file access beyond the
