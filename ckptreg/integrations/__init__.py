@@ -111,6 +111,28 @@ class _Reporter:
             if step not in self.registered:
                 self.failed[step] = self.errors[-1] if len(self.errors) > n_err else "not registered"
 
+    @staticmethod
+    def _retention_policy(retention):
+        """The validated ``retention=`` policy (a dict of Registry.gc keywords) or None."""
+        if retention is None:
+            return None
+        from ..registry import retention_policy
+
+        return retention_policy(retention)
+
+    def _apply_retention(self, cid) -> None:
+        """After a registered save: apply ``self.retention`` through the registry's gc
+        (``yes=True``: only registered files inside each pruned checkpoint's folder are deleted).
+        A spooled or failed add skips it (the next save applies it); errors warn like
+        registration errors."""
+        if self.retention is None or cid is None:
+            return
+
+        def do():
+            self.last_retention = self._registry().retain(self.run, self.retention)
+
+        self._guard(f"applying retention {self.retention} to run {self.run}", do)
+
     def results(self) -> dict[int, dict]:
         """What happened to each checkpoint this callback saw, by step: ``{"status":
         "registered", "id": N}``, ``{"status": "spooled", "id": None}`` (the database was busy;

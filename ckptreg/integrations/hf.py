@@ -37,7 +37,7 @@ class CkptregCallback(_Reporter, TrainerCallback):
                  replace: bool | None = None, keep_speed: bool = False, lock_timeout: float | None = None,
                  retention: dict | None = None):
         self._init_common(run, db, tags, strict, replace, lock_timeout)
-        self.retention = _retention_policy(retention)   # gc policy applied after each save
+        self.retention = self._retention_policy(retention)   # gc policy applied after each save
         self.last_retention = None
         self.keep_speed = keep_speed
 
@@ -87,7 +87,7 @@ class CkptregCallback(_Reporter, TrainerCallback):
             return
         metrics, steps = metrics_for_save(state.log_history, step, self._previous_save(args, state, step),
                                           keep_speed=self.keep_speed)
-        _apply_retention(self, self._add(folder, step, metrics, metric_steps=steps))
+        self._apply_retention(self._add(folder, step, metrics, metric_steps=steps))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero:
@@ -104,24 +104,3 @@ def _missing(folder):
 
     raise NotFoundError(f"{folder}: the Trainer reported a save but the checkpoint folder is not there")
 
-
-def _retention_policy(retention):
-    """The validated ``retention=`` policy (a dict of Registry.gc keywords) or None."""
-    if retention is None:
-        return None
-    from ..registry import retention_policy
-
-    return retention_policy(retention)
-
-
-def _apply_retention(cb, cid) -> None:
-    """After a registered save: apply ``cb.retention`` through the registry's gc (``yes=True``:
-    only registered files inside each pruned checkpoint's folder are deleted). A spooled or
-    failed add skips it (the next save applies it); errors warn like registration errors."""
-    if cb.retention is None or cid is None:
-        return
-
-    def do():
-        cb.last_retention = cb._registry().retain(cb.run, cb.retention)
-
-    cb._guard(f"applying retention {cb.retention} to run {cb.run}", do)

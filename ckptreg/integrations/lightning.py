@@ -44,7 +44,7 @@ class CkptregCallback(_Reporter, pl.Callback):
                  retention: dict | None = None):
         super().__init__()
         self._init_common(run, db, tags, strict, replace, lock_timeout)
-        self.retention = _retention_policy(retention)   # gc policy applied after each save
+        self.retention = self._retention_policy(retention)   # gc policy applied after each save
         self.last_retention = None
         self.include_last = include_last
         self._pending: list[tuple[str, int, dict]] = []
@@ -114,7 +114,7 @@ class CkptregCallback(_Reporter, pl.Callback):
             if not os.path.exists(path):
                 keep.append((path, step, metrics))
                 continue
-            _apply_retention(self, self._add(path, step, metrics, allow_pickle=True,
+            self._apply_retention(self._add(path, step, metrics, allow_pickle=True,
                                              metric_steps=self._save_steps.pop(step, None)))
             if step in self.registered:   # registered or spooled; a failure is in self.failed
                 self._saved_metrics[step] = dict(metrics)
@@ -171,24 +171,3 @@ class CkptregCallback(_Reporter, pl.Callback):
         if self._pending:
             self._flush()
 
-
-def _retention_policy(retention):
-    """The validated ``retention=`` policy (a dict of Registry.gc keywords) or None."""
-    if retention is None:
-        return None
-    from ..registry import retention_policy
-
-    return retention_policy(retention)
-
-
-def _apply_retention(cb, cid) -> None:
-    """After a registered save: apply ``cb.retention`` through the registry's gc (``yes=True``:
-    only registered files inside each pruned checkpoint's folder are deleted). A spooled or
-    failed add skips it (the next save applies it); errors warn like registration errors."""
-    if cb.retention is None or cid is None:
-        return
-
-    def do():
-        cb.last_retention = cb._registry().retain(cb.run, cb.retention)
-
-    cb._guard(f"applying retention {cb.retention} to run {cb.run}", do)
