@@ -105,7 +105,7 @@ def test_merge_explicit_checkpoints_methods_and_flags(env):
     # dashes, weights on a task method, delta space with a rank, out dtype, explicit name
     res = run("merge", "--run", "sft", "--last", 3, "--method", "dare-linear", "--density", 0.9, "--seed", 3,
               "--base", "first", "--weights", "mwa", "--metric", "train_loss", "--penalty", 0.8, "--quiet")
-    assert res.output.split()[1] == "dare_linear_last_3_loss_pf-0_8_base_first_incl_final_seed3"
+    assert res.output.split()[1] == "dare_linear_last_3_loss_pf-0_8_base_first_incl_final_d0_9_seed3"
     lin = reg.lineage(int(res.output.split()[0]))
     assert sum(i["weight"] for i in lin["inputs"]) == pytest.approx(3.0)
     res = run("merge", "--run", "sft", "--last", 2, "--method", "uniform", "--space", "delta", "--rank", 8,
@@ -120,7 +120,7 @@ def test_merge_explicit_checkpoints_methods_and_flags(env):
     run("merge", "--run", "sft", "--last", 3, "--method", "task_arithmetic", "--base", "first", "-q")
     names = {c.name for c in reg.checkpoints("sft", merged=True)}
     assert {"slerp_last_2_base_last_incl_final_t0_25", "cart_last_3_incl_final_lam1_5_rr0_2",
-            "magnitude_prune_last_3_base_last_incl_final", "task_arithmetic_last_3_base_first_incl_final"} <= names
+            "magnitude_prune_last_3_base_last_incl_final_d0_3", "task_arithmetic_last_3_base_first_incl_final"} <= names
 
 
 def test_merge_errors_exit_nonzero_and_leave_state(env):

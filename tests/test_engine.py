@@ -81,14 +81,15 @@ def test_task_methods_match_reference(lora, method, scheme):
     lin = lora.lineage(c.id)
     assert lin["base"] == spec.base.id and lin["params"]["density"] == 0.4
     assert spec.name.startswith(f"{method}_last_3") and spec.name.endswith(
-        "_base_first_incl_final_lam0_9" + ("_seed7" if method.startswith("dare") else ""))
+        "_base_first_incl_final" + ("" if method == "task_arithmetic" else "_d0_4") + "_lam0_9"
+        + ("_seed7" if method.startswith("dare") else ""))
 
 
 def test_ties_frequency_sign_and_base_last(lora):
     ins = lora.select("sft", 4, exclude_final=True)
     spec = engine.make_spec(lora, "ties", ins, base="last", params={"density": 0.7, "sign": "frequency"},
                             selection={"last": 4})
-    assert spec.base.id == lora.final("sft").id and spec.name == "ties_last_4_base_last_freq"
+    assert spec.base.id == lora.final("sft").id and spec.name == "ties_last_4_base_last_d0_7_freq"
     c = engine.merge(lora, spec)
     out, srcs, base = load_any(c.path), _srcs(ins), load_any(spec.base.path)
     for k in out:

@@ -105,10 +105,11 @@ def test_api_merge_up_to_date_needs_unchanged_output_and_the_same_input_fingerpr
                              selection={"last": 3})
     again = engine.merge(reg, spec2)
     assert spec2.status == engine.UP_TO_DATE and again.id == c.id and again == reg.get(c.id)
-    # other method parameters are not the same merge
+    # other method parameters are not the same merge (the same name given explicitly: by
+    # default density 0.7 would be named _d0_7, another output)
     with pytest.raises(OutputExistsError):
         engine.merge(reg, engine.make_spec(reg, "ties", reg.select("sft", 3), base="first",
-                                           params={"density": 0.7}, selection={"last": 3}))
+                                           params={"density": 0.7}, selection={"last": 3}, name=spec.name))
     # an input re-registered with other files (same id, new fingerprint) is not up to date
     final = reg.final("sft")
     write_peft_adapter(final.path, random_lora_state(999, n_layers=2, d=24, r=4), r=4, alpha=8, d=24)

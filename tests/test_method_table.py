@@ -144,12 +144,12 @@ def test_sweep_over_a_comma_list_of_a_sweepable_parameter(tmp_path):
                "--density", "0.3,0.6", "--base", "first", "-o", tmp_path / "sw", "-q", "--json")
     assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.output)}
-    assert set(rows) == {"ties_last_2_base_first_density0_3", "ties_last_2_base_first_density0_6",
+    assert set(rows) == {"ties_last_2_base_first_d0_3", "ties_last_2_base_first_d0_6",
                          "last_2_unweighted"}
     ins = reg.select("full", 2, exclude_final=True)
     for d in (0.3, 0.6):
         spec = engine.make_spec(reg, "ties", ins, base="first", params={"density": d}, name=f"ref_{d}",
                                 selection={"last": 2, "exclude_final": True}, out=str(tmp_path / f"ref{d}"))
         ref = load_any(engine.merge(reg, spec).path)
-        got = load_any(reg.get(rows[f"ties_last_2_base_first_density{str(d).replace('.', '_')}"]["id"]).path)
+        got = load_any(reg.get(rows[f"ties_last_2_base_first_d{str(d).replace('.', '_')}"]["id"]).path)
         assert all(torch.equal(got[n], ref[n]) for n in ref)

@@ -87,12 +87,12 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
 
     - method parameters that differ from their defaults: ``_freq`` (TIES/DARE-TIES sign election
       by frequency; default total), ``_lam<λ>`` (λ ≠ 1), ``_t<t>`` (SLERP t ≠ 0.5), ``_rr<ρ>``
-      (CART rank ratio ≠ 0.08), ``_seed<s>`` (DARE seed ≠ 0).
+      (CART rank ratio ≠ 0.08), ``_seed<s>`` (DARE seed ≠ 0), ``_d<density>`` (TIES/DARE/prune
+      density ≠ 0.5: density is required, and the paper-style baseline names are taken to mean 0.5,
+      the value the paper does not state; ckptreg's documented convention).
 
-    ``density`` has no default (TIES/DARE/prune require it) and is not in the name, as in the
-    paper's baseline names; it is in the lineage and the recipe, so a merge that differs only in
-    density is refused at the same path and is the next version of the name elsewhere, never taken
-    for an identical one."""
+    Each fragment comes from the method table (``ParamDef.fragment`` / ``name_default``), so a
+    method added to the table names its own parameters the same way."""
     from .. import weights as W
 
     parts = []

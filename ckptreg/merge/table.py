@@ -58,8 +58,10 @@ class ParamDef:
     (``lo_open``/``hi_open``: the bound itself is excluded); ``finite``: NaN/inf refused.
     ``required``: no default, the merge is refused without it. ``fragment``: the name
     suffix prefix when the value differs from ``default`` (``"lam"`` -> ``_lam0_5``; a string
-    ``"=freq"`` is the literal suffix); None: never in the name. ``cli``: the option flag
-    (default ``--name-with-dashes``); ``flag_value``: the option is a flag setting this value."""
+    ``"=freq"`` is the literal suffix); None: never in the name. ``name_default``: for a
+    required parameter (no ``default``), the value the paper-style name assumes (no suffix);
+    any other value is named. ``cli``: the option flag (default ``--name-with-dashes``);
+    ``flag_value``: the option is a flag setting this value."""
 
     name: str
     type: str = "float"
@@ -77,6 +79,7 @@ class ParamDef:
     cli: str | None = None
     flag_value: object = None
     aliases: tuple = ()
+    name_default: object = None
 
     @property
     def flag(self) -> str:
@@ -121,7 +124,8 @@ class ParamDef:
         """This parameter's part of a default name for value ``v`` (None: nothing)."""
         if self.fragment is None or v is None:
             return None
-        same = v == self.default if self.type != "float" else (self.default is not None and float(v) == float(self.default))
+        ref = self.default if self.default is not None else self.name_default
+        same = v == ref if self.type != "float" else (ref is not None and float(v) == float(ref))
         if same:
             return None
         if self.fragment.startswith("="):
@@ -328,8 +332,11 @@ CART_RANK_RATIO = 0.08
 def _builtins():
     from . import kernels as K
 
+    # density is required; the paper-style names (ties_last_5_base_first, ...) are taken to mean
+    # density 0.5 (ckptreg's convention: the paper does not state its value), any other is named
+    # (_d0_7), so two merges that differ in density never share a default name
     density = ParamDef("density", "float", None, "Fraction of each task vector kept, in (0, 1].", lo=0.0, hi=1.0,
-                       lo_open=True, required=True, sweepable=True)
+                       lo_open=True, required=True, sweepable=True, fragment="d", name_default=0.5)
     sign = ParamDef("sign", "choice", "total", "TIES sign election: total (sum) or frequency (count).",
                     choices=("total", "frequency"), fragment="=freq")
     lam = ParamDef("lam", "float", 1.0, "Scale of the merged task vector (λ).", finite=True, sweepable=True,
