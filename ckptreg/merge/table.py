@@ -348,7 +348,7 @@ def _builtins():
                   lo_open=True, sweepable=True, fragment="rr")
     svd = ParamDef("svd", "choice", "randomized", "CART on dense matrices: exact SVD instead of randomized "
                    "truncated SVD.", choices=("randomized", "exact"), cli="--exact-svd", flag_value="exact")
-    cart_seed = ParamDef("seed", "int", 0, "Seed of CART's randomized SVD.")
+    cart_seed = ParamDef("seed", "int", 0, "Seed of CART's randomized SVD.", fragment="seed")
     COMMON.update({"density": density, "sign": sign, "lam": lam, "seed": seed})
 
     lin = dict(strategy=LINEAR, fn=K.linear_chunk, spaces=SPACES, delta_rule="weights")
