@@ -4,6 +4,7 @@ Reusable by every test module: ``from helpers_files import write_peft_adapter, .
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -106,3 +107,42 @@ def raw_safetensors(path, header, data: bytes = b"", header_len=None, pad=True):
     n = len(hb) if header_len is None else header_len
     Path(path).write_bytes(struct.pack("<Q", n) + hb + data)
     return Path(path)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where, size="4m", fill=False, options=None):
+    """A REAL tmpfs of ``size`` mounted at the new folder ``where`` for a test (root only; the
+    test is skipped with the reason otherwise), unmounted afterwards. ``options``: the whole
+    ``mount -o`` string instead (e.g. ``"ro,size=1m"``). ``fill``: written full (until ENOSPC)
+    before it is handed out."""
+    import os
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = Path(where)
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options or f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        if fill:
+            fill_filesystem(where)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_filesystem(folder) -> Path:
+    """Fill the filesystem of ``folder`` until a write fails with ENOSPC; the filler's path."""
+    p = Path(folder) / "filler"
+    with open(p, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == 28
+    return p

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ckptreg.cli import main
 from ckptreg.errors import DiskFullError, NotFoundError, OutputExistsError, UsageError
 from ckptreg.registry import Registry
-from helpers_files import write_peft_adapter
+from helpers_files import mounted_tmpfs, write_peft_adapter
 
 
 @pytest.fixture
@@ -114,23 +114,8 @@ def test_export_refuses_existing_and_dangerous_targets(reg, cli, tmp_path):
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A REAL tiny tmpfs, filled up (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        with open(mnt / "filler", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError as e:
-                assert e.errno == 28
+    with mounted_tmpfs(tmp_path / "mnt", "256k", fill=True) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "json"])

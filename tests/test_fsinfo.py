@@ -17,6 +17,7 @@ import time
 
 import duckdb
 import pytest
+from helpers_files import mounted_tmpfs
 
 from ckptreg import fsinfo
 from ckptreg.errors import AccessError
@@ -51,17 +52,8 @@ def test_tmp_path_filesystem_is_accepted(tmp_path):
 @pytest.fixture
 def tmpfs(tmp_path):
     """A REAL small tmpfs mounted for the test (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_tmpfs_mount_is_accepted(tmpfs):

@@ -4,6 +4,7 @@ dead processes cleared, full / read-only filesystems as typed errors. Real files
 the CLI in-process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from ckptreg.registry import Registry
 from ckptreg.writer import (HOST_TAG, LOCK_MARK, TMP_MARK, find_stale_temporaries, remove_stale_temporaries,
                             write_file)
 from helpers_engine import load_any, make_lora_run
+from helpers_files import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -418,22 +420,15 @@ def test_find_and_remove_stale_temporaries_only_of_dead_writers(tmp_path):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs mounted for the test (root only), unmounted afterwards."""
-    mounts = []
+    with contextlib.ExitStack() as stack:
+        mounts = []
 
-    def mount(opts="size=1m"):
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        d = tmp_path / f"mnt{len(mounts)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounts.append(d)
-        return d
+        def mount(opts="size=1m"):
+            d = stack.enter_context(mounted_tmpfs(tmp_path / f"mnt{len(mounts)}", options=opts))
+            mounts.append(d)
+            return d
 
-    yield mount
-    for d in mounts:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        yield mount
 
 
 @pytest.mark.parametrize("layout", ["file", "peft"])

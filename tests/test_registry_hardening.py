@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from ckptreg.cli import main
 from ckptreg.errors import FormatError
 from ckptreg.registry import Registry
-from helpers_files import write_peft_adapter
+from helpers_files import fill_filesystem, mounted_tmpfs, write_peft_adapter
 
 
 @pytest.fixture
@@ -210,29 +210,11 @@ def test_spooled_entry_whose_file_is_gone_is_rejected(cli, db_path, tmp_path):
 @pytest.fixture
 def tmpfs(tmp_path):
     """A REAL small tmpfs mounted for the test (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def _fill(folder) -> pathlib.Path:
-    """Fill the filesystem of ``folder`` until a write fails with ENOSPC."""
-    p = pathlib.Path(folder) / "filler"
-    with open(p, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == 28
-    return p
+_fill = fill_filesystem
 
 
 def test_disk_full_cli_add_is_diskfullerror_python_add_spools_elsewhere(cli, tmpfs, tmp_path, monkeypatch):
