@@ -1402,10 +1402,17 @@ class Registry:
         return plan
 
     def _gc_plan(self, con, run, pol: dict) -> dict:
-        if pol.get("merged"):
-            return self._gc_plan_merged(con, run, pol)
-        rows = con.execute("SELECT id, step, path, files, tags FROM checkpoints "
-                           "WHERE run = ? AND NOT merged ORDER BY step", [run]).fetchall()
+        """The dry-run plan of ``gc``: over the run's plain checkpoints (ordered by step; the
+        final one always kept), or with ``pol["merged"]`` over its merged outputs (ordered by
+        registration). Kept in both: the policies' union, aliased, tagged ``keep``, and every
+        input or base of a registered merge."""
+        merged = bool(pol.get("merged"))
+        if merged:
+            rows = con.execute("SELECT id, step, path, files, tags, name, version, created FROM checkpoints "
+                               "WHERE run = ? AND merged ORDER BY created, id", [run]).fetchall()
+        else:
+            rows = con.execute("SELECT id, step, path, files, tags, name, version, created FROM checkpoints "
+                               "WHERE run = ? AND NOT merged ORDER BY step", [run]).fetchall()
         if not rows:
             have = con.execute("SELECT count(*) FROM runs WHERE name = ?", [run]).fetchone()[0]
             if not have:
@@ -1415,12 +1422,14 @@ class Registry:
         def mark(i, why):
             keep.setdefault(int(i), []).append(why)
 
-        if rows:
+        order = {int(r[0]): n for n, r in enumerate(rows)}   # step order, or registration order
+        which = "c.merged" if merged else "NOT c.merged"
+        if rows and not merged:
             mark(rows[-1][0], "final")
         if pol.get("keep_last"):
             for r in rows[-pol["keep_last"]:]:
-                mark(r[0], f"last {pol['keep_last']}")
-        if pol.get("keep_every"):
+                mark(r[0], f"last {pol['keep_last']}" + (" registered" if merged else ""))
+        if pol.get("keep_every") and not merged:
             m = pol["keep_every"]
             for r in rows:
                 if r[1] % m == 0:
@@ -1428,81 +1437,33 @@ class Registry:
         if pol.get("keep_best"):
             k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
             vals = con.execute(
-                "SELECT c.id, c.step, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
-                "WHERE c.run = ? AND NOT c.merged AND m.name = ? AND m.latest AND " + self._db.not_nan("m.value"),
-                [run, metric]).fetchall()
-            vals.sort(key=lambda v: ((v[2] if d == "min" else -v[2]), -v[1]))
-            for i, _, _ in vals[:k]:
-                mark(i, f"best {k} by {metric} ({d})")
-        for i, a in con.execute(
-                "SELECT a.checkpoint_id, a.run || '@' || a.name FROM aliases a JOIN checkpoints c "
-                "ON c.id = a.checkpoint_id WHERE c.run = ? AND NOT c.merged ORDER BY 2", [run]).fetchall():
-            mark(i, f"alias {a}")
-        for r in rows:
-            tags = _jloads(r[4]) or {}
-            if isinstance(tags, dict) and "keep" in tags:
-                mark(r[0], "tag keep")
-        plain = [int(r[0]) for r in rows]
-        for cid, us in self._merge_users_of_run(con, run).items():
-            for u in us:
-                mark(cid, f"{u['role']} of merge {u['ref']}")
-        keep_rows, delete_rows, freed = [], [], 0
-        for cid, step, path, files, _ in rows:
-            ref = f"{run}@{step}"
-            if int(cid) in keep:
-                keep_rows.append({"id": int(cid), "ref": ref, "step": step, "reasons": keep[int(cid)]})
-                continue
-            fl = _jloads(files) or []
-            b = sum(int(f.get("size") or 0) for f in fl if isinstance(f, dict))
-            delete_rows.append({"id": int(cid), "ref": ref, "step": step, "path": path, "bytes": b})
-            freed += b
-        del plain
-        return {"run": run, "dry_run": True, "policy": pol, "keep": keep_rows, "delete": delete_rows,
-                "bytes_freed": freed}
-
-    def _gc_plan_merged(self, con, run, pol: dict) -> dict:
-        """:meth:`_gc_plan` over the merged outputs of ``run`` (``gc --merged``)."""
-        rows = con.execute("SELECT id, name, version, path, files, tags, created FROM checkpoints "
-                           "WHERE run = ? AND merged ORDER BY created, id", [run]).fetchall()
-        if not rows:
-            have = con.execute("SELECT count(*) FROM runs WHERE name = ?", [run]).fetchone()[0]
-            if not have:
-                raise NotFoundError(f"gc: no run {run!r}" + self._candidates(con, f"{run}@0", None))
-        keep: dict[int, list[str]] = {}
-
-        def mark(i, why):
-            keep.setdefault(int(i), []).append(why)
-
-        order = {int(r[0]): n for n, r in enumerate(rows)}  # registration order
-        if pol.get("keep_last"):
-            for r in rows[-pol["keep_last"]:]:
-                mark(r[0], f"last {pol['keep_last']} registered")
-        if pol.get("keep_best"):
-            k, metric, d = pol["keep_best"], pol["metric"], pol["direction"]
-            vals = con.execute(
                 "SELECT c.id, m.value FROM metrics m JOIN checkpoints c ON c.id = m.checkpoint_id "
-                "WHERE c.run = ? AND c.merged AND m.name = ? AND m.latest AND " + self._db.not_nan("m.value"),
+                f"WHERE c.run = ? AND {which} AND m.name = ? AND m.latest AND " + self._db.not_nan("m.value"),
                 [run, metric]).fetchall()
+            # ties: the later checkpoint (step, or registration) ranks first
             vals.sort(key=lambda v: ((v[1] if d == "min" else -v[1]), -order.get(int(v[0]), 0)))
             for i, _ in vals[:k]:
                 mark(i, f"best {k} by {metric} ({d})")
         for i, a in con.execute(
                 "SELECT a.checkpoint_id, a.run || '@' || a.name FROM aliases a JOIN checkpoints c "
-                "ON c.id = a.checkpoint_id WHERE c.run = ? AND c.merged ORDER BY 2", [run]).fetchall():
+                f"ON c.id = a.checkpoint_id WHERE c.run = ? AND {which} ORDER BY 2", [run]).fetchall():
             mark(i, f"alias {a}")
         for r in rows:
-            tags = _jloads(r[5]) or {}
+            tags = _jloads(r[4]) or {}
             if isinstance(tags, dict) and "keep" in tags:
                 mark(r[0], "tag keep")
-        for cid, us in self._merge_users(con, list(order)).items():
+        users = self._merge_users(con, list(order)) if merged else self._merge_users_of_run(con, run)
+        for cid, us in users.items():
             for u in us:
-                if u["id"] != cid:
+                if not merged or u["id"] != cid:   # (a merge is not kept for being its own output)
                     mark(cid, f"{u['role']} of merge {u['ref']}")
         keep_rows, delete_rows, freed = [], [], 0
-        for cid, name, version, path, files, _, created in rows:
-            ref = _ref_of(run, None, name, version)
-            base = {"id": int(cid), "ref": ref, "step": None, "name": name,
-                    "version": int(version or 1), "created": created}
+        for cid, step, path, files, _, name, version, created in rows:
+            if merged:
+                base = {"id": int(cid), "ref": _ref_of(run, None, name, version), "step": None, "name": name,
+                        "version": int(version or 1), "created": created}
+            else:
+                base = {"id": int(cid), "ref": f"{run}@{step}", "step": step}
             if int(cid) in keep:
                 keep_rows.append(dict(base, reasons=keep[int(cid)]))
                 continue
@@ -1510,8 +1471,11 @@ class Registry:
             b = sum(int(f.get("size") or 0) for f in fl if isinstance(f, dict))
             delete_rows.append(dict(base, path=path, bytes=b))
             freed += b
-        return {"run": run, "dry_run": True, "merged": True, "policy": pol, "keep": keep_rows,
-                "delete": delete_rows, "bytes_freed": freed}
+        plan = {"run": run, "dry_run": True, "policy": pol, "keep": keep_rows, "delete": delete_rows,
+                "bytes_freed": freed}
+        if merged:
+            plan["merged"] = True
+        return plan
 
     def _merge_users_of_run(self, con, run) -> dict[int, list[dict]]:
         """:meth:`_merge_users` for every plain checkpoint of ``run`` (one query)."""
