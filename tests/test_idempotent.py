@@ -226,7 +226,7 @@ def test_default_names_never_collide_across_settings_that_change_the_result(env)
         "direction": (name("mwa", metric="train_loss", penalty=0.7),
                       name("mwa", metric="train_loss", penalty=0.7, direction="max")),
         "weights": (name("linear"), name("linear", weights=[0.2, 0.3, 0.5])),
-        "svd": (name("cart"), name("cart", params={"svd": "exact"})),
+        "svd": (name("cart"), name("cart", params={"svd": "randomized"})),
         "ties_space": (name("task_arithmetic", base="first"), name("task_arithmetic", base="first", space="delta")),
         "sign": (name("ties", base="first", params={"density": 0.5}),
                  name("ties", base="first", params={"density": 0.5, "sign": "frequency"})),
@@ -245,7 +245,7 @@ def test_default_names_never_collide_across_settings_that_change_the_result(env)
     assert pairs["out_dtype"][1] == "last_3_unweighted_bf16"
     assert pairs["power"] == ("last_3_loss_pf-0_7", "last_3_loss_pf-0_7_q3_0")
     assert pairs["direction"][1] == "last_3_loss_pf-0_7_max"
-    assert pairs["svd"] == ("cart_last_3", "cart_last_3_exact_svd")
+    assert pairs["svd"] == ("cart_last_3", "cart_last_3_rsvd")   # exact is the default (METHODS.md)
     assert pairs["sign"] == ("ties_last_3_base_first", "ties_last_3_base_first_freq")
     assert pairs["lam"][1] == "task_arithmetic_last_3_base_first_lam0_5"
     assert pairs["t"] == ("slerp_last_2_base_first", "slerp_last_2_base_first_t0_3")

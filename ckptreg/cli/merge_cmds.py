@@ -287,6 +287,9 @@ def _method_param_options(sweep: bool):
         else:
             opts.append(click.option(pd.flag, pd.name, type=int if pd.type == "int" else float, default=None,
                                      help=helptext))
+        for alias, value in pd.flag_aliases:   # e.g. --exact-svd = --svd exact
+            opts.append(click.option(alias, pd.name, flag_value=value, default=None,
+                                     help=f"Same as {pd.flag} {value}."))
     return opts
 
 

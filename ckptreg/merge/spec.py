@@ -83,7 +83,8 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
     - ``_delta``: a LoRA merge in update space (factor space, the paper's, has none);
     - ``_r<rank>``: an explicit output rank (delta space);
     - ``_bf16`` / ``_f16`` / ``_f32`` / ``_f64``: an explicit output dtype (default: the inputs');
-    - ``_exact_svd``: CART with an exact SVD (default: randomized).
+    - ``_rsvd``: CART with the randomized truncated SVD (``--svd randomized``; the default, exact
+      SVD, has none: METHODS.md "Dense checkpoints").
 
     - method parameters that differ from their defaults: ``_freq`` (TIES/DARE-TIES sign election
       by frequency; default total), ``_lam<λ>`` (λ ≠ 1), ``_t<t>`` (SLERP t ≠ 0.5), ``_rr<ρ>``
@@ -115,8 +116,8 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
         parts.append(f"r{int(rank)}")
     if out_dtype is not None:
         parts.append(_dtype_word(out_dtype))
-    if svd is not None and str(svd) == "exact":
-        parts.append("exact_svd")
+    if svd is not None and str(svd) == "randomized":
+        parts.append("rsvd")
     m = canonical_method(method) if method else None
     if m is not None:
         parts.extend(get_method(m).name_fragments(dict(params or {})))

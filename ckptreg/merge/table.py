@@ -61,7 +61,8 @@ class ParamDef:
     ``"=freq"`` is the literal suffix); None: never in the name. ``name_default``: for a
     required parameter (no ``default``), the value the paper-style name assumes (no suffix);
     any other value is named. ``cli``: the option flag (default ``--name-with-dashes``);
-    ``flag_value``: the option is a flag setting this value."""
+    ``flag_value``: the option is a flag setting this value. ``flag_aliases``: extra flags that
+    each set one value, ``(("--exact-svd", "exact"),)`` (kept for older command lines)."""
 
     name: str
     type: str = "float"
@@ -80,6 +81,7 @@ class ParamDef:
     flag_value: object = None
     aliases: tuple = ()
     name_default: object = None
+    flag_aliases: tuple = ()
 
     @property
     def flag(self) -> str:
@@ -312,7 +314,7 @@ def check_params(method, p: dict, n: int) -> dict:
 
 
 # parameters written into the params when absent (they are recorded in the lineage that way)
-_FILL = {"slerp": ("t",)}
+_FILL = {"slerp": ("t",), "cart": ("svd",)}
 # common parameters stored converted (the others are only checked, kept as given)
 _COMMON_STORE = ("lam", "seed")
 
@@ -346,8 +348,12 @@ def _builtins():
                  sweepable=True, fragment="t")
     rr = ParamDef("rank_ratio", "float", CART_RANK_RATIO, "CART rank ratio ρ in (0, 1].", lo=0.0, hi=1.0,
                   lo_open=True, sweepable=True, fragment="rr")
-    svd = ParamDef("svd", "choice", "randomized", "CART on dense matrices: exact SVD instead of randomized "
-                   "truncated SVD.", choices=("randomized", "exact"), cli="--exact-svd", flag_value="exact")
+    # METHODS.md "Dense checkpoints": the default truncated SVD equals exact to 1e-4 on any spectrum,
+    # so the default is exact; randomized only where asked (recorded in the lineage: filled below)
+    svd = ParamDef("svd", "choice", "exact", "CART's truncated SVD on dense matrices: exact (default; equal "
+                   "to the float64 result to 1e-4) or randomized (faster, approximate, seeded by --seed); "
+                   "--exact-svd is an alias of --svd exact.", choices=("exact", "randomized"), cli="--svd",
+                   flag_aliases=(("--exact-svd", "exact"),))
     cart_seed = ParamDef("seed", "int", 0, "Seed of CART's randomized SVD.", fragment="seed")
     COMMON.update({"density": density, "sign": sign, "lam": lam, "seed": seed})
 
