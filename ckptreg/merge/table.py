@@ -382,6 +382,7 @@ def _builtins():
     register_method(MethodDef("cart", strategy=PER_MATRIX, fn=K.cart_tensor, params=(lam, rr, svd, cart_seed),
                               spaces=SPACES, delta_rule="cart", fragment="cart",
                               help="Centered low-rank task arithmetic per weight matrix."))
+    from . import methods_sparsify  # noqa: F401  breadcrumbs(_ties), della(_linear): registered on import
 
 
 _builtins()
