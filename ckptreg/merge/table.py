@@ -162,6 +162,9 @@ class MethodDef:
     scheme: str | None = None       # weighting scheme the method implies (uniform, mwa)
     force_scheme: bool = False      # ... always (uniform), or only when none is given (mwa)
     needs_metric: bool = False
+    #: cross-parameter check ``check(params)`` after each value is converted (ParameterError naming
+    #: the values): a combination no single range expresses (DELLA's 0 < density ± ε < 1)
+    check: Callable | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -310,7 +313,10 @@ def check_params(method, p: dict, n: int) -> dict:
             v = pd.convert(p[name])
             if name in _COMMON_STORE:
                 p[name] = v
-    return {k: v for k, v in p.items() if v is not None}
+    out = {k: v for k, v in p.items() if v is not None}
+    if defn.check is not None:
+        defn.check(out)
+    return out
 
 
 # parameters written into the params when absent (they are recorded in the lineage that way)
@@ -382,6 +388,7 @@ def _builtins():
     register_method(MethodDef("cart", strategy=PER_MATRIX, fn=K.cart_tensor, params=(lam, rr, svd, cart_seed),
                               spaces=SPACES, delta_rule="cart", fragment="cart",
                               help="Centered low-rank task arithmetic per weight matrix."))
+    from . import methods_geometry; methods_geometry.register()   # model_stock, multislerp
     from . import methods_sparsify  # noqa: F401  breadcrumbs(_ties), della(_linear): registered on import
 
 
