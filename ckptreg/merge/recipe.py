@@ -663,6 +663,10 @@ def replay_spec(registry, ref, *, out=None):
                                f"other files since the merge (fingerprint {b['fingerprint']} then, "
                                f"{base.fingerprint} now)")
     params = {k: v for k, v in (rec.get("params") or {}).items() if k != "rules"}
+    if (engine.canonical_method(rec["method"]) == "cart" and "svd" not in params
+            and (rec.get("space") or "factors") != "delta"):
+        # recorded before CART's default became the exact SVD: it ran the randomized one
+        params["svd"] = "randomized"
     space = rec.get("space") or "factors"
     out_path = Path(out) if out is not None else _replay_out(c)
     sel = rec.get("selection") or {}
