@@ -1,13 +1,34 @@
+"""The built-in per-tensor merge methods, driven through the PRODUCTION path and checked against
+the float64 oracle ``tests/helpers_ref.py`` (written from METHODS.md).
+
+``ckptreg.methods`` holds no per-tensor merge code any more: the functions below are thin adapters
+with the old call signatures that call the production code the way the streaming loop
+(:mod:`ckptreg.merge.stream`) does: parameters checked by the method table's ``check_params``
+(the engine's ``Job.params``); TIES / magnitude-prune thresholds as ``kernels._thresholds``
+computes them (``ops.kth_largest_abs`` of each whole input against the whole base, k =
+floor(density * numel), +inf when k = 0); DARE keys as ``kernels.task_prepare`` derives them
+(``rng.signed64(rng.dare_key(seed, name, i))``); then ``kernels.task_chunk`` (``ops.task_merge``)
+per chunk of ``CHUNK_ELEMS`` at its element offset, ``kernels.linear_chunk`` (``ops.weighted_sum``)
+for linear, and ``kernels.slerp_coeffs`` over real safetensors files read by ``merge.sources.Source``
+followed by ``linear_chunk`` for SLERP (as ``stream._pairwise``). Output dtype float32 (``--dtype
+float32``)."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from ckptreg import methods as M
-from ckptreg import rng
+from ckptreg import ops, rng
 from ckptreg.errors import MismatchError, ParameterError
+from ckptreg.formats import inspect
+from ckptreg.merge import kernels as K
+from ckptreg.merge.sources import Source
+from ckptreg.merge.stream import CHUNK_ELEMS
+from ckptreg.merge.table import check_params
 from helpers_ref import (
     ref_dare,
     ref_dare_mask,
@@ -18,6 +39,130 @@ from helpers_ref import (
     ref_ties,
     ref_trim,
 )
+
+_OUT = torch.float32
+_TRIM = ("ties", "magnitude_prune")
+_DARE = ("dare_linear", "dare_ties")
+
+
+# --------------------------------------------------------------------------- production adapters
+
+
+def _flat(t):
+    return t.reshape(-1)
+
+
+def _task(method, base, tensors, weights, *, thresholds=None, offset=0, name="t", **params):
+    """One task-vector merge of one tensor (or of a chunk of it at element ``offset``), as
+    ``stream._task_vector`` runs it."""
+    tensors = list(tensors)
+    p = check_params(method, params, len(tensors))
+    xs = [_flat(t) for t in tensors]
+    b = _flat(base)
+    numel = xs[0].numel() if xs else 0
+    ctx = {"base_full": None, "thr": None, "keys": None}
+    if method in _TRIM:
+        if thresholds is None:   # kernels._thresholds: whole inputs against the whole base
+            k = int(math.floor(float(p["density"]) * numel))
+            thresholds = [math.inf] * len(xs) if k <= 0 else [ops.kth_largest_abs(x, k, b) for x in xs]
+        ctx["thr"] = thresholds
+    if method in _DARE:          # kernels.task_prepare
+        ctx["keys"] = [rng.signed64(rng.dare_key(int(p.get("seed", 0)), name, i)) for i in range(len(xs))]
+    w = torch.tensor(weights, dtype=torch.float32)
+    out = torch.empty(numel, dtype=_OUT)
+    for s in range(0, max(numel, 1), CHUNK_ELEMS):
+        e = min(numel, s + CHUNK_ELEMS)
+        K.task_chunk(method, b[s:e], [x[s:e] for x in xs], w, p, ctx, offset + s, _OUT, out[s:e])
+    return out.reshape(tensors[0].shape)
+
+
+def linear(tensors, weights):
+    """``stream._linear``: one row of weights times the inputs, chunk by chunk."""
+    xs = [_flat(t) for t in tensors]
+    W = torch.tensor([list(weights)], dtype=torch.float32).reshape(1, -1)
+    numel = xs[0].numel() if xs else 0
+    out = torch.empty((1, numel), dtype=_OUT)
+    for s in range(0, max(numel, 1), CHUNK_ELEMS):
+        e = min(numel, s + CHUNK_ELEMS)
+        K.linear_chunk([x[s:e] for x in xs], W, _OUT, out[:, s:e])
+    return out[0].reshape(tensors[0].shape)
+
+
+def task_arithmetic(base, tensors, weights, lam=1.0):
+    return _task("task_arithmetic", base, tensors, weights, lam=lam)
+
+
+def ties(base, tensors, weights, density, sign="total", lam=1.0, thresholds=None):
+    return _task("ties", base, tensors, weights, density=density, sign=sign, lam=lam, thresholds=thresholds)
+
+
+def magnitude_prune(base, tensors, weights, density, lam=1.0, thresholds=None):
+    return _task("magnitude_prune", base, tensors, weights, density=density, lam=lam, thresholds=thresholds)
+
+
+def dare_linear(base, tensors, weights, density, seed, name, lam=1.0, offset=0):
+    return _task("dare_linear", base, tensors, weights, density=density, seed=seed, name=name, lam=lam,
+                 offset=offset)
+
+
+def dare_ties(base, tensors, weights, density, seed, name, sign="total", lam=1.0, offset=0):
+    return _task("dare_ties", base, tensors, weights, density=density, seed=seed, name=name, sign=sign,
+                 lam=lam, offset=offset)
+
+
+def trim_threshold(tau, density):
+    """The threshold ``kernels._thresholds`` computes for a task vector ``tau`` (base 0)."""
+    d = check_params("magnitude_prune", {"density": density}, 1)["density"]
+    k = int(math.floor(d * tau.numel()))
+    return math.inf if k <= 0 else ops.kth_largest_abs(_flat(tau), k)
+
+
+def dare_masks(numel, n, density, seed, name, offset=0):
+    """The production DARE masks: ``rng.keep_mask`` of the keys ``task_prepare`` derives."""
+    d = check_params("dare_linear", {"density": density}, n)["density"]
+    return [rng.keep_mask(rng.dare_key(int(seed), str(name), i), int(offset), int(numel), d) for i in range(n)]
+
+
+def slerp(t0, t1, t):
+    """``stream._pairwise``: coefficients from two real safetensors files read by ``Source``, then
+    the weighted sum ``c0 * t0 + c1 * t1``."""
+    p = check_params("slerp", {"t": t}, 2)
+    name = "w"
+    numel = t0.numel()
+    with tempfile.TemporaryDirectory() as d:
+        srcs = []
+        for i, x in enumerate((t0, t1)):
+            path = os.path.join(d, f"in{i}.safetensors")
+            save_file({name: x.contiguous()}, path)
+            srcs.append(Source(inspect(path)))
+        try:
+            c0, c1 = K.slerp_coeffs(name, srcs[0], srcs[1], p, CHUNK_ELEMS, numel)
+            W = torch.tensor([[c0, c1]], dtype=torch.float32)
+            out = torch.empty((1, numel), dtype=_OUT)
+            for s in range(0, numel, CHUNK_ELEMS):
+                e = min(numel, s + CHUNK_ELEMS)
+                K.linear_chunk([src.chunk(name, s, e) for src in srcs], W, _OUT, out[:, s:e])
+        finally:
+            for src in srcs:
+                src.close()
+    return out[0].reshape(t0.shape)
+
+
+class _Production:
+    """The adapters under the old module alias, so the tests below read as before."""
+
+    linear = staticmethod(linear)
+    task_arithmetic = staticmethod(task_arithmetic)
+    ties = staticmethod(ties)
+    magnitude_prune = staticmethod(magnitude_prune)
+    dare_linear = staticmethod(dare_linear)
+    dare_ties = staticmethod(dare_ties)
+    trim_threshold = staticmethod(trim_threshold)
+    dare_masks = staticmethod(dare_masks)
+    slerp = staticmethod(slerp)
+
+
+M = _Production
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(37, 29), (1200,), (4, 5, 6)]
@@ -287,30 +432,52 @@ def test_bad_lambda(lam):
 
 
 def test_other_parameter_errors():
+    """Each error the old per-tensor functions raised, from the production validator that raises
+    it now (ops for tensors/weights/thresholds/offset, the method table for parameters)."""
     base, ts = make(0, (10,), torch.float32)
-    with pytest.raises(ParameterError, match="3 input tensors but 2 weights"):
+    with pytest.raises(MismatchError, match=r"weights must have shape \[M, 3\] \(or \[3\]\) for 3 inputs"):
         M.linear(ts, [1, 1])
-    with pytest.raises(ParameterError, match="weights must be finite"):
+    with pytest.raises(ParameterError, match="weights contain NaN or inf"):
         M.linear(ts, [1, float("nan"), 1])
-    with pytest.raises(ParameterError, match="sign method"):
+    with pytest.raises(ParameterError, match="sign must be 'total' or 'frequency'"):
         M.ties(base, ts, [1, 1, 1], 0.5, sign="majority")
-    with pytest.raises(ParameterError, match="at least one"):
+    with pytest.raises(MismatchError, match="need at least one tensor"):
         M.linear([], [])
-    with pytest.raises(ParameterError, match="trim thresholds"):
+    with pytest.raises(MismatchError, match="thresholds must have 3 entries, got 1"):
         M.ties(base, ts, [1, 1, 1], 0.5, thresholds=[0.1])
     with pytest.raises(ParameterError, match="offset"):
         M.dare_linear(base, ts, [1, 1, 1], 0.5, 0, "x", offset=-1)
     with pytest.raises(MismatchError, match="shape"):
         M.task_arithmetic(base, [torch.zeros(11)], [1])
-    with pytest.raises(ParameterError, match="floating"):
+    with pytest.raises(MismatchError, match="supported: float32, float16, bfloat16, float64"):
         M.linear([torch.zeros(3, dtype=torch.int64)], [1])
 
 
-def test_methods_is_independent_of_ops():
-    """methods.py is the oracle the compiled ops are tested against: it must not use them."""
-    import re
+def test_oracle_is_independent_of_production_merge_code():
+    """tests/helpers_ref.py is the oracle the production path is tested against: it must not use
+    ckptreg's merge code (ops, methods, lowrank, merge); only the RNG spec (rng)."""
     import pathlib
+    import re
 
-    src = pathlib.Path(M.__file__).read_text()
-    assert not re.search(r"^\s*(from\s+\.\s+import\s+ops|from\s+\.ops\s+import|import\s+ckptreg\.ops|from\s+ckptreg(\.ops|\s+import\s+ops))",
-                         src, re.M)
+    src = (pathlib.Path(__file__).parent / "helpers_ref.py").read_text()
+    imports = re.findall(r"^\s*(?:from\s+(\S+)\s+import\s+([^\n]+)|import\s+(\S+))", src, re.M)
+    used = set()
+    for frm, names, mod in imports:
+        if mod:
+            used.add(mod)
+        elif frm == "ckptreg":
+            used.update("ckptreg." + n.strip() for n in names.split(","))
+        else:
+            used.add(frm)
+    assert {u for u in used if u.startswith("ckptreg")} == {"ckptreg.rng"}, used
+
+
+def test_methods_module_has_no_merge_code():
+    """ckptreg.methods keeps only the validators and SLERP constants production imports."""
+    from ckptreg import methods
+
+    assert sorted(methods.__all__) == ["SLERP_DOT_THRESHOLD", "SLERP_EPS", "check_lam", "finite_floats"]
+    for gone in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "slerp",
+                 "trim_threshold", "trim_k", "dare_masks"):
+        assert not hasattr(methods, gone), gone
+    assert methods.SLERP_DOT_THRESHOLD == 0.9995 and methods.SLERP_EPS == 1e-8
