@@ -260,3 +260,31 @@ def test_cli_merge_breadcrumbs_ties_and_errors(tmp_path):
     assert bad.exit_code == 8 and "gamma must be in [0, 1], got -0.1" in bad.output
     listed = {m["name"] for m in __import__("json").loads(r.invoke(main, ["methods", "--json"]).output)}
     assert {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= listed
+
+
+def test_cli_sweep_over_density_and_a_bad_della_grid_point_refused_up_front(tmp_path):
+    """A sweep of breadcrumbs and della over densities: each output equals its reference. A grid
+    with one della point outside 0 < density ± ε < 1 is refused (exit 8) before any merge is
+    written or registered (the table's cross-parameter check runs in check_params)."""
+    import json
+
+    reg, b, ins, base, states = _run(tmp_path)
+    db = tmp_path / "reg.duckdb"
+    r = CliRunner()
+    res = r.invoke(main, ["--db", str(db), "sweep", "--run", "files", "--last", "3", "--method", "breadcrumbs,della",
+                          "--density", "0.4,0.6", "--base", "first", "-o", str(tmp_path / "sw"), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert len(rows) == 4
+    for row in rows:
+        c = reg.get(row["id"])
+        lin = reg.lineage(c)
+        p = {"density": lin["params"]["density"]}
+        _check(load_any(c.path), ref_merge(lin["method"], base, states, [1.0] * 3, p))
+    n_merged = len(reg.checkpoints("files", merged=True))
+    bad = r.invoke(main, ["--db", str(db), "sweep", "--run", "files", "--last", "3", "--method", "della",
+                          "--density", "0.5,0.9", "--base", "first", "-o", str(tmp_path / "sw2"), "-q"])
+    assert bad.exit_code == 8, bad.output
+    assert "della needs 0 < density - epsilon and density + epsilon < 1, got density 0.9, epsilon 0.15" in bad.output
+    assert len(reg.checkpoints("files", merged=True)) == n_merged
+    assert not list((tmp_path / "sw2").rglob("*.safetensors")) if (tmp_path / "sw2").exists() else True

@@ -107,12 +107,14 @@ def _della_mask(tau, density, epsilon, key):
     return (kept * scale).reshape(-1)
 
 
-def check_della(p: dict) -> None:
-    """0 < density ± ε < 1 (ParameterError naming both values)."""
+def check_della(p: dict, method: str = "della") -> None:
+    """0 < density ± ε < 1 (ParameterError naming both values). Called by ``check_params`` (the
+    table's ``check``: before anything is read or written, for every merge of a sweep) and again
+    per tensor (a recipe's per-tensor rules can change density or ε)."""
     d = float(p["density"])
     e = float(p.get("epsilon", DELLA_EPSILON))
     if not (0.0 < d - e and d + e < 1.0):
-        raise ParameterError(f"della needs 0 < density - epsilon and density + epsilon < 1, "
+        raise ParameterError(f"{method} needs 0 < density - epsilon and density + epsilon < 1, "
                              f"got density {d!r}, epsilon {e!r}")
 
 
@@ -130,7 +132,7 @@ def sparsify_prepare(method, name, sources, base_src, numel, p):
     import torch
 
     if method.startswith("della"):
-        check_della(p)
+        check_della(p, method)
     if base_src is None:
         raise ParameterError(f"{method} needs a base checkpoint")
     base = base_src.full(name)
@@ -204,9 +206,11 @@ def _register():
                               help="Breadcrumbs trim, then TIES sign consensus (weighted, divisor Σ w·mask).",
                               **common))
     register_method(MethodDef("della", params=(density, eps, lam, seed), fragment="della",
+                              check=lambda p: check_della(p, "della"),
                               help="DELLA: rank-based random drop per row (L1 kept), sign consensus, "
                                    "normalised by Σ w·mask.", **common))
     register_method(MethodDef("della_linear", params=(density, eps, lam, seed), fragment="della_linear",
+                              check=lambda p: check_della(p, "della_linear"),
                               help="DELLA drop-and-rescale per row, then a weighted sum.", **common))
 
 
