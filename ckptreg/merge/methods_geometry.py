@@ -89,14 +89,10 @@ def model_stock_prepare(method, name, sources, base_src, numel, p):
     L = _row_len(sources, name, numel)
     rows = max(1, numel // L)
     G = torch.zeros((rows, n, n), dtype=torch.float64)
-    for s, e, T in _tau_chunks(name, sources, base_src, numel):
-        idx = torch.arange(s, e, dtype=torch.int64) // L
-        for i in range(n):
-            for j in range(i, n):
-                v = torch.zeros(rows, dtype=torch.float64).index_add_(0, idx, T[i] * T[j])
-                G[:, i, j] += v
-                if j != i:
-                    G[:, j, i] += v
+    # chunks of whole rows: each row's Gram matrix is one batched product
+    for s, e, T in _tau_chunks(name, sources, base_src, numel, chunk=max(1, PREP_CHUNK // L) * L):
+        R = T.view(n, (e - s) // L, L)
+        G[s // L:e // L] += torch.einsum("ird,jrd->rij", R, R)
     t, den = model_stock_t(G, n)
     bad = (den.abs() < MS_DEN_EPS).nonzero().flatten()
     if bad.numel():
