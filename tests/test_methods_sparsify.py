@@ -288,3 +288,33 @@ def test_cli_sweep_over_density_and_a_bad_della_grid_point_refused_up_front(tmp_
     assert "della needs 0 < density - epsilon and density + epsilon < 1, got density 0.9, epsilon 0.15" in bad.output
     assert len(reg.checkpoints("files", merged=True)) == n_merged
     assert not list((tmp_path / "sw2").rglob("*.safetensors")) if (tmp_path / "sw2").exists() else True
+
+
+def test_recipe_della_with_a_per_tensor_density_rule(tmp_path):
+    """Recipes reach the methods through the table; a per-tensor rule changes density for the
+    matching tensors (the reference uses each tensor's own density). A rule that breaks
+    0 < density ± ε < 1 on one tensor fails the merge with nothing written or registered."""
+    reg, b, ins, base, states = _run(tmp_path)
+    out = tmp_path / "rec.safetensors"
+    (tmp_path / "r.yaml").write_text(
+        "inputs: {run: files, last: 3}\nmethod: della\nbase: first\n"
+        "parameters:\n  seed: 5\n  density:\n    - {filter: layers.1, value: 0.3}\n    - {value: 0.6}\n"
+        f"output: {out}\n")
+    db = tmp_path / "reg.duckdb"
+    res = CliRunner().invoke(main, ["--db", str(db), "merge", "--recipe", str(tmp_path / "r.yaml"), "-q"])
+    assert res.exit_code == 0, res.output
+    got = load_any(out)
+    for k in base:
+        d = 0.3 if "layers.1" in k else 0.6
+        ref = ref_merge("della", {k: base[k]}, [{k: s[k]} for s in states], [1.0] * 3, {"density": d, "seed": 5})
+        _check({k: got[k]}, ref)
+    n = len(reg.checkpoints("files", merged=True))
+    out2 = tmp_path / "rec2.safetensors"
+    (tmp_path / "r2.yaml").write_text(
+        "inputs: {run: files, last: 3}\nmethod: della\nbase: first\n"
+        "parameters:\n  density:\n    - {filter: layers.1, value: 0.9}\n    - {value: 0.6}\n"
+        f"output: {out2}\n")
+    bad = CliRunner().invoke(main, ["--db", str(db), "merge", "--recipe", str(tmp_path / "r2.yaml"), "-q"])
+    assert bad.exit_code == 8 and "got density 0.9, epsilon 0.15" in bad.output, bad.output
+    assert not out2.exists() and len(reg.checkpoints("files", merged=True)) == n
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("rec2")]
