@@ -309,9 +309,23 @@ def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
     elif grid:
         raise UsageError("give a plan or the grid arguments, not both: " + ", ".join(sorted(grid)))
     reg = _registry(db)
+    made = []   # the folders this call creates: removed again (if still empty) when it fails
     if plan.out_dir is not None:
-        Path(plan.out_dir).mkdir(parents=True, exist_ok=True)
-    res = engine.sweep(reg, plan.specs, overwrite=overwrite, progress=progress, out_dtype=plan.out_dtype)
+        d = Path(plan.out_dir).absolute()
+        while not d.exists():
+            made.append(d)
+            d = d.parent
+        for m in reversed(made):
+            m.mkdir()
+    try:
+        res = engine.sweep(reg, plan.specs, overwrite=overwrite, progress=progress, out_dtype=plan.out_dtype)
+    except BaseException:
+        for m in made:   # deepest first; a folder something else was written into stays
+            try:
+                m.rmdir()
+            except OSError:
+                break
+        raise
     for s in plan.specs:
         if s.status is None:
             s.status = "merged"

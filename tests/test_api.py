@@ -157,3 +157,23 @@ def test_leaderboard_api_equals_cli(tmp_path):
     with pytest.raises(UsageError):
         ckptreg.leaderboard(reg, "sft", "gsm8k=x")
     assert isinstance(Registry(reg.path), Registry)
+
+
+def test_refused_sweep_leaves_no_output_folder(tmp_path):
+    """A sweep refused before anything is written (here: an input changed since registration,
+    found by the engine after the plan was made) leaves neither the output folder it would have
+    created nor its missing parents."""
+    from pathlib import Path
+
+    from ckptreg.errors import ChangedError
+    from helpers_engine import make_lora_run
+
+    reg = make_lora_run(tmp_path)
+    f = Path(reg.final("sft").path) / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    out = tmp_path / "new" / "sweep"
+    with pytest.raises(ChangedError):
+        ckptreg.sweep(reg, run="sft", last=[2, 3], method=["uniform"], out=str(out))
+    assert not (tmp_path / "new").exists()

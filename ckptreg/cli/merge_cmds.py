@@ -567,7 +567,7 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
     with _Progress(quiet or as_json, f"sweep: {len(uniq)} merges") as prog:
         res = api.sweep(reg, plan, overwrite=overwrite, progress=prog)
     rows = [{"name": c.name, "id": c.id, "method": s.method, "status": s.status or "merged",
-             "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in s.weights],
+             "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in (s.weights or [])],
              "path": c.path} for s, c in zip(uniq, res)]
     for s, c in zip(uniq, res):
         if s.status == engine.UP_TO_DATE:

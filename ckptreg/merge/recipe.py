@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +68,44 @@ SELECTION_KEYS = ("run", "last", "every", "exclude_final", "skip_missing")
 WEIGHTING_KEYS = ("scheme", "metric", "penalty", "power", "direction")
 #: the per-input parameter (one number per input)
 PER_INPUT = "weight"
+class _FromTable(Mapping):
+    """The recipe's view of the method table's parameters, read at use (so a method registered
+    later, e.g. by a plugin or a test, is accepted in recipes too). ``"numeric"``: float
+    parameters, which may be gradients, with their valid range (lo, lo_open, hi, hi_open);
+    ``"const"``: choice parameters (their choices) and integer ones (None), constants only."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def _d(self) -> dict:
+        from .table import METHODS
+
+        out: dict = {}
+        for defn in METHODS.values():
+            for pd in defn.params:
+                if pd.name in out:
+                    continue
+                if self.kind == "numeric" and pd.type == "float":
+                    out[pd.name] = (-math.inf if pd.lo is None else pd.lo, pd.lo is None or pd.lo_open,
+                                    math.inf if pd.hi is None else pd.hi, pd.hi is None or pd.hi_open)
+                elif self.kind == "const" and pd.type in ("choice", "int"):
+                    out[pd.name] = tuple(pd.choices) if pd.type == "choice" else None
+        return out
+
+    def __getitem__(self, k):
+        return self._d()[k]
+
+    def __iter__(self):
+        return iter(self._d())
+
+    def __len__(self):
+        return len(self._d())
+
+
 #: numeric parameters that may be gradients, with their valid range (lo, lo_open, hi, hi_open)
-_NUMERIC = {
-    "density": (0.0, True, 1.0, False),
-    "t": (0.0, False, 1.0, False),
-    "rank_ratio": (0.0, True, 1.0, False),
-    "lam": (-math.inf, True, math.inf, True),
-}
-_CONST_ONLY = {"sign": ("total", "frequency"), "seed": None, "svd": ("exact", "randomized")}
+_NUMERIC = _FromTable("numeric")
+#: parameters that take constants only: choices, or None for an integer
+_CONST_ONLY = _FromTable("const")
 _ALIASES = {"lambda": "lam"}
 
 
@@ -231,9 +262,9 @@ def _value(source, key, param, v, n_inputs):
         return _check_weights(source, key, v, n_inputs), False
     if param in _CONST_ONLY:
         choices = _CONST_ONLY[param]
-        if param == "seed":
+        if choices is None:   # an integer parameter (a seed)
             if not isinstance(v, int) or isinstance(v, bool):
-                _fail(source, key, v, "is not an integer seed")
+                _fail(source, key, v, f"is not an integer {param}")
         elif v not in choices:
             _fail(source, key, v, f"is not one of {', '.join(choices)}", ParameterError)
         return v, False
