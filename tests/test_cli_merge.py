@@ -225,3 +225,13 @@ def test_leaderboard_command(env):
     assert "unscored" in res.output
     run("leaderboard", "--run", "sft", "--score", "gsm8k=x", code=2)
     assert os.path.exists(tmp / "lb.png")
+
+
+def test_sweep_of_a_method_without_weights(env):
+    """SLERP has no weights (weight rule 'unused'): its sweep rows list none instead of failing."""
+    reg, run, tmp = env
+    res = run("sweep", "--run", "sft", "--last", "2", "--method", "slerp", "--base", "first",
+              "-o", tmp / "sw_slerp", "--quiet", "--json")
+    rows = json.loads(res.output)
+    assert [r["method"] for r in rows] == ["slerp"] and rows[0]["weights"] == []
+    assert Path(rows[0]["path"]).exists()
