@@ -64,6 +64,18 @@ from .model import (
 from .schema import _CK_COLS, _CK_SEL, TABLES
 from .spool import Spool, _info_from_dict, _info_to_dict
 
+
+def _run_merged_filter(run, merged) -> tuple[list[str], list]:
+    """WHERE terms and parameters for "of this run" and "merged or plain" (None: any)."""
+    where, params = ["TRUE"], []
+    if run is not None:
+        where.append("run = ?")
+        params.append(run)
+    if merged is not None:
+        where.append("merged = ?")
+        params.append(bool(merged))
+    return where, params
+
 class Registry:
     """A checkpoint registry (one DuckDB file). See the package docstring for concurrency."""
 
@@ -694,13 +706,7 @@ class Registry:
 
     def checkpoints(self, run=None, *, merged: bool | None = None) -> list[Checkpoint]:
         """Checkpoints (of one run, or all), plain ones by step ascending, merged ones after."""
-        where, params = ["TRUE"], []
-        if run is not None:
-            where.append("run = ?")
-            params.append(run)
-        if merged is not None:
-            where.append("merged = ?")
-            params.append(bool(merged))
+        where, params = _run_merged_filter(run, merged)
         with self._reader() as con:
             return self._query(con, " AND ".join(where), params)
 
@@ -802,13 +808,7 @@ class Registry:
         every ``tags`` item (AND). NotFoundError, naming the closest names, for a run that does
         not exist or a sort metric none of the listed checkpoints has."""
         want_tags = _check_tags(tags)
-        where, params = ["TRUE"], []
-        if run is not None:
-            where.append("run = ?")
-            params.append(run)
-        if merged is not None:
-            where.append("merged = ?")
-            params.append(bool(merged))
+        where, params = _run_merged_filter(run, merged)
         if last is not None:
             if isinstance(last, bool) or not isinstance(last, int) or last < 1:
                 raise UsageError(f"last must be an integer >= 1, got {last!r}")
