@@ -270,6 +270,7 @@ def test_merge_and_sweep_skip_missing(tmp_path):
     assert res.exit_code == ChangedError.exit_code and "r@3" in res.output and not out.exists()
     res = CliRunner().invoke(main, base + ["--skip-missing"])
     assert res.exit_code == 0, res.output
+    assert "_skip_missing" in res.output   # its last 2 are not the last 2 registered: its own name
     assert torch.equal(load_file(str(out))["w"], torch.full((4, 4), 3.0))   # mean of steps 2 and 4
     res = CliRunner().invoke(main, ["--db", str(db), "sweep", "--run", "r", "--last", "2", "--method", "uniform",
                                     "--skip-missing", "-q", "-o", str(tmp_path / "sw")])

@@ -67,7 +67,8 @@ def _dtype_word(d) -> str:
     return _DTYPE_WORDS.get(t) or (re.sub(r"[^a-z0-9]+", "-", t).strip("-") or "dtype")
 
 
-def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include_final=False, space=None,
+def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include_final=False,
+                skip_missing=False, space=None,
                 rank=None, out_dtype=None, svd=None, weights=None, params=None, method=None) -> str:
     """The part of a default name for the settings that change the result but are not the
     defaults the paper's names assume (METHODS.md "Naming merged checkpoints"). Each default
@@ -76,6 +77,8 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
     - ``_incl_final``: a ``--last K`` selection that includes the run's final checkpoint (the
       paper merges the last K checkpoints *before* the final one, ``--exclude-final``, and that
       selection keeps the paper's name; explicit checkpoint lists have no selection and no suffix);
+    - ``_skip_missing``: a ``--last K`` selection taken with ``--skip-missing`` (its K checkpoints
+      are not the last K registered);
     - ``_q<q>``: MWA with a power factor other than ``weights.DEFAULT_POWER`` (2), e.g. ``_q3_0``;
     - ``_max`` / ``_min``: metric or MWA weighting in the direction opposite to the metric's
       default (``weights.default_direction``);
@@ -99,6 +102,8 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
     parts = []
     if include_final:
         parts.append("incl_final")
+    if skip_missing:
+        parts.append("skip_missing")
     sch = (scheme or "uniform").lower()
     if sch == "mwa" and power is not None and float(power) != float(W.DEFAULT_POWER):
         parts.append(f"q{_pf(power)}")
@@ -236,6 +241,7 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
                   "scheme": scheme if (defn.fragment is not None or scheme) else "uniform",
                   "metric": metric, "penalty": 1.0 if scheme == "metric" else penalty, "method": m, "base": bname,
                   "include_final": bool(sel.get("last")) and _holds_final(registry, inputs, sel),
+                  "skip_missing": bool(sel.get("last") and sel.get("skip_missing")),
                   "params": params,
                   "power": power, "direction": direction, "weights": w if weights is not None else None,
                   "svd": (params or {}).get("svd") if defn.param("svd") is not None else None,
