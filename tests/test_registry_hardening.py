@@ -430,3 +430,16 @@ def test_check_unchanged_full(db_path, tmp_path):
     _flip_middle_byte(m)
     with pytest.raises(ChangedError, match="content changed since its full hash was recorded"):
         reg.check_unchanged("r@1", full=True)
+
+
+def test_cli_sql_query_may_start_with_a_comment(cli, db_path, tmp_path):
+    """A leading `-- comment` is a query, not an option, on the command line too."""
+    import json
+
+    m = _big_model(tmp_path / "step-1.safetensors", seed=3)
+    assert cli("add", m, "--run", "r").exit_code == 0
+    r = cli("sql", "-- how many\nSELECT count(*) AS n FROM checkpoints", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"n": 1}]
+    r = cli("sql", "--timeout", "5", "(SELECT 1 AS x) UNION ALL (SELECT 2)", "--json")
+    assert r.exit_code == 0 and [d["x"] for d in json.loads(r.stdout)] == [1, 2]

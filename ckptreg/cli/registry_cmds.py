@@ -399,8 +399,10 @@ def best_cmd(db, run, metric, maximize, as_json):
     table([_row(c, [metric])], ["id", "ref", "step", "merged", metric])
 
 
-@click.command("sql", epilog="\b\nExample:\n  ckptreg sql \"SELECT run, count(*) AS n FROM checkpoints GROUP BY run\"")
-@click.argument("query")
+# ignore_unknown_options: a query may start with a "-- comment" (click would take it for an option)
+@click.command("sql", epilog="\b\nExample:\n  ckptreg sql \"SELECT run, count(*) AS n FROM checkpoints GROUP BY run\"",
+               context_settings={"ignore_unknown_options": True})
+@click.argument("query", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--timeout", "timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, metavar="SECONDS", help="Interrupt the query after this long.")
 @json_opt
@@ -409,7 +411,7 @@ def sql_cmd(db, query, timeout, as_json):
     """Run one SQL statement against the registry, read-only: the file is opened read-only with
     file access, extensions and configuration changes disabled, so anything but a read of the
     registry's tables is refused (exit 16)."""
-    cols, rows = _registry(db).sql(query, timeout=timeout)
+    cols, rows = _registry(db).sql(" ".join(query), timeout=timeout)
     dicts = [dict(zip(cols, r)) for r in rows]
     if as_json:
         emit_json(dicts)
