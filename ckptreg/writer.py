@@ -451,6 +451,19 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     return r == 0
 
 
+def _move_aside_and_in(src: Path, dst: Path) -> Path:
+    """Rename ``dst`` to a temporary name of ours, then ``src`` to ``dst`` (putting ``dst`` back
+    if that fails); the temporary name now holding the old ``dst``."""
+    old = tmp_name(dst)
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    return old
+
+
 def replace_path(src: Path, dst: Path, *, keep_old: bool = False) -> Path | None:
     """Move ``src`` to ``dst``, replacing whatever ``dst`` is (file or folder) as atomically as the
     OS allows: files with rename(2); folders with an exchange then removal of the old one.
@@ -466,13 +479,7 @@ def replace_path(src: Path, dst: Path, *, keep_old: bool = False) -> Path | None
         if dst.is_dir() and not dst.is_symlink() and src.is_dir() and _rename_exchange(src, dst):
             old = src  # src (a temporary name of ours) now holds the old folder
         else:
-            old = tmp_name(dst)
-            os.rename(dst, old)
-            try:
-                os.rename(src, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
+            old = _move_aside_and_in(src, dst)
     else:
         if keep_old:
             old = tmp_name(dst)
@@ -481,13 +488,7 @@ def replace_path(src: Path, dst: Path, *, keep_old: bool = False) -> Path | None
             except OSError:
                 old = None
         if keep_old and old is None:
-            old = tmp_name(dst)
-            os.rename(dst, old)
-            try:
-                os.rename(src, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
+            old = _move_aside_and_in(src, dst)
         else:
             os.replace(src, dst)
     fsync_dir(dst.parent)

@@ -728,16 +728,15 @@ class Registry:
 
     def final(self, run) -> Checkpoint:
         """Highest-step plain checkpoint of the run."""
-        with self._reader() as con:
-            got = self._query(con, "run = ? AND NOT merged", [run], order="step DESC", limit=1)
-            if not got:
-                raise NotFoundError(f"run {run!r} has no plain checkpoints" + self._candidates(con, f"{run}@0", run))
-            return got[0]
+        return self._end(run, "DESC")
 
     def first(self, run) -> Checkpoint:
         """Lowest-step plain checkpoint of the run."""
+        return self._end(run, "ASC")
+
+    def _end(self, run, order: str) -> Checkpoint:
         with self._reader() as con:
-            got = self._query(con, "run = ? AND NOT merged", [run], order="step ASC", limit=1)
+            got = self._query(con, "run = ? AND NOT merged", [run], order=f"step {order}", limit=1)
             if not got:
                 raise NotFoundError(f"run {run!r} has no plain checkpoints" + self._candidates(con, f"{run}@0", run))
             return got[0]
