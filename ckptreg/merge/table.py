@@ -41,8 +41,9 @@ __all__ = ["ParamDef", "MethodDef", "METHODS", "register_method", "unregister_me
 LINEAR, TASK_VECTOR, PAIRWISE, PER_MATRIX, ELEMENTWISE = "linear", "task_vector", "pairwise", "per_matrix", "elementwise"
 STRATEGIES = (LINEAR, TASK_VECTOR, PAIRWISE, PER_MATRIX, ELEMENTWISE)
 WEIGHT_RULES = ("convex", "task_vector", "unused")
-#: tensors: full checkpoints' stored tensors; factors: LoRA A/B factors as stored; delta: LoRA update space
-SPACES = ("tensors", "factors", "delta")
+#: tensors: full checkpoints' stored tensors; factors: LoRA A/B factors as stored; delta: LoRA update
+#: space; core: LoRA core space (METHODS.md "Core space": the Σr×Σr core matrices M_t)
+SPACES = ("tensors", "factors", "delta", "core")
 
 
 def _pf(v) -> str:
@@ -158,13 +159,25 @@ class MethodDef:
     uses_base: bool = False         # reads a base checkpoint (task vectors); the merge needs one
     n_inputs: int | None = None     # exactly this many inputs (SLERP: 2)
     prepare: Callable | None = None  # task_vector: whole-tensor preparation
-    delta_rule: str | None = None   # delta space: "weights" | "task_vector" | "cart"
+    #: delta space: "weights" | "task_vector" | "cart" | "factored" (``delta_fn``) | "dense" (an
+    #: element-wise method on the formed updates of one layer, truncated back to the rank)
+    delta_rule: str | None = None
     scheme: str | None = None       # weighting scheme the method implies (uniform, mwa)
     force_scheme: bool = False      # ... always (uniform), or only when none is given (mwa)
     needs_metric: bool = False
     #: cross-parameter check ``check(params)`` after each value is converted (ParameterError naming
     #: the values): a combination no single range expresses (DELLA's 0 < density ± ε < 1)
     check: Callable | None = None
+    #: dense matrix form of an SVD-family method (METHODS.md "Low-rank families"):
+    #: ``matrix_fn(taus [T, m, n], weights, params) -> Δ [m, n]`` on the task matrices of one 2-D
+    #: tensor (τ_t = θ_t − θ_0 in tensor space; the Σr×Σr core matrices M_t in core space); the
+    #: merged tensor is θ_0 + Δ. Batched over the T tasks (one batched SVD, not a loop).
+    matrix_fn: Callable | None = None
+    #: exact factored form for LoRA adapters in delta space (``delta_rule == "factored"``):
+    #: ``delta_fn(fs, weights, params, r_out) -> (B [m, r], A [r, n])`` where ``fs`` is one
+    #: ``(A_t [r_t, n], B_t [m, r_t], s_t)`` per task (τ_t = s_t B_t A_t, base pretrained), and
+    #: ``r_out`` the requested output rank (None: the method's natural rank); never forms m×n
+    delta_fn: Callable | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
