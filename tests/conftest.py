@@ -184,3 +184,75 @@ def pg_server():
 def pg_url(pg_server):
     """URL of the session's PostgreSQL server, e.g. postgresql://postgres@127.0.0.1:PORT/postgres."""
     return pg_server.url
+
+
+# ----------------------------------------------------------------------------- both backends
+
+def pg_registry_supported() -> str | None:
+    """None when ``Registry("postgresql://...")`` gets a PostgreSQL driver; else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:
+        return "psycopg 3 is not installed (pip install 'ckptreg[postgres]')"
+    why = "Registry(postgresql://...) is not supported yet (ckptreg/registry/pg_driver.py has not landed)"
+    if importlib.util.find_spec("ckptreg.registry.pg_driver") is None:
+        return why
+    from ckptreg.registry import Registry
+
+    try:  # constructing connects to nothing
+        if getattr(Registry("postgresql://nobody@127.0.0.1:1/none")._db, "name", "duckdb") == "duckdb":
+            return why
+    except Exception as e:  # noqa: BLE001 (a half-landed driver)
+        return f"{why}: {e}"
+    return None
+
+
+def _db_url(url, dbname):
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc, "/" + dbname, u.query, u.fragment))
+
+
+@pytest.fixture
+def fresh_db(request, tmp_path):
+    """A factory: ``fresh_db("duckdb")`` -> a new .duckdb path in tmp_path (not created yet);
+    ``fresh_db("postgresql")`` -> the URL of a new, empty database on the session's server
+    (``CREATE DATABASE t_<uuid>``, dropped at the end of the test, with FORCE: a driver's cached
+    connections must not keep it). Skips the test when the PostgreSQL backend is unavailable."""
+    import uuid
+
+    made: list[str] = []
+    server: list[str] = []
+
+    def make(kind):
+        if kind == "duckdb":
+            return tmp_path / f"reg-{uuid.uuid4().hex[:8]}.duckdb"
+        assert kind == "postgresql", kind
+        why = pg_registry_supported()
+        if why:
+            pytest.skip(why)
+        import psycopg
+
+        if not server:
+            server.append(request.getfixturevalue("pg_url"))
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(server[0], autocommit=True, connect_timeout=10) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return _db_url(server[0], name)
+
+    yield make
+    if made:
+        import psycopg
+
+        with psycopg.connect(server[0], autocommit=True, connect_timeout=10) as con:
+            for name in made:
+                con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def backend_db(request, fresh_db):
+    """A fresh registry location on each backend: a tmp_path .duckdb file, or a new database on
+    the session's PostgreSQL server (see :func:`fresh_db`). ``request.param`` is the kind."""
+    return fresh_db(request.param)
