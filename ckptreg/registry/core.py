@@ -30,6 +30,7 @@ from ..errors import (
     UsageError,
 )
 from .duckdb_driver import DuckDBDriver
+from .pg_driver import _Unreachable, is_url
 from .model import (
     _REMOVED_KEY,
     Checkpoint,
@@ -77,20 +78,29 @@ def _run_merged_filter(run, merged) -> tuple[list[str], list]:
     return where, params
 
 class Registry:
-    """A checkpoint registry (one DuckDB file). See the package docstring for concurrency."""
+    """A checkpoint registry: one DuckDB file, or a PostgreSQL database (``path`` a
+    ``postgresql://`` / ``postgres://`` URL). See the package docstring for concurrency."""
 
     def __init__(self, path=None, *, lock_timeout: float | None = None, force_local_locks: bool = False):
         if path is None:
             path = os.environ.get("CKPTREG_DB") or "ckptreg.duckdb"
-        self.path = pathlib.Path(path).expanduser().absolute()
         # None: $CKPTREG_LOCK_TIMEOUT, else DEFAULT_LOCK_TIMEOUT (interactive / CLI wait); the
         # training-loop entry points pass lock_timeout_for_training() instead (short, then spool)
         timeout = lock_timeout_from_env() if lock_timeout is None else _check_timeout(lock_timeout)
-        #: the backend (connections, lock, migrations, engine-specific SQL)
-        # force_local_locks: open a DuckDB file on a network filesystem anyway (otherwise
-        # AccessError, exit 15, before anything is written; see DuckDBDriver.check_locks)
-        self._db = DuckDBDriver(self.path, timeout, force_local_locks=force_local_locks)
-        self._spool_ = Spool(self.path)
+        if is_url(path):
+            from .pg_driver import PostgresDriver
+
+            #: the backend (connections, migrations, engine-specific SQL)
+            self._db = PostgresDriver(path, timeout)
+            #: the password-masked URL (a str; ``exists()`` is True)
+            self.path = self._db.location
+            self._spool_ = Spool.for_server(self._db.identity, self._db.dbname)
+        else:
+            self.path = pathlib.Path(path).expanduser().absolute()
+            # force_local_locks: open a DuckDB file on a network filesystem anyway (otherwise
+            # AccessError, exit 15, before anything is written; see DuckDBDriver.check_locks)
+            self._db = DuckDBDriver(self.path, timeout, force_local_locks=force_local_locks)
+            self._spool_ = Spool(self.path)
         self._db.on_open = self._ingest_spool
         #: What the last add() on this object did: {"id", "ref", "status": "added" | "unchanged"
         #: | "replaced" | "spooled", ...} (see add); None before the first add.
@@ -108,8 +118,19 @@ class Registry:
     def lock_timeout(self, v) -> None:
         self._db.lock_timeout = v  # (a plain attribute before the split: not validated here either)
 
+    @property
+    def backend(self) -> str:
+        """"duckdb" or "postgresql"."""
+        return self._db.name
+
+    @property
+    def location(self) -> str:
+        """Where the registry is, as messages show it: the DuckDB file's path, or the
+        PostgreSQL URL with its password masked."""
+        return str(self.path)
+
     def __repr__(self) -> str:
-        return f"Registry({str(self.path)!r})"
+        return f"Registry({self.location!r})"
 
     # ----------------------------------------------------------------- connections
 
@@ -128,7 +149,7 @@ class Registry:
             try:  # opportunistic: make spooled entries visible; never block a reader on it
                 with self._writer(timeout=min(self.lock_timeout, 1.0)):
                     pass
-            except (_Busy, DiskFullError, AccessError):  # a read goes on; the entries stay spooled
+            except (_Busy, _Unreachable, DiskFullError, AccessError):  # a read goes on; the entries stay spooled
                 pass
         with self._db.reader() as con:
             yield con
@@ -398,7 +419,7 @@ class Registry:
                                                          metric_steps=metric_steps))
                 self.last_add = dict(self._outcome, path=str(info.path), fingerprint=info.fingerprint)
                 return cid
-        except (_Busy, DiskFullError) as e:
+        except (_Busy, _Unreachable, DiskFullError) as e:   # (_Unreachable: a server that is down)
             if isinstance(e, DiskFullError) and not spool_on_full:
                 raise
             entry = {"op": "add", "run": run, "step": step, "metrics": metrics, "tags": tags,
@@ -433,7 +454,7 @@ class Registry:
                     self._log_event(con, c.id, metrics, c.step if step is None else step, created)
                 self._tx(con, do_log)
                 return c.id
-        except _Busy:
+        except (_Busy, _Unreachable):
             if isinstance(ckpt, Checkpoint):
                 ref = ckpt.ref
             self._spool({"op": "log", "ckpt": ref, "metrics": metrics, "step": step,
@@ -714,11 +735,15 @@ class Registry:
         """One dict per run: name, n (checkpoints), n_merged, first_step, last_step, created, and the
         latest metrics of its final checkpoint."""
         with self._reader() as con:
+            # (backend-neutral: per-run aggregates in a subquery, the final plain checkpoint
+            # by a correlated ORDER BY ... LIMIT 1)
             rows = con.execute(
-                "SELECT r.name, r.created, count(c.id) FILTER (WHERE NOT c.merged), "
-                "count(c.id) FILTER (WHERE c.merged), min(c.step), max(c.step), "
-                "arg_max(c.id, c.step) FILTER (WHERE NOT c.merged), any_value(r.params) "
-                "FROM runs r LEFT JOIN checkpoints c ON c.run = r.name GROUP BY r.name, r.created "
+                "SELECT r.name, r.created, coalesce(a.n, 0), coalesce(a.nm, 0), a.lo, a.hi, "
+                "(SELECT f.id FROM checkpoints f WHERE f.run = r.name AND NOT f.merged "
+                "ORDER BY f.step DESC, f.id DESC LIMIT 1), r.params "
+                "FROM runs r LEFT JOIN (SELECT run, count(*) FILTER (WHERE NOT merged) AS n, "
+                "count(*) FILTER (WHERE merged) AS nm, min(step) AS lo, max(step) AS hi "
+                "FROM checkpoints GROUP BY run) a ON a.run = r.name "
                 "ORDER BY r.created, r.name").fetchall()
             mets = self._latest_metrics(con, [r[6] for r in rows if r[6] is not None])
         return [{"run": r[0], "n": int(r[2]), "n_merged": int(r[3]), "first_step": r[4],
@@ -811,8 +836,9 @@ class Registry:
         if last is not None:
             if isinstance(last, bool) or not isinstance(last, int) or last < 1:
                 raise UsageError(f"last must be an integer >= 1, got {last!r}")
-            where.append("id IN (SELECT id FROM checkpoints "
-                         f"QUALIFY row_number() OVER (PARTITION BY run ORDER BY step DESC NULLS LAST, id DESC) <= {int(last)})")
+            where.append("id IN (SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY run "
+                         "ORDER BY step DESC NULLS LAST, id DESC) AS rn FROM checkpoints) ranked "
+                         f"WHERE rn <= {int(last)})")
         with self._reader() as con:
             got = self._query(con, " AND ".join(where), params)
             if run is not None and not got:
@@ -1290,6 +1316,7 @@ class Registry:
         gone_aliases: list[dict] = []
 
         def do():
+            gone_aliases.clear()   # (a transaction that lost a race runs again from the start)
             for c in cs:
                 live = [u for u in users.get(c.id, []) if u["id"] not in {x.id for x in cs}]
                 self._snapshot_removed(con, c, live)
@@ -1656,16 +1683,17 @@ class Registry:
                           for n in names)
         met = (f", met AS (SELECT checkpoint_id, {mcols} FROM metrics WHERE latest GROUP BY checkpoint_id)"
                if names else "")
-        inputs = ("list({'id': i.input_id, 'ref': " + ref_sql("ci") + ", 'weight': i.weight, "
-                  "'position': i.position} ORDER BY i.position) FILTER (WHERE i.input_id IS NOT NULL)")
+        inputs = self._db.list_agg([("id", "i.input_id"), ("ref", ref_sql("ci")), ("weight", "i.weight"),
+                                    ("position", "i.position")], "i.position", "i.input_id IS NOT NULL")
         sel = ", ".join(f"c.{ident(k)}" for k in self.EXPORT_COLUMNS if k not in ("ref",))
         sel = sel.replace('c."run"', ref_sql("c") + ' AS "ref", c."run"', 1)
         mets = "".join(f", met.{ident('metrics.' + n)}" for n in names)
-        ins = "to_json(lin.inputs)::VARCHAR" if flat else "lin.inputs"
+        ins = self._db.json_text("lin.inputs") if flat else "lin.inputs"
         return (f"WITH lin AS (SELECT g.checkpoint_id, g.method, g.params, g.base_id, {ref_sql('b')} AS base_ref, "
                 f"{inputs} AS inputs FROM merges g LEFT JOIN merge_inputs i ON i.merge_id = g.id "
                 "LEFT JOIN checkpoints ci ON ci.id = i.input_id LEFT JOIN checkpoints b ON b.id = g.base_id "
-                f"GROUP BY ALL){met} "
+                "GROUP BY g.id, g.checkpoint_id, g.method, g.params, g.base_id, b.id, b.run, b.step, "
+                f"b.name, b.version){met} "
                 f"SELECT {sel}{mets}, lin.method, lin.params, lin.base_id, lin.base_ref, {ins} AS inputs "
                 "FROM checkpoints c " + ("LEFT JOIN met ON met.checkpoint_id = c.id " if names else "")
                 + "LEFT JOIN lin ON lin.checkpoint_id = c.id "
@@ -1731,7 +1759,8 @@ class Registry:
                              + ("" if format else f" (from the suffix of {p}; pass format=)"))
         if not p.parent.is_dir():
             raise NotFoundError(f"export: {p.parent} does not exist (no folder to write {p.name} in)")
-        own = {str(self.path), str(self.path) + ".wal", str(self.lock_path)}
+        own = ({str(self.path), str(self.path) + ".wal", str(self.lock_path)}
+               if self.lock_path is not None else set())
         real = os.path.realpath(p)
         if str(p) in own or real in {os.path.realpath(x) for x in own}:
             raise OutputExistsError(f"export: {p} is the registry's own file; choose another -o")
@@ -1765,7 +1794,7 @@ class Registry:
                         os.fsync(f.fileno())
                 else:
                     q = self._export_sql(con, flat=(fmt == "csv"))
-                    cur = con.execute(f"SELECT * FROM ({q}) LIMIT 0")
+                    cur = con.execute(f"SELECT * FROM ({q}) AS q LIMIT 0")
                     cols = [d[0] for d in cur.description]
                     n = int(con.execute(f"SELECT count(*) FROM checkpoints").fetchone()[0])
                     self._db.copy_to(con, q, str(tmp), fmt)
@@ -1966,7 +1995,7 @@ class Registry:
         try:
             with self._writer() as con:
                 return self._tx(con, lambda: self._set_params(con, run, norm, created))
-        except _Busy:
+        except (_Busy, _Unreachable):
             self._spool({"op": "params", "run": run, "params": norm, "created": created.isoformat(),
                          "actor": list(_actor())})
             return None

@@ -589,6 +589,17 @@ class DuckDBDriver:
         return f"NOT isnan({expr})"
 
     @staticmethod
+    def list_agg(fields: list[tuple[str, str]], order: str, where: str) -> str:
+        """An aggregate: the list of structs {key: expr} ordered by ``order``, of the rows where
+        ``where`` (NULL when none)."""
+        obj = ", ".join(f"'{k}': {v}" for k, v in fields)
+        return f"list({{{obj}}} ORDER BY {order}) FILTER (WHERE {where})"
+
+    @staticmethod
+    def json_text(expr: str) -> str:
+        """``expr`` (a list / struct) as JSON text."""
+        return f"to_json({expr})::VARCHAR"
+    @staticmethod
     def insert_tensors(con, cid: int, ts) -> None:
         """One row per TensorInfo-like ``ts`` (name, dtype, shape, file, offset, nbytes) of
         checkpoint ``cid``, in one statement with the columns as list parameters."""

@@ -134,25 +134,48 @@ class Spool:
     """The spool of the registry at ``db_path`` (a resolved path; for a server backend, a path
     standing for it): ``<db>.spool/`` beside it, then :meth:`fallback_dir`."""
 
-    def __init__(self, db_path: pathlib.Path):
+    def __init__(self, db_path, *, location=None, name: str | None = None):
+        """``db_path``: the DuckDB file (a resolved path), or, for a server backend, the string
+        identifying its database (``postgresql://host:port/dbname``; what the entries record as
+        their ``db``). ``location``: the spool folder when it is not ``<db>.spool`` beside the
+        file (a server has no folder: ``./.ckptreg-spool/<name>-<hash>`` or
+        ``$CKPTREG_SPOOL/<name>-<hash>``, see :meth:`for_server`). ``name``: the readable part
+        of the fallback folder's name (default: the file's name)."""
         self.db_path = db_path
-        self.dir = pathlib.Path(str(db_path) + ".spool")
+        self._name = name if name is not None else pathlib.Path(str(db_path)).name
+        self.dir = pathlib.Path(location) if location is not None else pathlib.Path(str(db_path) + ".spool")
         self.rejected_dir = self.dir / "rejected"
+
+    @classmethod
+    def for_server(cls, identity: str, name: str) -> "Spool":
+        """The spool of a server database (``identity``: ``postgresql://host:port/dbname``,
+        no user or password): ``$CKPTREG_SPOOL/<name>-<hash>`` when set, else
+        ``./.ckptreg-spool/<name>-<hash>`` beside the working directory (a process that cannot
+        reach the server writes its entries where it runs; the next command that reaches the
+        server from there ingests them); the fallback is the cache folder of :meth:`fallback_dir`."""
+        base = os.environ.get("CKPTREG_SPOOL")
+        root = pathlib.Path(base).expanduser() if base else pathlib.Path(".ckptreg-spool")
+        sp = cls(identity, location=root.absolute() / f"{name}-{cls._key(identity)}", name=name)
+        sp._server = True
+        return sp
+
+    @staticmethod
+    def _key(s: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(str(s).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     def fallback_dir(self) -> pathlib.Path:
         """Where entries go when the spool beside the database cannot be written (its filesystem
         is full, say): ``$CKPTREG_SPOOL`` else ``$XDG_CACHE_HOME/ckptreg/spool`` (``~/.cache``),
         in a sub-folder keyed by the database path. Every opener ingests it too."""
-        import hashlib
-
         base = os.environ.get("CKPTREG_SPOOL")
-        if base:
+        if base and not getattr(self, "_server", False):   # (a server's spool is there already)
             root = pathlib.Path(base).expanduser()
         else:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             root = pathlib.Path(cache) / "ckptreg" / "spool"
-        key = hashlib.sha256(str(self.db_path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return root.absolute() / f"{self.db_path.name}-{key}"
+        return root.absolute() / f"{self._name}-{self._key(self.db_path)}"
 
     def dirs(self) -> list[pathlib.Path]:
         return [self.dir, self.fallback_dir()]
