@@ -279,6 +279,8 @@ def _method_param_options(sweep: bool):
         helptext = _param_help(pd, methods)
         if pd.flag_value is not None:
             opts.append(click.option(pd.flag, pd.name, flag_value=pd.flag_value, default=None, help=helptext))
+        elif pd.type == "pair":   # --lines ALPHA,BETA (checked by the table)
+            opts.append(click.option(pd.flag, pd.name, default=None, metavar="ALPHA,BETA", help=helptext))
         elif sweep and pd.sweepable:
             opts.append(click.option(pd.flag, pd.name, default=None,
                                      help=helptext + " A comma list sweeps it (e.g. 0.3,0.5)."))

@@ -10,6 +10,11 @@ plus an N×N (or rows×N×N) float64 Gram matrix.
 Spaces: stored tensors of dense checkpoints and LoRA A/B factors as stored (``factors``); not
 LoRA delta or core space in this increment.
 
+LiNeS (``lines``, METHODS.md): both take the modifier through the per-tensor factor
+``params[LINES_KEY]`` = λ(ℓ) (``MethodDef.lines = "scale"``): model_stock writes
+θ_0 + λ(ℓ)·t·mean τ_i, multislerp θ_0 + λ(ℓ)·Σ c_i τ_i (its coefficients scaled). multislerp
+without a base has no task vector to scale: ``lines`` is refused there (run._prepare).
+
 Deviations / choices where METHODS.md is silent (documented here and in the report):
 
 - model_stock ``--filter-wise`` on tensors of more than two dimensions: a "row" is a vector
@@ -17,15 +22,16 @@ Deviations / choices where METHODS.md is silent (documented here and in the repo
 - multislerp: ``μ = normalise(Σ w_i u_i)`` is undefined when the weighted unit vectors cancel
   (‖Σ w_i u_i‖ < 1e-8): a ParameterError naming the tensor, except when every input vector is
   zero (a tensor no input changed from the base): then the result is the base (r · 0).
-- multislerp needs a base here (it works on τ_i = θ_i − θ_0); METHODS.md's base-less variant (on
-  θ_i) needs the engine to pass an optional base to a method, which the table has no field for.
+- multislerp's base is optional (``MethodDef.base_optional``): with one it works on
+  τ_i = θ_i − θ_0 and adds the base back, without one on the θ_i themselves (METHODS.md "on τ_i
+  when a base is given (else on θ_i)"): result r · Σ w_i ‖θ_i‖.
 """
 from __future__ import annotations
 
 import math
 
 from ..errors import ParameterError
-from .table import TASK_VECTOR, MethodDef, ParamDef
+from .table import LINES_KEY, TASK_VECTOR, MethodDef, ParamDef
 
 __all__ = ["MODEL_STOCK", "MULTISLERP", "model_stock_t", "multislerp_coeffs", "register"]
 
@@ -114,6 +120,9 @@ def model_stock_chunk(method, base_chunk, chunks, w, p, ctx, offset, out_dtype, 
     else:
         idx = torch.arange(offset, offset + b.numel(), dtype=torch.int64) // ctx["row_len"]
         t = ctx["t"][idx]
+    lam = p.get(LINES_KEY)   # LiNeS: λ(ℓ) scales the merged task vector t · mean τ_i
+    if lam is not None:
+        t = t * float(lam)
     out.copy_(b + t * mean_tau)
     return out
 
@@ -171,7 +180,8 @@ def multislerp_chunk(method, base_chunk, chunks, w, p, ctx, offset, out_dtype, o
     X = torch.stack([x.to(torch.float64) for x in chunks])
     if base_chunk is not None:
         b = base_chunk.to(torch.float64)
-        out.copy_(b + c @ (X - b))
+        lam = p.get(LINES_KEY)   # LiNeS: λ(ℓ) scales the coefficients of the τ_i
+        out.copy_(b + (c if lam is None else c * float(lam)) @ (X - b))
     else:
         out.copy_(c @ X)
     return out
@@ -184,13 +194,15 @@ FILTER_WISE = ParamDef("filter_wise", "choice", False, "model_stock: compute t p
 MODEL_STOCK = MethodDef(
     "model_stock", fn=model_stock_chunk, prepare=model_stock_prepare, strategy=TASK_VECTOR, weight_rule="unused",
     params=(FILTER_WISE,), aliases=("modelstock",), spaces=("tensors", "factors"),
-    fragment="model_stock", uses_base=True,
+    fragment="model_stock", uses_base=True, lines="scale",
     help="Model Stock: θ_0 + t·mean τ_i, t from the task vectors' mean cosine (N ≥ 2; weights unused).")
 
 MULTISLERP = MethodDef(
     "multislerp", fn=multislerp_chunk, prepare=multislerp_prepare, strategy=TASK_VECTOR, weight_rule="convex",
     aliases=("multi_slerp",), spaces=("tensors", "factors"), fragment="multislerp", uses_base=True,
-    help="Spherical weighted mean of the task vectors (mergekit multislerp), scaled by Σ w_i ‖τ_i‖.")
+    base_optional=True, lines="scale",
+    help="Spherical weighted mean of the task vectors (mergekit multislerp), scaled by Σ w_i ‖τ_i‖; "
+         "without a base, of the checkpoints themselves.")
 
 
 def register():

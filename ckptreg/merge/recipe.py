@@ -107,6 +107,8 @@ _NUMERIC = _FromTable("numeric")
 #: parameters that take constants only: choices, or None for an integer
 _CONST_ONLY = _FromTable("const")
 _ALIASES = {"lambda": "lam"}
+#: the LiNeS modifier's parameter (``table.LINES``): ``lines: [alpha, beta]``
+_LINES = "lines"
 
 
 def _fail(source, key, value, why, cls=UsageError):
@@ -431,9 +433,19 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
         param = _ALIASES.get(k, k)
         if param in params or param in rules or (param == PER_INPUT and weights is not None):
             _fail(source, f"parameters.{k}", v, "is given twice (lambda and lam are the same parameter)")
+        if param == _LINES:   # LiNeS: one pair [alpha, beta] for the merge (it varies by layer itself)
+            if not isinstance(v, (list, str)) or (isinstance(v, list) and not all(_is_num(x) for x in v)):
+                _fail(source, f"parameters.{k}", v, "is not [alpha, beta] (LiNeS: two numbers, not rules)")
+            from .table import LINES
+
+            try:
+                params[param] = LINES.convert(v)
+            except ParameterError:
+                _fail(source, f"parameters.{k}", v, "is not [alpha, beta]: two finite numbers", ParameterError)
+            continue
         if param != PER_INPUT and param not in _NUMERIC and param not in _CONST_ONLY:
             _fail(source, f"parameters.{k}", v, f"is not a known parameter "
-                                              f"(known: {', '.join(sorted([PER_INPUT, *_NUMERIC, *_CONST_ONLY]))})")
+                                              f"(known: {', '.join(sorted([PER_INPUT, _LINES, *_NUMERIC, *_CONST_ONLY]))})")
         is_rules = isinstance(v, list) and v and all(isinstance(r, dict) for r in v)
         if isinstance(v, list) and any(isinstance(r, dict) for r in v) and not is_rules:
             _fail(source, f"parameters.{k}", v, "mixes rules ({filter, value}) and values")

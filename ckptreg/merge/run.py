@@ -46,8 +46,11 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
     if len(set(ids)) != len(ids):
         raise ParameterError("the same checkpoint appears twice in the inputs")
     p = check_params(defn, spec.params or {}, len(inputs))
-    if defn.uses_base and spec.base is None:
+    if defn.uses_base and spec.base is None and not defn.base_optional:
         raise ParameterError(f"{defn.name} needs a base checkpoint (base first, last or a checkpoint)")
+    if p.get("lines") is not None and spec.base is None:   # base-optional methods run without one
+        raise ParameterError(f"LiNeS (lines / --lines) scales the merged task vector θ − θ_0: {defn.name} "
+                             "without a base has none; give a base (first, last or a checkpoint)")
     w = spec.weights
     if w is None:
         w = defn.run_weights(len(inputs))
@@ -151,6 +154,9 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
             raise ParameterError(f"space='delta' supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
         if getattr(spec, "param_rules", None):
             raise ParameterError("per-tensor parameter rules are not supported with space='delta'")
+        if p.get("lines") is not None:
+            raise ParameterError("LiNeS (lines / --lines) is not supported with space='delta' yet (its "
+                                 "coefficients would vary by module); merge in factor space")
         for i in pl.infos + ([pl.base_info] if pl.base_info else []):
             if not i.lora:
                 raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")

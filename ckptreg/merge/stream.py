@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import FormatError, ParameterError
-from .table import LINEAR, check_params
+from .table import LINEAR, LINES, LINES_KEY, check_params, lines_factor, lines_mode
 
 #: elements per chunk inside huge tensors (8 MiB of float32 per output buffer)
 CHUNK_ELEMS = 1 << 21
@@ -35,18 +35,51 @@ class Job:
     out: object | None = None             # the Output it streams into
     cols: list | None = None              # the pass's sources that are this job's inputs (None: all, in order)
     rules: object | None = None           # spec.param_rules bound to the plan's tensor names
+    #: LiNeS: layer index -> position 0 … L−1 over the plan's names (:meth:`bind_layers`)
+    layers: dict | None = None
     _checked: dict = field(default_factory=dict, repr=False)
 
+    def bind_layers(self, names) -> None:
+        """Count the plan's layers (the distinct first integer components of ``names``) for
+        LiNeS; a no-op for a merge without ``lines``."""
+        if self.params.get(LINES.name) is None:
+            return
+        from .recipe import layer_index
+
+        idx = sorted({i for i in (layer_index(n) for n in names) if i is not None})
+        self.layers = {v: k for k, v in enumerate(idx)}
+
     def params_for(self, name: str) -> dict:
-        """The parameters of tensor ``name``: the spec's, with its rules' values checked."""
+        """The parameters of tensor ``name``: the spec's, with its rules' values checked, and
+        with LiNeS (``lines``) the layer's factor λ(ℓ): folded into ``lam`` for methods whose
+        task vector lam scales, else as ``p[LINES_KEY]`` (``table.lines_mode``)."""
         if not self.rules:
-            return self.params
-        p = self.rules.params_for(name, self.params)
-        key = repr(sorted(p.items()))
-        got = self._checked.get(key)
-        if got is None:
-            got = self._checked[key] = check_params(self.defn, p, len(self.weights))
-        return got
+            p = self.params
+        else:
+            p = self.rules.params_for(name, self.params)
+            key = repr(sorted(p.items()))
+            got = self._checked.get(key)
+            if got is None:
+                got = self._checked[key] = check_params(self.defn, p, len(self.weights))
+            p = got
+        lines = p.get(LINES.name)
+        if lines is None:
+            return p
+        if self.layers is None:
+            raise ParameterError("LiNeS parameters used before bind_layers(tensor names)")   # pragma: no cover
+        from .recipe import layer_index
+
+        li = layer_index(name)
+        f = lines_factor(lines, None if li is None else self.layers.get(li), len(self.layers))
+        p = dict(p)
+        if lines_mode(self.defn) == "lam":
+            lam = p.get("lam")
+            if lam is None:
+                lam = self.defn.param("lam").default
+            p["lam"] = float(lam) * f
+        else:
+            p[LINES_KEY] = f
+        return p
 
     def weights_for(self, name: str) -> list:
         """The per-input weights of tensor ``name``: the spec's, or its weight rule's."""
@@ -149,6 +182,8 @@ def _run(ps: Pass) -> None:
     done = [0]
     bufs = Buffers(min(chunk, max(1, pl.largest)))
     out_shapes = ps.out_shapes or pl.shapes
+    for j in ps.jobs:   # LiNeS counts the model's layers over the plan's names
+        j.bind_layers(pl.names)
     for name in pl.names:
         st = pl.dtypes[name]
         odt = ps.odts[name]

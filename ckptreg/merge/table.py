@@ -35,7 +35,8 @@ from typing import Callable
 from ..errors import ParameterError
 
 __all__ = ["ParamDef", "MethodDef", "METHODS", "register_method", "unregister_method", "get_method",
-           "canonical_method", "check_params", "method_names", "all_params", "describe", "STRATEGIES",
+           "canonical_method", "check_params", "method_names", "all_params", "describe", "STRATEGIES", "LINES",
+           "LINES_KEY", "lines_mode", "lines_factor",
            "WEIGHT_RULES", "SPACES", "LINEAR", "TASK_VECTOR", "PAIRWISE", "PER_MATRIX", "ELEMENTWISE"]
 
 LINEAR, TASK_VECTOR, PAIRWISE, PER_MATRIX, ELEMENTWISE = "linear", "task_vector", "pairwise", "per_matrix", "elementwise"
@@ -99,6 +100,15 @@ class ParamDef:
 
     def convert(self, v):
         """The value checked and converted (ParameterError naming the parameter and value)."""
+        if self.type == "pair":   # two finite numbers: "a,b" or a 2-sequence -> [a, b] (LiNeS)
+            items = v.split(",") if isinstance(v, str) else v
+            try:
+                out = [float(x) for x in items] if not isinstance(items, (int, float)) else None
+            except (TypeError, ValueError):
+                out = None
+            if out is None or len(out) != 2 or not all(math.isfinite(x) for x in out):
+                raise ParameterError(f"{self.name} must be two finite numbers ALPHA,BETA (e.g. 0.5,1.0), got {v!r}")
+            return out
         if self.type == "choice":
             if v not in self.choices:
                 raise ParameterError(f"{self.name} must be {' or '.join(repr(c) for c in self.choices)}, got {v!r}")
@@ -133,6 +143,8 @@ class ParamDef:
             return None
         if self.fragment.startswith("="):
             return self.fragment[1:]
+        if self.type == "pair":
+            return f"{self.fragment}{_pf(v[0])}_{_pf(v[1])}"
         return f"{self.fragment}{int(v) if self.type == 'int' else _pf(v)}"
 
     def to_json(self) -> dict:
@@ -178,6 +190,14 @@ class MethodDef:
     #: ``(A_t [r_t, n], B_t [m, r_t], s_t)`` per task (τ_t = s_t B_t A_t, base pretrained), and
     #: ``r_out`` the requested output rank (None: the method's natural rank); never forms m×n
     delta_fn: Callable | None = None
+    #: the base is optional (``uses_base`` methods only): without one the method works on the
+    #: θ_i themselves (multislerp: METHODS.md "on τ_i when a base is given (else on θ_i)")
+    base_optional: bool = False
+    #: how the LiNeS modifier (``lines``, :data:`LINES`) reaches the method: ``"lam"`` (its Δ is
+    #: scaled by ``lam``: λ(ℓ) is folded into lam per tensor), ``"scale"`` (its functions read the
+    #: per-tensor factor ``params[LINES_KEY]`` and scale Δ, or their coefficients of τ_i, by it;
+    #: the ``per_matrix`` streamer does it for ``matrix_fn``), None: inferred (:func:`lines_mode`)
+    lines: str | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -223,12 +243,16 @@ class MethodDef:
             part = p.name_part((params or {}).get(p.name))
             if part:
                 out.append(part)
+        lines = (params or {}).get(LINES.name)
+        if lines is not None:   # the LiNeS modifier (any method with a base): _lines0_5_1_0
+            out.append(LINES.name_part(LINES.convert(lines)))
         return out
 
     def to_json(self) -> dict:
         return {"name": self.name, "aliases": list(self.aliases), "strategy": self.strategy,
                 "weight_rule": self.weight_rule, "spaces": list(self.spaces), "base": self.uses_base,
                 "n_inputs": self.n_inputs, "fragment": self.fragment, "help": self.help,
+                "base_optional": self.base_optional, "lines": lines_mode(self) is not None,
                 "parameters": [p.to_json() for p in self.params]}
 
 
@@ -284,14 +308,57 @@ def method_names() -> tuple:
 
 
 def all_params() -> list[tuple[ParamDef, list[str]]]:
-    """Every parameter name once (the first definition), with the methods that take it."""
+    """Every parameter name once (the first definition), with the methods that take it; the
+    modifiers (:data:`LINES`) last, with the methods they apply to."""
     seen: dict[str, tuple[ParamDef, list[str]]] = {}
     for m in METHODS.values():
         for p in m.params:
             if p.name not in seen:
                 seen[p.name] = (p, [])
             seen[p.name][1].append(m.name)
+    if LINES.name not in seen:
+        seen[LINES.name] = (LINES, [m.name for m in METHODS.values() if lines_mode(m) is not None])
     return list(seen.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# LiNeS (METHODS.md "Further task-vector methods"): a modifier of every method with a base
+
+#: ``lines=(α, β)`` / ``"α,β"`` / ``--lines ALPHA,BETA``: θ = θ_0 + λ(ℓ)·Δ with
+#: λ(ℓ) = α + β·ℓ/(L − 1), Δ the method's merged task vector (θ_method − θ_0)
+LINES = ParamDef("lines", "pair", None, "LiNeS: scale the merged task vector of layer l by "
+                 "ALPHA + BETA*l/(L-1) (L layers; tensors outside numbered blocks get ALPHA), as ALPHA,BETA "
+                 "(e.g. 0.5,1.0); methods with a base only.", fragment="lines")
+#: the reserved per-tensor parameter carrying λ(ℓ) to methods of lines mode "scale"
+#: (:meth:`ckptreg.merge.stream.Job.params_for` sets it; never stored, never a user parameter)
+LINES_KEY = "_lines_scale"
+
+
+def lines_mode(defn) -> str | None:
+    """How LiNeS reaches ``defn`` (``MethodDef.lines``): "lam" | "scale" | None (the method
+    has no base in the LiNeS sense: refused). Inferred when the field is None: methods with a
+    base whose task vector is scaled by ``lam`` in the ``task_vector`` strategy fold λ(ℓ)
+    into lam; ``matrix_fn`` methods (Δ scaled in the per-matrix streamer) are "scale".
+    Methods without a base (linear, CART, SLERP: its base only picks the t = 0 end among its
+    two inputs, there is no task vector to scale) take none."""
+    if not defn.uses_base:
+        return None
+    if defn.lines is not None:
+        return defn.lines
+    if defn.strategy == TASK_VECTOR and defn.param("lam") is not None:
+        return "lam"
+    if defn.matrix_fn is not None:
+        return "scale"
+    return None
+
+
+def lines_factor(lines, layer, n_layers: int) -> float:
+    """λ(ℓ) = α + β·ℓ/(L − 1) for the layer position ``layer`` (0 … L−1; None: outside numbered
+    blocks → α) of ``n_layers`` = L (L ≤ 1 → α)."""
+    a, b = float(lines[0]), float(lines[1])
+    if layer is None or n_layers <= 1:
+        return a
+    return a + b * float(layer) / float(n_layers - 1)
 
 
 #: parameters checked for any method that is given them (METHODS.md's common parameters);
@@ -321,6 +388,13 @@ def check_params(method, p: dict, n: int) -> dict:
                 p[pd.name] = pd.convert(pd.default)
             continue
         p[pd.name] = pd.convert(v)
+    if p.get(LINES.name) is not None:
+        if lines_mode(defn) is None:
+            ok = [m.name for m in METHODS.values() if lines_mode(m) is not None]
+            raise ParameterError(f"{defn.name} has no base to scale from: LiNeS (lines / --lines) scales a "
+                                 f"merged task vector θ − θ_0 layer by layer and applies to methods with a base "
+                                 f"({', '.join(ok)}), not {defn.name}")
+        p[LINES.name] = LINES.convert(p[LINES.name])
     for name, pd in COMMON.items():
         if defn.param(name) is None and p.get(name) is not None:
             v = pd.convert(p[name])
