@@ -215,11 +215,11 @@ def _db_url(url, dbname):
 
 
 @pytest.fixture
-def fresh_db(request, tmp_path):
+def fresh_db(request, tmp_path, monkeypatch):
     """A factory: ``fresh_db("duckdb")`` -> a new .duckdb path in tmp_path (not created yet);
     ``fresh_db("postgresql")`` -> the URL of a new, empty database on the session's server
     (``CREATE DATABASE t_<uuid>``, dropped at the end of the test, with FORCE: a driver's cached
-    connections must not keep it). Skips the test when the PostgreSQL backend is unavailable."""
+    connections must not keep it; ``$CKPTREG_SPOOL`` set to a folder in tmp_path). Skips the test when the PostgreSQL backend is unavailable."""
     import uuid
 
     made: list[str] = []
@@ -236,6 +236,8 @@ def fresh_db(request, tmp_path):
 
         if not server:
             server.append(request.getfixturevalue("pg_url"))
+            # a server's spool is beside the working directory unless $CKPTREG_SPOOL: keep it in tmp_path
+            monkeypatch.setenv("CKPTREG_SPOOL", str(tmp_path / "pg-spool"))
         name = f"t_{uuid.uuid4().hex[:16]}"
         with psycopg.connect(server[0], autocommit=True, connect_timeout=10) as con:
             con.execute(f"CREATE DATABASE {name}")

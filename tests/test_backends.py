@@ -215,7 +215,8 @@ def test_busy_registry_spools_then_the_next_command_ingests(backend_db, tmp_path
     with busy(backend_db):
         # the training-loop path: bounded wait, then spooled, never raised
         assert ckptreg.add(p2, "s", step=2, metrics={"loss": 0.5}, db=str(backend_db), lock_timeout=0.3) is None
-        assert len(open_registry(backend_db, lock_timeout=0.3).spool_status()["pending"]) == 1
+        pending = open_registry(backend_db, lock_timeout=0.3).spool_status()["pending"]
+        assert len(pending) == 1 and str(pending[0]).startswith(str(tmp_path))
     d = _j(backend_db, "show", "s@2")  # any command that reaches the registry ingests
     assert d["metrics"] == {"loss": 0.5}
     assert open_registry(backend_db).spool_status() == {"pending": [], "rejected": []}
