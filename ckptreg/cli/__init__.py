@@ -26,8 +26,10 @@ class CkptregGroup(click.Group):
 
 @click.group(cls=CkptregGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="\b\nExample:\n  ckptreg add out/checkpoint-500 --run sft --metric train_loss=0.91\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7")
-@click.option("--db", "db", envvar="CKPTREG_DB", default=None, metavar="PATH",
-              help="Registry database (default ./ckptreg.duckdb; env CKPTREG_DB).")
+@click.option("--db", "db", envvar="CKPTREG_DB", default=None, metavar="PATH|URL",
+              help="Registry: a DuckDB file (default ./ckptreg.duckdb) or a PostgreSQL database "
+                   "postgresql://USER@HOST:PORT/DBNAME (password in ~/.pgpass or PGPASSWORD; "
+                   "needs ckptreg[postgres]); env CKPTREG_DB.")
 @click.option("--force-local-locks", "force_local_locks", is_flag=True, envvar="CKPTREG_FORCE_LOCAL_LOCKS",
               help="Open a .duckdb registry on a network filesystem (NFS, SMB, sshfs, ...) anyway, "
                    "where file locks do not keep two machines apart: only if one process on one "
