@@ -637,15 +637,21 @@ class ShardedWriter:
 
     def __init__(self, dir, plan: Sequence[tuple], metadata: dict[str, str] | None = None,
                  max_shard_bytes: int | None = None, basename: str = "model", *,
-                 overwrite: bool = False, into: AtomicDir | None = None, keep_old: bool = False):
+                 overwrite: bool = False, into: AtomicDir | None = None, keep_old: bool = False,
+                 names: Sequence[str] | None = None, index: bool = True):
+        # names/index=False: one rank's shards of a distributed merge (file names given, the
+        # index written by rank 0 for every rank's shards; ckptreg.merge.distributed)
         self.plan = [(str(n), dtype_str(d), tuple(int(s) for s in shp)) for n, d, shp in plan]
+        self.index = bool(index)
         self.metadata = dict(metadata or {})
         self.basename = basename
         self._own = into is None
         self.adir = AtomicDir(dir, overwrite=overwrite, keep_old=keep_old) if into is None else into
         self.path = self.adir.path
         self.shards = shard_plan(self.plan, max_shard_bytes)
-        self.names = shard_names(len(self.shards), basename)
+        self.names = list(names) if names is not None else shard_names(len(self.shards), basename)
+        if len(self.names) != len(self.shards):
+            raise FormatError(f"{self.path}: {len(self.names)} shard names for {len(self.shards)} shards")
         self.weight_map = {}
         for fname, sh in zip(self.names, self.shards):
             for e in sh:
@@ -696,6 +702,8 @@ class ShardedWriter:
             if not self._w.complete:
                 raise FormatError(f"{self.path}: commit before every tensor was written (next: {self._w.next_name!r})")
             self._w.commit()
+        if not self.index:
+            return
         index = {"metadata": {"total_size": self.data_bytes, **self.metadata}, "weight_map": self.weight_map}
         self.adir.write_text(f"{self.basename}.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
 
