@@ -137,6 +137,10 @@ def test_cli_on_postgres(url, tmp_path):
     r = _cli("ls", "--json", db=url)
     assert r.exit_code == 0, r.output
     assert [x["ref"] for x in json.loads(r.stdout)] == ["r@5"]
+    from ckptreg.cli import main
+
+    r = CliRunner().invoke(main, ["ls", "--json"], env={"CKPTREG_DB": url}, catch_exceptions=False)
+    assert r.exit_code == 0 and [x["ref"] for x in json.loads(r.stdout)] == ["r@5"]
     assert _cli("log", "r@5", "acc=0.7", db=url).exit_code == 0
     r = _cli("show", "r@5", "--json", db=url)
     assert r.exit_code == 0, r.output
@@ -280,20 +284,29 @@ def test_sql_is_read_only_single_statement_and_bounded(url, tmp_path):
     reg.add(write_peft_adapter(tmp_path / "checkpoint-1", 1), "s")
     cols, rows = reg.sql("SELECT run, step FROM checkpoints")
     assert cols == ["run", "step"] and rows == [("s", 1)]
-    with pytest.raises(QueryError, match="read-only.*DELETE FROM checkpoints"):
+    with pytest.raises(QueryError, match="refused.*DELETE FROM checkpoints"):
         reg.sql("DELETE FROM checkpoints")
     with pytest.raises(QueryError, match="exactly one statement"):
         reg.sql("SELECT 1; DELETE FROM checkpoints")
-    with pytest.raises(QueryError, match="read-only"):
+    # a write the keyword screen lets through: the READ ONLY transaction refuses it
+    with pytest.raises(QueryError, match="read-only.*WITH d AS"):
         reg.sql("WITH d AS (DELETE FROM checkpoints RETURNING id) SELECT count(*) FROM d")
+    with pytest.raises(QueryError, match="read-only"):
+        reg.sql("SELECT nextval('checkpoint_id_seq')")
     with pytest.raises(QueryError, match="time limit"):
         reg.sql("SELECT pg_sleep(5)", timeout=0.3)
     # the server refuses a second statement on its own (extended protocol)
     with pytest.raises(QueryError, match="multiple commands"):
         reg._db.query_read_only("SELECT 1; COMMIT; DELETE FROM checkpoints", 5)
+    # COPY ... TO a server file runs in a READ ONLY transaction: refused before it is sent
+    out = tmp_path / "copied.csv"
+    with pytest.raises(QueryError, match="only a query is allowed.*not COPY"):
+        reg.sql(f"COPY (SELECT * FROM checkpoints) TO '{out}'")
+    assert not out.exists()
+    assert reg.sql("-- a comment first\n(SELECT count(*) AS n FROM checkpoints)") == (["n"], [(1,)])
     assert len(reg.checkpoints()) == 1
     r = _cli("sql", "DELETE FROM checkpoints", db=url)
-    assert r.exit_code == 16 and "read-only" in r.output
+    assert r.exit_code == 16 and "refused" in r.output
 
 
 def test_an_add_that_loses_the_race_is_retried_and_reports_the_duplicate(url, tmp_path):

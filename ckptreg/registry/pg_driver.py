@@ -248,6 +248,26 @@ def split_statements(query: str) -> list[str]:
     return stmts
 
 
+_READ_KINDS = {"SELECT", "WITH", "VALUES", "TABLE", "EXPLAIN", "SHOW"}
+
+
+def _first_keyword(query: str) -> str:
+    """The first keyword of ``query`` (upper case), past comments and opening parentheses."""
+    q = query
+    while True:
+        q = q.lstrip().lstrip("(").lstrip()
+        if q.startswith("--"):
+            nl = q.find("\n")
+            q = "" if nl < 0 else q[nl + 1:]
+        elif q.startswith("/*"):
+            end = q.find("*/")
+            q = "" if end < 0 else q[end + 2:]
+        else:
+            break
+    m = re.match(r"[A-Za-z_]+", q)
+    return m.group(0).upper() if m else ""
+
+
 # --------------------------------------------------------------------------- connections
 
 #: per thread: {(pid, conninfo): connection}; connections inherited through fork() are kept
@@ -281,6 +301,7 @@ class _Con:
             # a cached connection the server dropped (restart): reconnect once, run it again
             self._drv._drop(self.raw)
             self.raw = self._drv._new_raw()
+            self._drv._apply_lock_timeout(self.raw)
             cur = self.raw.execute(q, p)
         self.used = True
         return cur
@@ -353,6 +374,7 @@ class PostgresDriver:
         return c
 
     def _drop(self, raw) -> None:
+        _LOCAL.__dict__.get("lt", {}).pop(id(raw), None)
         c = self._cache()
         if c.get(self._key()) is raw:
             del c[self._key()]
@@ -367,16 +389,23 @@ class PostgresDriver:
             if raw is not None:
                 self._drop(raw)
             raw = self._new_raw()
-        con = _Con(self, raw)
+        try:
+            self._apply_lock_timeout(raw)
+        except _psycopg().OperationalError:
+            # a cached connection the server dropped (restart): reconnect once
+            self._drop(raw)
+            raw = self._new_raw()
+            self._apply_lock_timeout(raw)
+        return _Con(self, raw)
+
+    def _apply_lock_timeout(self, raw) -> None:
+        """Row-lock waits of this connection end after :attr:`lock_timeout` (then: busy, which
+        spools an add); a round trip only when the value changes."""
         lt = f"{int(max(0.0, float(self.lock_timeout)) * 1000)}ms"
-        applied = getattr(_LOCAL, "lt", {}).get(id(con.raw))
-        if applied != lt:
-            # row-lock waits end after lock_timeout (then: busy, which spools an add)
-            con.execute(f"SET lock_timeout = '{lt}'")
-            if not hasattr(_LOCAL, "lt"):
-                _LOCAL.lt = {}
-            _LOCAL.lt[id(con.raw)] = lt
-        return con
+        seen = _LOCAL.__dict__.setdefault("lt", {})
+        if seen.get(id(raw)) != (raw, lt):
+            raw.execute(f"SET lock_timeout = '{lt}'")
+            seen[id(raw)] = (raw, lt)
 
     def _checkin(self, con: _Con) -> None:
         raw = con.raw
@@ -717,12 +746,18 @@ class PostgresDriver:
         own, rolled back and closed after. QueryError for a refused, failed or timed-out one."""
         psycopg = _psycopg()
         errs = psycopg.errors
+        shown = _short(" ".join(query.split()))
+        head = _first_keyword(query)
+        if head not in _READ_KINDS:
+            # (COPY ... TO 'file' runs in a READ ONLY transaction and, for a superuser, writes
+            # a file on the server: a read-only query starts with one of these)
+            raise QueryError(f"sql: refused: only a query is allowed (SELECT, WITH, VALUES, TABLE, "
+                             f"EXPLAIN, SHOW), not {head or 'this statement'}: {shown}")
         try:
             raw = psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout(),
                                   application_name="ckptreg sql")
         except psycopg.Error as e:
             raise self._unreachable(e) from None
-        shown = _short(" ".join(query.split()))
         try:
             raw.execute("BEGIN")
             raw.execute("SET TRANSACTION READ ONLY")
