@@ -161,9 +161,9 @@ def test_lines_refused_for_methods_without_a_base_and_bad_values(tmp_path):
     assert [c.name for c in reg.checkpoints(merged=True)] == []
 
 
-def test_lines_on_lora_factors_and_refused_in_delta_space(tmp_path):
+def test_lines_on_lora_factors(tmp_path):
     """Factor space (the stored A/B tensors, the paper's): LiNeS scales each factor's task vector
-    by its layer's λ; delta space refuses it (nothing written)."""
+    by its layer's λ."""
     reg = make_lora_run(tmp_path, n_layers=3)
     cks = reg.checkpoints("sft")
     ins = cks[2:5]
@@ -172,19 +172,10 @@ def test_lines_on_lora_factors_and_refused_in_delta_space(tmp_path):
     c = engine.merge(reg, spec)
     got = load_any(c.path)
     st = [load_any(x.path) for x in [cks[0]] + ins]
-    names = sorted(got)
-    idx = sorted({int(next(x for x in n.split(".") if x.isdigit())) for n in names if any(x.isdigit() for x in n.split("."))})
-    assert len(idx) == 3
-    for k in names:
-        ell = next((int(x) for x in k.split(".") if x.isdigit()), None)
-        lam = 0.5 if ell is None else 0.5 + idx.index(ell) / 2
-        ref = lines_ref(st[0][k], ref_task_arithmetic(st[0][k], [s[k] for s in st[1:]], [1.0] * 3), lam)
+    for k in got:
+        ell = next(int(x) for x in k.split(".") if x.isdigit())
+        ref = lines_ref(st[0][k], ref_task_arithmetic(st[0][k], [s[k] for s in st[1:]], [1.0] * 3), 0.5 + ell / 2)
         _close(got[k], ref, k)
-    spec = engine.make_spec(reg, "task_arithmetic", ins, base=cks[0], params={"lines": (0.5, 1.0)},
-                            out=str(tmp_path / "d"))
-    with pytest.raises(ParameterError, match=r"LiNeS \(lines / --lines\) is not supported with space='delta'"):
-        engine.merge(reg, spec, space="delta")
-    assert not (tmp_path / "d").exists()
 
 
 def test_lines_rules_recipe_and_replay(tmp_path):
@@ -279,10 +270,39 @@ def test_cli_merge_and_sweep_with_lines(tmp_path):
             ref = lines_ref(states[0][k], ref_ties(states[0][k], [s[k] for s in xs], [1.0] * k_in, d),
                             lam_of(k, 0.5, 1.0, N_LAYERS))
             _close(got[k], ref, f"{ck.name} {k}")
+    # several pairs separated by ';' sweep LiNeS (one merge per pair, each named by its pair)
+    res = _cli(db, "sweep", "--run", "files", "--last", "3", "--method", "task_arithmetic", "--base", "first",
+               "--lines", "0.5,1.0;0.0,2.0", "-o", tmp_path / "sw3", "--json", "-q")
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert sorted(rows) == ["task_arithmetic_last_3_base_first_incl_final_lines0_0_2_0",
+                            "task_arithmetic_last_3_base_first_incl_final_lines0_5_1_0"], sorted(rows)
+    for nm, (a, b) in (("lines0_0_2_0", (0.0, 2.0)), ("lines0_5_1_0", (0.5, 1.0))):
+        ck = reg.get(rows[f"task_arithmetic_last_3_base_first_incl_final_{nm}"]["id"])
+        assert reg.lineage(ck)["params"]["lines"] == [a, b]
+        got = load_any(ck.path)
+        for k in states[0]:
+            ref = lines_ref(states[0][k], ref_task_arithmetic(states[0][k], [s[k] for s in states[1:]], [1.0] * 3),
+                            lam_of(k, a, b, N_LAYERS))
+            _close(got[k], ref, f"{nm} {k}")
+    res = _cli(db, "sweep", "--run", "files", "--last", "3", "--method", "ties", "--density", "0.5", "--base", "first",
+               "--lines", "0.5,1.0;2", "-o", tmp_path / "sw4", "-q")
+    assert res.exit_code == 8 and "lines must be two finite numbers ALPHA,BETA" in res.output, res.output
     # the Python API's sweep takes lines too
     out = api.sweep(db, run="files", last=[2], method=["task_arithmetic"], base="first",
                     params={"lines": (0.5, 1.0)}, out=tmp_path / "sw2")
     assert [c.name for c in out] == ["task_arithmetic_last_2_base_first_incl_final_lines0_5_1_0"]
+
+
+def test_methods_json_says_which_methods_take_lines():
+    res = CliRunner().invoke(main, ["methods", "--json"])
+    assert res.exit_code == 0, res.output
+    got = {m["name"]: m for m in json.loads(res.output)}
+    assert all(got[m]["lines"] for m in ("task_arithmetic", "ties", "dare_ties", "model_stock", "multislerp", "della"))
+    assert not any(got[m]["lines"] for m in ("linear", "uniform", "mwa", "slerp", "cart"))
+    assert got["multislerp"]["base_optional"] and not got["ties"]["base_optional"]
+    res = CliRunner().invoke(main, ["merge", "--help"])
+    assert "--lines ALPHA,BETA" in res.output and "methods with a base only" in " ".join(res.output.split())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_methods_json_lists_every_method(toy):
     got = {m["name"]: m for m in json.loads(res.output)}
     assert set(got) == set(table.METHODS) and "negmean" in got
     ties = got["ties"]
-    assert ties["spaces"] == ["tensors", "factors"] and ties["weight_rule"] == "task_vector" and ties["base"]
+    assert ties["spaces"] == ["tensors", "factors", "delta", "core"] and ties["weight_rule"] == "task_vector" and ties["base"]
     params = {p["name"]: p for p in ties["parameters"]}
     assert params["density"]["required"] and params["density"]["range"] == "(0, 1]" and params["density"]["sweepable"]
     assert params["sign"]["default"] == "total" and params["sign"]["choices"] == ["total", "frequency"]

@@ -280,7 +280,9 @@ def _method_param_options(sweep: bool):
         if pd.flag_value is not None:
             opts.append(click.option(pd.flag, pd.name, flag_value=pd.flag_value, default=None, help=helptext))
         elif pd.type == "pair":   # --lines ALPHA,BETA (checked by the table)
-            opts.append(click.option(pd.flag, pd.name, default=None, metavar="ALPHA,BETA", help=helptext))
+            opts.append(click.option(pd.flag, pd.name, default=None, metavar="ALPHA,BETA",
+                                     help=helptext + (" Pairs separated by ';' sweep it (e.g. '0.5,1.0;0.3,0.6')."
+                                                      if sweep else "")))
         elif sweep and pd.sweepable:
             opts.append(click.option(pd.flag, pd.name, default=None,
                                      help=helptext + " A comma list sweeps it (e.g. 0.3,0.5)."))
@@ -459,7 +461,13 @@ def _param_grid(mp: dict):
         v = mp.get(pd.name)
         if v is None:
             continue
-        if pd.sweepable and isinstance(v, str):
+        if pd.type == "pair" and isinstance(v, str):   # --lines A,B or A,B;C,D (one merge per pair)
+            vals = [tuple(pd.convert(x)) for x in v.split(";") if x.strip()]
+            if len(vals) == 1:
+                fixed[pd.name] = vals[0]
+            else:
+                swept.append((pd.name, vals))
+        elif pd.sweepable and isinstance(v, str):
             vals = _split(v, float if pd.type == "float" else int, pd.flag)
             if pd.name == "density":
                 for x in vals:
@@ -631,7 +639,7 @@ def methods_cmd(as_json):
         return f"{pd.name}{d if pd.required is False else ' (required)'} {pd.range_text()}"
 
     rows = [{"method": m.name, "aliases": ",".join(m.aliases), "strategy": m.strategy, "weights": m.weight_rule,
-             "spaces": ",".join(m.spaces), "base": "yes" if m.uses_base else "",
+             "spaces": ",".join(m.spaces), "base": ("optional" if m.base_optional else "yes") if m.uses_base else "",
              "parameters": "; ".join(ptext(pd) for pd in m.params)} for m in T.METHODS.values()]
     _fmt.table(rows, ["method", "aliases", "strategy", "weights", "spaces", "base", "parameters"],
                title="merge methods")

@@ -171,13 +171,82 @@ class _DeltaCache:
                                             rank_ratio=float(self.p.get("rank_ratio", lowrank.DEFAULT_RANK_RATIO)),
                                             lam=float(self.p.get("lam", 1.0)), out_rank=r_out, out_scale=1.0)
                 self.cache[mod] = {"A": A, "B": B}
+            elif self.rule == "factored":   # SVD-family methods: exact in the span of the factors
+                B, A = get_method(self.method).delta_fn(
+                    [(widen(a), widen(b), sc) for a, b, sc in fs], self.coeffs, self.p, r_out,
+                    name=self.names[mod]["A"])
+                self.cache[mod] = {"A": A, "B": B}
+            elif self.rule == "dense":
+                B, A = self._dense(mod, fs, r_out)
+                self.cache[mod] = {"A": A, "B": B}
+            elif self.rule == "gram":
+                B, A = self._gram(mod, fs, r_out, widen)
+                self.cache[mod] = {"A": A, "B": B}
             else:
                 self._merge_group(mod, fs, r_out, widen)
         t = self.cache[mod].pop(tag)
         if not self.cache[mod]:
             del self.cache[mod]
         self.done.add(mod)
+        lines = getattr(self, "lines_factor", None)   # LiNeS (base pretrained): B·λ(ℓ), see _delta_setup
+        if lines is not None and tag == "B":
+            t = t * lines(mod)
         return t.to(self.odt_for(name)).contiguous()
+
+    def _dense(self, mod, fs, r_out):
+        """An element-wise method on one module (METHODS.md "Delta space for element-wise
+        methods" / "Core space"): delta space forms the dense updates s_t B_t A_t (this layer
+        only), runs the stored-tensor method with θ_0 = the base's update (zeros with base
+        pretrained) and writes back the exact rank-``r_out`` SVD truncation; core space runs it on
+        the core matrices M_t = U_Bᵀ (s_t B_t A_t) V_Aᵀ and writes B = U_B M, A = V_A (or the
+        truncation of M to ``rank``)."""
+        import torch
+
+        from .. import lowrank
+
+        n_in = getattr(self, "n_in", len(self.sources))
+        key = module_weight_name(mod)
+        w = self.coeffs[:n_in]
+        if getattr(self, "space", "delta") == "core":
+            UB, VA = core_bases(fs)
+            Ms = [s * ((UB.T @ b.to(torch.float64)) @ (a.to(torch.float64) @ VA.T)) for a, b, s in fs]
+            M0 = Ms[n_in] if len(Ms) > n_in else torch.zeros_like(Ms[0])
+            M = dense_method(self.method, key, Ms[:n_in], M0, w, self.p)
+            odt = lowrank._out_dtype(*[x for a, b, _ in fs for x in (a, b)])
+            if self.rank is None:
+                B, A = UB @ M, VA
+                if r_out > A.shape[0]:
+                    pad = r_out - A.shape[0]
+                    B = torch.cat([B, B.new_zeros((B.shape[0], pad))], dim=1)
+                    A = torch.cat([A, A.new_zeros((pad, A.shape[1]))], dim=0)
+            else:
+                u, sv, vh = torch.linalg.svd(M, full_matrices=False)
+                B, A = lowrank.split_factors(UB @ u, sv, vh @ VA, int(r_out), 1.0)
+            return B.to(odt).contiguous(), A.to(odt).contiguous()
+        wd = lowrank._out_dtype(*[x for a, b, _ in fs for x in (a, b)])
+        ups = [s * (b.to(wd) @ a.to(wd)) for a, b, s in fs]
+        base = ups[n_in] if len(ups) > n_in else torch.zeros_like(ups[0])
+        merged = dense_method(self.method, key, ups[:n_in], base, w, self.p)
+        del ups, base
+        return truncate_dense(merged, r_out)
+
+    def _gram(self, mod, fs, r_out, widen):
+        """model_stock / multislerp / slerp on one module, exactly in factored form: their
+        coefficients come from the Gram matrix of the updates (:func:`lora_gram`), the merged
+        update Σ c_j s_j B_j A_j through the factored SVD (per-row coefficients of model_stock
+        --filter-wise scale the rows of B_j)."""
+        import torch
+
+        from .. import lowrank
+
+        n_in = getattr(self, "n_in", len(self.sources))
+        c = gram_coeffs(self.method, fs, n_in, self.coeffs[:n_in], self.p, module_weight_name(mod))
+        Bs = [widen(b) for _, b, _ in fs]
+        As = [widen(a) for a, _, _ in fs]
+        if any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in c):
+            Bs = [(x.to(b.dtype).unsqueeze(1) if isinstance(x, torch.Tensor) else float(x)) * b for x, b in zip(c, Bs)]
+            c = [1.0] * len(Bs)
+        return lowrank.lora_delta_merge(Bs, As, [sc for _, _, sc in fs], [float(x) for x in c], r_out, out_scale=1.0)
 
     def _merge_group(self, mod, fs, r_out, widen):
         """Delta-space merge of ``mod`` and of the later not yet merged modules with the same
@@ -224,66 +293,371 @@ def _read_cfg(info):
     return None
 
 
-def _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user):
+def _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user, space="delta"):
+    """(cache, output shapes, output adapter config) of a LoRA merge in update space.
+
+    Coefficient sources: the inputs, then the base's adapter when the method uses a base and one
+    is given (none with ``base: pretrained``: the task vectors are the updates themselves).
+    ``task_vector``: c = λw and the base 1 − λΣw (no base row with base pretrained); ``dense``
+    (element-wise methods) and ``gram`` (model_stock, multislerp, slerp): the method on the
+    updates (or their core matrices in core space). Mixed ranks and lora_alpha are fine: each
+    update carries its own r and scaling; the output has lora_alpha = r per module."""
     from .stream import _odt
 
-    rule = get_method(method).delta_rule
+    defn = get_method(method)
+    rule = defn.delta_rule
     cfgs = [i.lora for i in pl.infos]
     coeff_sources = list(zip(sources, cfgs))
+    with_base = base_src is not None and defn.uses_base
     if rule == "task_vector":
         lam = float(p.get("lam", 1.0))
-        coeffs = [lam * x for x in w] + [1.0 - lam * sum(w)]
-        coeff_sources.append((base_src, pl.base_info.lora))
+        coeffs = [lam * x for x in w]
+        if with_base:
+            coeffs.append(1.0 - lam * sum(w))
+            coeff_sources.append((base_src, pl.base_info.lora))
+    elif rule == "factored":   # τ_t = s_t B_t A_t: the inputs only (base pretrained)
+        if with_base:
+            raise ParameterError(f"{defn.name} in {space} space works on the LoRA updates themselves "
+                                 f"(τ_t = s_t B_t A_t): use base pretrained (--base pretrained), not a base "
+                                 f"checkpoint")
+        coeffs = list(w)
     else:
         coeffs = list(w)
+        if with_base and rule in ("dense", "gram"):
+            coeff_sources.append((base_src, pl.base_info.lora))
+    if defn.uses_base and not with_base:
+        # non-factor float tensors have no update form: with base pretrained there is no θ_0
+        for n in pl.names:
+            if _lora_pair(n) is None and pl.dtypes[n] in ("F32", "F16", "BF16", "F64") and pl.numel(n) > 0:
+                raise ParameterError(f"tensor {n} is not a LoRA factor: with base pretrained it has no task vector "
+                                     f"(give a base checkpoint: --base first, last or a ref)")
     in_cfg = _read_cfg(pl.infos[0]) or {}
-    r_in = int(pl.infos[0].lora["r"])
-    keep_pattern = rank is None and rule != "cart" and bool(in_cfg.get("rank_pattern"))
+    infos_c = list(pl.infos) + ([pl.base_info] if len(coeff_sources) > len(sources) else [])
 
     def out_rank_for(mod, As):
-        if rank is not None:
-            return int(rank)
-        if rule == "cart":
-            return sum(int(a.shape[0]) for a in As)
-        return max(int(a.shape[0]) for a in As)
+        return module_out_rank(rule, space, rank, [int(a.shape[0]) for a in As], None, int(As[0].shape[-1]))
 
     def odt_for(name):
         return _odt(odt_user, pl.dtypes[name])
 
     cache = _DeltaCache(pl, sources, coeff_sources, coeffs, method, p, rank, out_rank_for, odt_for)
+    cache.space = space
+    cache.n_in = len(sources)
     shapes = dict(pl.shapes)
-    n_coeff = len(coeff_sources)
-    ranks_seen = set()
+    mod_ranks = {}
     for mod, d in cache.names.items():
         if set(d) != {"A", "B"}:
             continue
         a_shape = pl.shapes[d["A"]]
         b_shape = pl.shapes[d["B"]]
-        r_mod = a_shape[0]
-        if rank is not None:
-            ro = int(rank)
-        elif rule == "cart":
-            ro = r_mod * n_coeff
-        else:
-            ro = r_mod
-        ranks_seen.add(ro)
+        ranks = [int(i.tensors[d["A"]].shape[0]) for i in infos_c]
+        ro = module_out_rank(rule, space, rank, ranks, b_shape[0], a_shape[-1])
+        mod_ranks[mod] = ro
         shapes[d["A"]] = (ro,) + tuple(a_shape[1:])
         shapes[d["B"]] = tuple(b_shape[:-1]) + (ro,)
-    r_out = rank if rank is not None else (r_in * n_coeff if rule == "cart" else r_in)
-    cfg = dict(in_cfg)
-    cfg["r"] = int(r_out)
-    cfg["lora_alpha"] = int(r_out)
-    cfg["use_rslora"] = False
-    cfg.pop("alpha_pattern", None)
-    if keep_pattern:
-        cfg["alpha_pattern"] = dict(in_cfg["rank_pattern"])
-    else:
-        cfg.pop("rank_pattern", None)
-        if len(ranks_seen) > 1:
-            raise ParameterError("inputs use per-module ranks (rank_pattern); pass an explicit rank")
+    cfg = output_adapter_config(in_cfg, mod_ranks, rank)
+    if p.get("lines") is not None:
+        # LiNeS with base pretrained (run.py refuses a base checkpoint): the merged update is Δ
+        # itself, so θ_0 + λ(ℓ)Δ is the merged module with B scaled by its layer's λ(ℓ)
+        from .stream import lines_for_names
+
+        cache.lines_factor = lines_for_names(p["lines"], pl.names)
     return cache, shapes, cfg
 
 
+# ------------------------------------------------------------------------------------------------
+# base pretrained, mixed ranks, the dense (element-wise) and Gram routes, core space
+
+#: ``base: pretrained`` (``--base pretrained``): the task vectors are the LoRA updates themselves
+#: (no base checkpoint). Recorded as ``params["base"] == PRETRAINED`` with ``MergeSpec.base`` None
+#: (lineage, recipe and replay carry it in the params); the default base of adapters in delta and
+#: core space for every method that uses one.
+PRETRAINED = "pretrained"
+#: the params key holding it
+BASE_KEY = "base"
+#: spaces of LoRA update merging (delta: the updates s_t B_t A_t; core: the Σr×Σr core matrices)
+UPDATE_SPACES = ("delta", "core")
+
+
+def is_pretrained(p) -> bool:
+    return str((p or {}).get(BASE_KEY) or "").lower() == PRETRAINED
+
+
+def plan_lora(registry, inputs, base=None):
+    """:func:`~ckptreg.merge.plan.plan` for LoRA adapters merged in update space: the rank
+    dimension of every ``lora_A`` (dim 0) and ``lora_B`` (dim 1) may differ between the inputs
+    (mixed ranks: each update carries its own r and s); every other dimension, every name and
+    every dtype must agree (ONE MismatchError listing every difference, as ``plan``). The plan's
+    shapes are the first input's."""
+    from .plan import Plan, _ref, info_of
+
+    inputs = list(inputs)
+    infos = [info_of(registry, c) for c in inputs]
+    base_info = info_of(registry, base) if base is not None else None
+    refs = [_ref(c) for c in inputs]
+    all_infos = infos + ([base_info] if base_info is not None else [])
+    all_refs = refs + ([f"base {_ref(base)}"] if base is not None else [])
+    ref0 = infos[0].tensors
+
+    def masked(n, shape):
+        pr = _lora_pair(n)
+        s = list(shape)
+        if pr is not None and len(s) == 2:
+            s[0 if pr[1] == "A" else 1] = "r"
+        return s
+
+    problems = []
+    for info, ref in zip(all_infos[1:], all_refs[1:]):
+        t = info.tensors
+        missing = [n for n in ref0 if n not in t]
+        extra = [n for n in t if n not in ref0]
+        if missing:
+            problems.append(f"{ref}: missing {len(missing)} tensor(s) that {all_refs[0]} has: "
+                            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            problems.append(f"{ref}: has {len(extra)} tensor(s) that {all_refs[0]} lacks: "
+                            + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        for n, ti in ref0.items():
+            o = t.get(n)
+            if o is None:
+                continue
+            if masked(n, o.shape) != masked(n, ti.shape):
+                problems.append(f"{ref}: tensor {n!r} has shape {list(o.shape)}, {all_refs[0]} has {list(ti.shape)}")
+            if o.dtype != ti.dtype:
+                problems.append(f"{ref}: tensor {n!r} has dtype {o.dtype}, {all_refs[0]} has {ti.dtype}")
+    kinds = {i.kind for i in all_infos}
+    if len(kinds) > 1:
+        problems.append("inputs mix LoRA adapters and full models: "
+                        + ", ".join(f"{r}={i.kind}" for r, i in zip(all_refs, all_infos)))
+    if problems:
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise MismatchError(f"inputs do not match ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more)
+    names = sorted(ref0)
+    return Plan(names=names, dtypes={n: ref0[n].dtype for n in names},
+                shapes={n: tuple(ref0[n].shape) for n in names}, infos=infos, base_info=base_info, refs=refs)
+
+
+class MemSource:
+    """An in-memory stand-in for :class:`~ckptreg.merge.sources.Source` (``info.tensors[name]``
+    with shape/dtype/offset, ``full``, ``chunk``, ``check``, ``close``), so the production
+    per-tensor kernels (``kernels.task_prepare`` / ``task_chunk``, the sparsify methods'
+    ``prepare`` / ``fn``) run unchanged on the dense updates of one LoRA module."""
+
+    def __init__(self, tensors: dict):
+        from types import SimpleNamespace
+
+        self.t = dict(tensors)
+        self.info = SimpleNamespace(tensors={n: SimpleNamespace(shape=tuple(x.shape), dtype=str(x.dtype), offset=-1,
+                                                                nbytes=x.numel() * x.element_size())
+                                             for n, x in self.t.items()}, files=[], path="<memory>")
+
+    def full(self, name, out=None):
+        return self.t[name]
+
+    def chunk(self, name, start, stop):
+        return self.t[name].reshape(-1)[start:stop]
+
+    def check(self):
+        return None
+
+    def close(self):
+        self.t.clear()
+
+
+def module_weight_name(mod: str) -> str:
+    """The base-model weight a LoRA module updates (``model.layers.0.self_attn.q_proj.weight``):
+    the tensor name the dense route's DARE / DELLA masks are keyed by."""
+    from ..formats import lora_module_key
+
+    return lora_module_key(mod) + ".weight"
+
+
+def dense_method(method, name, taus, base, w, p):
+    """The stored-tensor method ``method`` (a ``task_vector``-strategy entry of the method table)
+    on in-memory matrices: ``taus`` the T inputs θ_t, ``base`` θ_0 (same shape), ``w`` the weights.
+    Runs the method's own ``prepare`` and ``fn`` (``kernels.task_prepare`` / ``task_chunk``:
+    ``ops.task_merge``; the sparsify methods' whole-tensor functions) as one chunk. Returns the
+    merged θ (shape of ``base``, float32; float64 for float64 inputs)."""
+    import torch
+
+    defn = get_method(method)
+    if defn.prepare is None or defn.fn is None:
+        raise ParameterError(f"{defn.name} has no per-tensor task-vector form to run on LoRA updates")
+    shape = tuple(base.shape)
+    srcs = [MemSource({name: t.contiguous()}) for t in taus]
+    bsrc = MemSource({name: base.contiguous()})
+    numel = base.numel()
+    ctx = defn.prepare(defn.name, name, srcs, bsrc, numel, p)
+    bf = ctx.get("base_full") if isinstance(ctx, dict) else None
+    bc = bf[0:numel] if bf is not None else bsrc.chunk(name, 0, numel)
+    out = torch.empty(numel, dtype=base.dtype)
+    wt = torch.tensor([float(x) for x in w], dtype=torch.float32)
+    res = defn.fn(defn.name, bc, [s.chunk(name, 0, numel) for s in srcs], wt, p, ctx, 0, base.dtype, out)
+    return (res if res is not None else out).reshape(shape)
+
+
+def lora_gram(fs):
+    """Gram matrix (float64) of the updates τ_t = s_t B_t A_t from their factors, exactly and
+    without forming them: ⟨τ_i, τ_j⟩ = s_i s_j Σ (B_iᵀ B_j) ⊙ (A_i A_jᵀ). ``fs``: (A, B, s)."""
+    import torch
+
+    n = len(fs)
+    G = torch.zeros((n, n), dtype=torch.float64)
+    A = [a.to(torch.float64) for a, _, _ in fs]
+    B = [b.to(torch.float64) for _, b, _ in fs]
+    for i in range(n):
+        for j in range(i, n):
+            g = fs[i][2] * fs[j][2] * float(((B[i].T @ B[j]) * (A[i] @ A[j].T)).sum())
+            G[i, j] = G[j, i] = g
+    return G
+
+
+def lora_row_gram(fs):
+    """Per-row Gram matrices [m, n, n] (float64) of the updates: row ρ of τ_t is s_t B_t[ρ] A_t."""
+    import torch
+
+    n = len(fs)
+    A = [a.to(torch.float64) for a, _, _ in fs]
+    B = [b.to(torch.float64) for _, b, _ in fs]
+    G = torch.zeros((B[0].shape[0], n, n), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            g = fs[i][2] * fs[j][2] * torch.einsum("ra,ab,rb->r", B[i], A[i] @ A[j].T, B[j])
+            G[:, i, j] = g
+            G[:, j, i] = g
+    return G
+
+
+def _slerp_from_gram(G, t):
+    from ..methods import SLERP_DOT_THRESHOLD, SLERP_EPS
+
+    n0, n1 = math.sqrt(max(0.0, float(G[0, 0]))), math.sqrt(max(0.0, float(G[1, 1])))
+    s0 = n0 if n0 > SLERP_EPS else 1.0
+    s1 = n1 if n1 > SLERP_EPS else 1.0
+    d = float(G[0, 1]) / (s0 * s1)
+    if abs(d) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, d)))
+    st = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / st, math.sin(t * theta) / st
+
+
+def gram_coeffs(method, fs, n_in, w, p, name):
+    """Coefficients of a Gram-based method on the updates of one module: a list ``c`` over ``fs``
+    (the inputs, then the base's update when one is given) with merged ΔW = Σ c_j ΔW_j, or a
+    list of per-row coefficient vectors (model_stock --filter-wise). The task vectors are
+    τ_i = ΔW_i − ΔW_0 (ΔW_i with base pretrained); their Gram is C G Cᵀ of the updates' one."""
+    import torch
+
+    from .methods_geometry import MS_DEN_EPS, model_stock_t, multislerp_coeffs
+
+    has_base = len(fs) > n_in
+    C = torch.eye(len(fs), dtype=torch.float64)[:n_in]
+    if has_base:
+        C[:, n_in] = -1.0
+    if method == "slerp":
+        G = lora_gram(fs)
+        return list(_slerp_from_gram(G, float(p.get("t", 0.5))))
+    if method == "model_stock":
+        if n_in < 2:
+            raise ParameterError(f"model_stock needs a base and at least 2 models, got {n_in} (module {name})")
+        if p.get("filter_wise"):
+            Gt = C @ lora_row_gram(fs) @ C.T
+            t, den = model_stock_t(Gt, n_in)
+            bad = (den.abs() < MS_DEN_EPS).nonzero().flatten()
+            if bad.numel():
+                raise ParameterError(f"model_stock --filter-wise: module {name} row {int(bad[0])}: "
+                                     f"1 + (N-1)*c = {float(den[int(bad[0])]):.3g} is below 1e-8 in magnitude; "
+                                     "t is undefined")
+            rows = [t / n_in] * n_in + ([1.0 - t] if has_base else [])
+            return rows
+        Gt = C @ lora_gram(fs) @ C.T
+        t, den = model_stock_t(Gt, n_in)
+        if abs(float(den)) < MS_DEN_EPS:
+            raise ParameterError(f"model_stock: module {name}: 1 + (N-1)*c = {float(den):.3g} is below 1e-8 in "
+                                 "magnitude; t is undefined")
+        t = float(t)
+        return [t / n_in] * n_in + ([1.0 - t] if has_base else [])
+    if method == "multislerp":
+        Gt = C @ lora_gram(fs) @ C.T
+        c = [float(x) for x in multislerp_coeffs(Gt, [float(x) for x in w], name)]
+        return c + ([1.0 - sum(c)] if has_base else [])
+    raise ParameterError(f"{method} has no Gram-coefficient form")
+
+
+def truncate_dense(M, r_out):
+    """Adapter factors (B [m, r_out], A [r_out, n]) of the best rank-``r_out`` approximation of
+    ``M`` by its exact SVD (PEFT's ``*_svd`` combinations), scaling 1 (lora_alpha = r)."""
+    import torch
+
+    from .. import lowrank
+
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return lowrank.split_factors(U, S, Vh, int(r_out), 1.0)
+
+
+def core_bases(fs):
+    """(U_B [m, kB], V_A [kA, n]) float64: left singular vectors of [B_1 … B_T], right singular
+    vectors of [A_1; …; A_T] (METHODS.md "Core space")."""
+    import torch
+
+    Bcat = torch.cat([b.to(torch.float64) for _, b, _ in fs], dim=1)
+    Acat = torch.cat([a.to(torch.float64) for a, _, _ in fs], dim=0)
+    UB = torch.linalg.svd(Bcat, full_matrices=False)[0]
+    VA = torch.linalg.svd(Acat, full_matrices=False)[2]
+    return UB, VA
+
+
+def core_ranks(ranks, m, n):
+    R = sum(int(r) for r in ranks)
+    return (R if m is None else min(R, int(m))), (R if n is None else min(R, int(n)))
+
+
+def module_out_rank(rule, space, rank, ranks, m, n):
+    """The output rank of one module: ``rank`` when given; CART: Σ r (exact); an element-wise
+    method in core space: kA = min(Σ r, n) (B = U_B M, A = V_A, exact); else max r."""
+    if rank is not None:
+        return int(rank)
+    if rule in ("cart", "factored"):   # exact: rank ≤ Σ r (zero-padded)
+        return sum(int(r) for r in ranks)
+    if space == "core" and rule == "dense":
+        return core_ranks(ranks, m, n)[1]
+    return max(int(r) for r in ranks)
+
+
+def output_adapter_config(in_cfg, mod_ranks: dict, rank):
+    """The output adapter_config.json: lora_alpha = r (scaling 1) and use_rslora false; modules
+    whose output rank differs from the most common one get ``rank_pattern`` / ``alpha_pattern``
+    entries (their escaped module paths, matched by PEFT's ``(.*\\.)?(key)$``), alpha = r each.
+    An input ``rank_pattern`` that still describes every module (same ranks) is kept as it is."""
+    import re
+    from collections import Counter
+
+    from ..formats import lora_module_config, lora_module_key
+
+    cfg = dict(in_cfg)
+    cfg["use_rslora"] = False
+    cfg.pop("alpha_pattern", None)
+    if rank is not None or not mod_ranks:
+        r = int(rank) if rank is not None else int(in_cfg.get("r") or 1)
+        cfg.pop("rank_pattern", None)
+        cfg["r"] = cfg["lora_alpha"] = r
+        return cfg
+    if in_cfg.get("rank_pattern") and in_cfg.get("r") and all(
+            lora_module_config(in_cfg, m)[1] == r for m, r in mod_ranks.items()):
+        cfg["r"] = cfg["lora_alpha"] = int(in_cfg["r"])
+        cfg["alpha_pattern"] = dict(in_cfg["rank_pattern"])
+        return cfg
+    counts = Counter(mod_ranks.values())
+    r_main = max(counts, key=lambda r: (counts[r], r))
+    cfg["r"] = cfg["lora_alpha"] = int(r_main)
+    pat = {re.escape(lora_module_key(m)): int(r) for m, r in sorted(mod_ranks.items()) if r != r_main}
+    cfg.pop("rank_pattern", None)
+    if pat:
+        cfg["rank_pattern"] = dict(pat)
+        cfg["alpha_pattern"] = dict(pat)
+    return cfg
 
 
 DeltaCache, delta_setup, check_factor_scales, read_cfg = _DeltaCache, _delta_setup, _check_factor_scales, _read_cfg

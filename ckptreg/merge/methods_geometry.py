@@ -193,13 +193,14 @@ FILTER_WISE = ParamDef("filter_wise", "choice", False, "model_stock: compute t p
 
 MODEL_STOCK = MethodDef(
     "model_stock", fn=model_stock_chunk, prepare=model_stock_prepare, strategy=TASK_VECTOR, weight_rule="unused",
-    params=(FILTER_WISE,), aliases=("modelstock",), spaces=("tensors", "factors"),
+    params=(FILTER_WISE,), aliases=("modelstock",), spaces=("tensors", "factors", "delta", "core"), delta_rule="gram",
     fragment="model_stock", uses_base=True, lines="scale",
     help="Model Stock: θ_0 + t·mean τ_i, t from the task vectors' mean cosine (N ≥ 2; weights unused).")
 
 MULTISLERP = MethodDef(
     "multislerp", fn=multislerp_chunk, prepare=multislerp_prepare, strategy=TASK_VECTOR, weight_rule="convex",
-    aliases=("multi_slerp",), spaces=("tensors", "factors"), fragment="multislerp", uses_base=True,
+    aliases=("multi_slerp",), spaces=("tensors", "factors", "delta", "core"), delta_rule="gram",
+    fragment="multislerp", uses_base=True,
     base_optional=True, lines="scale",
     help="Spherical weighted mean of the task vectors (mergekit multislerp), scaled by Σ w_i ‖τ_i‖; "
          "without a base, of the checkpoints themselves.")

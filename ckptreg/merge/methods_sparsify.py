@@ -198,7 +198,7 @@ def _register():
                    fragment="eps")
     seed = ParamDef("seed", "int", 0, "DARE / DELLA mask seed.", fragment="seed")
     common = dict(strategy=TASK_VECTOR, fn=sparsify_chunk, prepare=sparsify_prepare, weight_rule="task_vector",
-                  uses_base=True, spaces=("tensors", "factors"))
+                  uses_base=True, spaces=("tensors", "factors", "delta", "core"), delta_rule="dense")
     register_method(MethodDef("breadcrumbs", params=(density, gamma, lam), fragment="breadcrumbs",
                               help="Drop the smallest and the largest |τ| (outliers) per tensor, weighted sum.",
                               **common))

@@ -14,6 +14,8 @@ A recipe (``ckptreg merge --recipe FILE``)::
         - filter: self_attn            # substring of the tensor name
           value: [[1.0, 0.0], [0.0, 1.0]]   # a gradient: interpolated over the layer index
         - value: [0.5, 0.5]            # no filter: every other tensor
+      lines: [0.5, 1.0]                # LiNeS (methods with a base): λ(ℓ) = 0.5 + 1.0·ℓ/(L−1) scales
+                                       # the merged task vector of layer ℓ (one pair, not rules)
     space: factors                     # LoRA: factors (default) or delta; rank: N with delta
     out_dtype: bfloat16                # optional; out_shard_size: 2GB (optional)
     output: merged/                    # -o on the command line wins

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ChangedError, FormatError, ParameterError, WeightError
-from .delta import _check_factor_scales, _delta_setup, _read_cfg
+from .delta import (BASE_KEY, PRETRAINED, UPDATE_SPACES, _check_factor_scales, _delta_setup, _read_cfg, is_pretrained,
+                    plan_lora)
 from .plan import Plan, _ref, info_of, plan, writer_info
 from .sources import Source, snapshot
 from .spec import MergeSpec, dedupe_specs, renamed_for, report_to
@@ -31,7 +32,8 @@ def _batch(registry):
     return b() if b is not None else contextlib.nullcontext()
 
 
-def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None, snaps: dict | None = None):
+def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None, snaps: dict | None = None,
+             space: str = "factors"):
     """Validation shared by merge and sweep (nothing is read or written here): the method and
     its parameters (the method table), weights, the fingerprint of every input. ``snaps``
     collects each input file's identity (inode, size, mtime) taken just before its fingerprint
@@ -46,7 +48,13 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
     if len(set(ids)) != len(ids):
         raise ParameterError("the same checkpoint appears twice in the inputs")
     p = check_params(defn, spec.params or {}, len(inputs))
-    if defn.uses_base and spec.base is None and not defn.base_optional:
+    if is_pretrained(p) and (space not in UPDATE_SPACES or spec.base is not None):
+        raise ParameterError("base pretrained (the task vectors are the LoRA updates themselves) needs LoRA "
+                             f"adapters merged with space 'delta' or 'core' (--space delta|core), not {space!r}"
+                             + ("; sweeps merge in factor space" if space == "factors" else ""))
+    if defn.uses_base and spec.base is None and space in UPDATE_SPACES:
+        p[BASE_KEY] = PRETRAINED   # the default base of adapters in update space (recorded in the lineage)
+    if defn.uses_base and spec.base is None and not defn.base_optional and not is_pretrained(p):
         raise ParameterError(f"{defn.name} needs a base checkpoint (base first, last or a checkpoint)")
     if p.get("lines") is not None and spec.base is None:   # base-optional methods run without one
         raise ParameterError(f"LiNeS (lines / --lines) scales the merged task vector θ − θ_0: {defn.name} "
@@ -131,10 +139,10 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     report_to(caller_spec, spec)
     with _batch(registry):
         snaps: dict = {}
-        defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps)
+        defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps, space=space)
     method = defn.name
-    if space not in ("factors", "delta"):
-        raise ParameterError(f"space must be 'factors' or 'delta', got {space!r}")
+    if space not in ("factors",) + UPDATE_SPACES:
+        raise ParameterError(f"space must be 'factors', 'delta' or 'core', got {space!r}")
     if rank is not None and (int(rank) != rank or rank < 1):
         raise ParameterError(f"rank must be a positive integer, got {rank!r}")
     odt_user = torch_out_dtype(out_dtype)
@@ -144,16 +152,17 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
 
     spec, inputs, w = _pairwise_order(defn, spec, inputs, w)
     plan_base = spec.base if defn.uses_base else None
-    pl = plan(registry, inputs, plan_base)
+    # update space: mixed ranks across the inputs are fine (each update carries its own r and s)
+    pl = plan_lora(registry, inputs, plan_base) if space in UPDATE_SPACES else plan(registry, inputs, plan_base)
     info0 = pl.infos[0]
-    if space == "delta":
+    if space in UPDATE_SPACES:
         if info0.kind != "lora":
             raise ParameterError("space='delta' needs LoRA adapters; these inputs are full models")
         if "delta" not in defn.spaces:
             ok = [m.name for m in _methods().values() if "delta" in m.spaces]
             raise ParameterError(f"space='delta' supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
         if getattr(spec, "param_rules", None):
-            raise ParameterError("per-tensor parameter rules are not supported with space='delta'")
+            raise ParameterError(f"per-tensor parameter rules are not supported with space={space!r}")
         if p.get("lines") is not None:
             raise ParameterError("LiNeS (lines / --lines) is not supported with space='delta' yet (its "
                                  "coefficients would vary by module); merge in factor space")
@@ -162,7 +171,7 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
                 raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")
     else:
         if rank is not None:
-            raise ParameterError("rank only applies to space='delta'")
+            raise ParameterError("rank only applies to space='delta' or 'core'")
         _check_factor_scales(pl.infos + ([pl.base_info] if pl.base_info is not None else []),
                              pl.refs + ([f"base {_ref(plan_base)}"] if pl.base_info is not None else []))
 
@@ -190,8 +199,9 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     base_src = Source(pl.base_info, snaps, lease) if pl.base_info is not None else None
     try:
         winfo = writer_info(info0)
-        if space == "delta":
-            delta, out_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user)
+        if space in UPDATE_SPACES:
+            delta, out_shapes, adapter_cfg = _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user,
+                                                          space=space)
         elif info0.format == "peft":
             adapter_cfg = _read_cfg(winfo)
         odts = {n: _odt(odt_user, pl.dtypes[n]) for n in pl.names}

@@ -158,8 +158,17 @@ def paper_name(last, every, scheme, metric, penalty, method=None, base=None, **s
         wpart = f"{_metric_word(metric)}_pf-{_pf(penalty)}"
     else:
         raise ParameterError(f"unknown weighting scheme {scheme!r}")
+    defn = get_method(m)
+    frag = defn.fragment
+    space = settings.get("space")
+    if base is None and space in ("delta", "core") and defn.uses_base:
+        base = "pretrained"   # the default base of adapters in update space: named, like any base
+    if frag is not None and space == "core" and defn.delta_rule == "dense":
+        # element-wise methods in core space are the core-space method (arXiv 2509.17786), a
+        # different merge from the same method in delta space: core_ties_..., no _core suffix
+        frag = "core_" + frag
+        settings = {**settings, "space": None}
     suffix = name_suffix(scheme=scheme, metric=metric, method=m, **settings)
-    frag = get_method(m).fragment
     if frag is None:
         return f"{sel}_{wpart}{suffix}"
     name = f"{frag}_{sel}"
@@ -221,7 +230,16 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
                                                                 power=power, direction=direction))
     else:
         w = defn.default_weights(len(inputs))
-    if defn.strategy == PAIRWISE and isinstance(base, str) and base.lower() in ("first", "last"):
+    params = dict(params or {})
+    if isinstance(base, str) and base.strip().lower() == "pretrained":
+        # base pretrained: no base checkpoint; recorded in the params (lineage, recipe, replay)
+        base = "pretrained"
+        params["base"] = "pretrained"
+    elif str(params.get("base") or "").lower() == "pretrained" and base is None:
+        base = "pretrained"
+    if base == "pretrained":
+        base_ck = None
+    elif defn.strategy == PAIRWISE and isinstance(base, str) and base.lower() in ("first", "last"):
         # pairwise (slerp): the base picks the t=0 endpoint among the two inputs
         base_ck = inputs[0] if base.lower() == "first" else inputs[-1]
     else:
@@ -235,7 +253,7 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
             last, every = [c.step if c.step is not None else c.id for c in inputs], None
         bname = None
         if base is not None:
-            bname = base.lower() if isinstance(base, str) and base.lower() in ("first", "last") else (
+            bname = base.lower() if isinstance(base, str) and base.lower() in ("first", "last", "pretrained") else (
                 base_ck.ref if base_ck is not None else str(base))
         naming = {"last": last, "every": every,
                   "scheme": scheme if (defn.fragment is not None or scheme) else "uniform",

@@ -44,10 +44,7 @@ class Job:
         LiNeS; a no-op for a merge without ``lines``."""
         if self.params.get(LINES.name) is None:
             return
-        from .recipe import layer_index
-
-        idx = sorted({i for i in (layer_index(n) for n in names) if i is not None})
-        self.layers = {v: k for k, v in enumerate(idx)}
+        self.layers = layer_positions(names)
 
     def params_for(self, name: str) -> dict:
         """The parameters of tensor ``name``: the spec's, with its rules' values checked, and
@@ -89,6 +86,28 @@ class Job:
 
     def newest(self, n_sources: int) -> int:
         return self.cols[-1] if self.cols is not None else n_sources - 1
+
+
+def layer_positions(names) -> dict:
+    """{layer index ℓ: its position 0 … L−1} over the distinct first integer components of
+    ``names`` (``recipe.layer_index``; the position is ℓ itself when layers are numbered 0 … L−1)."""
+    from .recipe import layer_index
+
+    idx = sorted({i for i in (layer_index(n) for n in names) if i is not None})
+    return {v: k for k, v in enumerate(idx)}
+
+
+def lines_for_names(lines, names):
+    """LiNeS's λ as a function of a tensor (or LoRA module) name, over the model ``names``."""
+    from .recipe import layer_index
+
+    pos = layer_positions(names)
+
+    def f(name) -> float:
+        li = layer_index(name)
+        return lines_factor(lines, None if li is None else pos.get(li), len(pos))
+
+    return f
 
 
 @dataclass

@@ -212,6 +212,8 @@ class MethodDef:
         for p in self.params:
             if p.name == name or name in p.aliases:
                 return p
+        if name == LINES.name and lines_mode(self) is not None:   # the LiNeS modifier
+            return LINES
         return None
 
     def default_weights(self, n: int, scheme_weights=None) -> list[float] | None:
