@@ -2,6 +2,10 @@
 
     python -m pytest bench/bench_registry.py --benchmark-only -s
 
+PostgreSQL (issue 11): add latency p50/p99 and 16-writer throughput, each with the DuckDB backend
+measured in the same run (ratios printed); a throwaway server is started when
+$CKPTREG_TEST_PG_URL is not set (``-k pg_vs`` runs only those).
+
 Targets: ``ckptreg add`` CLI wall <= 0.3 s (subprocess); Python ``Registry.add`` of a 500-tensor
 adapter <= 20 ms; "last 10 by step" and "best by metric" at 100k registered checkpoints <= 50 ms.
 Every measurement is also reported as a ratio to a floor measured in the same run on the same
@@ -331,6 +335,119 @@ def test_busy_add_p99_training_loop(tmp_path):
     print(f"\n[bench_registry] busy_add_p99: {json.dumps(r)}")
     assert n - 1 == len(lat)
     assert p99 <= 1.5
+
+
+# ----------------------------------------------------------------------------- PostgreSQL vs DuckDB
+
+@pytest.fixture(scope="module")
+def pg_bench_url():
+    """A fresh database on a real PostgreSQL server: CI's ($CKPTREG_TEST_PG_URL) or a throwaway
+    cluster started here (tests/conftest.py's PgServer); skipped without server binaries/psycopg."""
+    import uuid
+
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed (pip install 'ckptreg[postgres]')")
+    import psycopg
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from conftest import PgServer, _db_url
+
+    srv = PgServer.from_env() or PgServer.start_new()
+    made = []
+
+    def new_db():
+        name = f"bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(srv.url, autocommit=True, connect_timeout=10) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return _db_url(srv.url, name)
+
+    try:
+        yield new_db
+    finally:
+        try:
+            with psycopg.connect(srv.url, autocommit=True, connect_timeout=10) as con:
+                for name in made:
+                    con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            srv.stop()
+
+
+def _pct(lat, q):
+    lat = sorted(lat)
+    return lat[min(len(lat) - 1, int(q * len(lat)))]
+
+
+def test_pg_vs_duckdb_add_latency(benchmark, tmp_path, pg_bench_url):
+    """``Registry.add`` of a 16-tensor adapter (distinct files, one run), CKPTREG_BENCH_PG_ADDS adds
+    (default 200) on each backend in the same run: p50 / p99 and PostgreSQL / DuckDB ratios.
+    The PostgreSQL server is local (127.0.0.1, TCP), the DuckDB file in tmp_path."""
+    n = int(os.environ.get("CKPTREG_BENCH_PG_ADDS", "200"))
+    ps = [_adapter(tmp_path / f"a-{i}", n_tensors=16, seed=i) for i in range(n + 1)]
+    out = {}
+    for kind, loc in (("duckdb", tmp_path / "lat.duckdb"), ("postgresql", pg_bench_url())):
+        reg = Registry(loc)
+        reg.add(ps[n], "warm", step=0)  # schema, connection, imports
+        lat = []
+        steps = iter(range(n))
+
+        def add():
+            i = next(steps)
+            t = time.perf_counter()
+            reg.add(ps[i], "r", step=i, metrics={"loss": 0.1})
+            lat.append(time.perf_counter() - t)
+
+        if kind == "postgresql":
+            benchmark.pedantic(add, rounds=n, iterations=1)
+        else:
+            for _ in range(n):
+                add()
+        assert len(reg.checkpoints("r")) == n
+        out[kind] = {"p50_ms": round(_pct(lat, 0.5) * 1e3, 2), "p99_ms": round(_pct(lat, 0.99) * 1e3, 2),
+                     "mean_ms": round(statistics.mean(lat) * 1e3, 2)}
+    r = {"adds": n, **{f"{k}_{m}": v for k, d in out.items() for m, v in d.items()},
+         "ratio_p50_pg_to_duckdb": round(out["postgresql"]["p50_ms"] / out["duckdb"]["p50_ms"], 2),
+         "ratio_p99_pg_to_duckdb": round(out["postgresql"]["p99_ms"] / out["duckdb"]["p99_ms"], 2)}
+    RESULTS["pg_vs_duckdb_add_latency"] = r
+    print(f"\n[bench_registry] pg_vs_duckdb_add_latency: {json.dumps(r)}")
+
+
+def _writers_run(db, folder, n_w, n_per, tmp_path, tag):
+    go = tmp_path / f"go-{tag}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CKPTREG_SPOOL=str(tmp_path / f"spool-{tag}"),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(folder), str(w), str(n_per), str(go)],
+                              stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for w in range(n_w)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t = time.perf_counter()
+    go.write_text("go")
+    for p in procs:
+        assert p.wait(timeout=900) == 0
+    return time.perf_counter() - t
+
+
+def test_pg_vs_duckdb_16_writers_throughput(tmp_path, pg_bench_url):
+    """16 processes, each ``Registry.add`` of CKPTREG_BENCH_ADDS_PER_WRITER (default 50) distinct
+    16-tensor adapters into its own run, started together (interpreter start and imports
+    excluded), into PostgreSQL and into a DuckDB file in the same run: adds/s and the ratio.
+    Every add must be registered (none spooled: the count is checked)."""
+    n_w, n_per = 16, int(os.environ.get("CKPTREG_BENCH_ADDS_PER_WRITER", "50"))
+    folder = tmp_path / "adapters"
+    for w in range(n_w):
+        for i in range(n_per):
+            _adapter(folder / f"a-{w}-{i}", n_tensors=16, seed=1000 * w + i)
+    out = {}
+    for kind, loc in (("duckdb", tmp_path / "w16.duckdb"), ("postgresql", pg_bench_url())):
+        Registry(loc).add(_adapter(tmp_path / f"init-{kind}", n_tensors=16, seed=99), "init", step=0)
+        wall = _writers_run(loc, folder, n_w, n_per, tmp_path, kind)
+        n = Registry(loc).sql("SELECT count(*) FROM checkpoints WHERE run LIKE 'w%'")[1][0][0]
+        assert n == n_w * n_per, (kind, n)
+        out[kind] = {"wall_s": round(wall, 2), "adds_per_s": round(n / wall, 1)}
+    r = {"writers": n_w, "adds": n_w * n_per, **{f"{k}_{m}": v for k, d in out.items() for m, v in d.items()},
+         "ratio_throughput_pg_to_duckdb": round(out["postgresql"]["adds_per_s"] / out["duckdb"]["adds_per_s"], 2)}
+    RESULTS["pg_vs_duckdb_16_writers"] = r
+    print(f"\n[bench_registry] pg_vs_duckdb_16_writers: {json.dumps(r)}")
 
 
 def test_zz_summary():
