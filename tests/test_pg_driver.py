@@ -361,3 +361,25 @@ def test_a_cached_connection_survives_a_server_restart(pg_server, fresh_db, tmp_
     pg_server.restart()   # the process's cached connection is now dead
     assert [c.step for c in Registry(url).ls("rs")] == [1]
     assert reg.add(write_peft_adapter(tmp_path / "checkpoint-2", 2), "rs") is not None
+
+
+def test_export_csv_json_parquet_on_postgres(url, tmp_path):
+    import csv
+
+    reg = _reg(url)
+    a = reg.add(write_peft_adapter(tmp_path / "checkpoint-1", 1), "e", metrics={"loss": 0.5}, tags={"k": "v"})
+    b = reg.add(write_peft_adapter(tmp_path / "checkpoint-2", 2), "e")
+    m = reg.record_merge(path=write_peft_adapter(tmp_path / "m", 3), run="e", name="mix", method="linear",
+                         params={}, inputs=[(a, 0.5), (b, 0.5)])
+    res = reg.export(tmp_path / "x.csv")
+    rows = list(csv.DictReader(open(tmp_path / "x.csv")))
+    assert res["rows"] == 3 and [r["ref"] for r in rows] == ["e@1", "e@2", "e@mix"]
+    assert rows[0]["merged"] == "false" and rows[0]["metrics.loss"] == "0.5"
+    assert json.loads(rows[0]["tags"]) == {"k": "v"}
+    assert [i["ref"] for i in json.loads(rows[2]["inputs"])] == ["e@1", "e@2"]
+    got = json.loads(open(reg.export(tmp_path / "x.json")["path"]).read())
+    assert [r["id"] for r in got] == [a, b, m] and got[2]["inputs"][1]["weight"] == 0.5
+    pq = pytest.importorskip("pyarrow.parquet")
+    t = pq.read_table(reg.export(tmp_path / "x.parquet")["path"])
+    assert t.column("ref").to_pylist() == ["e@1", "e@2", "e@mix"]
+    assert t.column("inputs").to_pylist()[2][0]["ref"] == "e@1"

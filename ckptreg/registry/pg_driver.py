@@ -727,11 +727,28 @@ class PostgresDriver:
 
             pq.write_table(self.to_arrow(con, query), str(path))
             return
-        with open(path, "xb") as f:
-            with con.raw.cursor() as cur:
-                with cur.copy(f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)") as cp:
-                    for chunk in cp:
-                        f.write(chunk)
+        import csv
+        import json
+        from datetime import datetime
+
+        def cell(v):
+            # as DuckDB's COPY writes them: true/false, "YYYY-MM-DD HH:MM:SS.ffffff", JSON text
+            if v is None:
+                return ""
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, datetime):
+                return v.isoformat(sep=" ")
+            if isinstance(v, (dict, list)):
+                return json.dumps(v, sort_keys=True)
+            return v
+
+        cur = con.execute(query)
+        with open(path, "x", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([d[0] for d in cur.description])
+            for row in cur:
+                w.writerow([cell(v) for v in row])
 
     # ----------------------------------------------------------------- Registry.sql
 
