@@ -1,9 +1,12 @@
-"""The checkpoint registry: one embedded DuckDB file, safe for many concurrent writers.
+"""The checkpoint registry: one embedded DuckDB file, or a PostgreSQL database; safe for many
+concurrent writers.
 
 Storage
 -------
 One DuckDB file (path = argument > ``$CKPTREG_DB`` > ``./ckptreg.duckdb``) with a versioned
-schema (``schema_version`` table; :data:`MIGRATIONS` applied in order, in one transaction).
+schema (``schema_version`` table; :data:`MIGRATIONS` applied in order, in one transaction), or,
+when that path is a ``postgresql://`` / ``postgres://`` URL, the same schema in a PostgreSQL
+database (:class:`~.pg_driver.PostgresDriver`; see "The PostgreSQL driver" below).
 
 Concurrency
 -----------
@@ -28,6 +31,9 @@ Layout
                            with jitter, busy detection, migration, typed error conversion, the
                            locked-down connection of ``sql``, DuckDB-only SQL (list parameters,
                            unnest batch inserts, COPY, Arrow / pandas)
+``pg_driver.py``           :class:`PostgresDriver` (psycopg 3, imported lazily): connections,
+                           placeholder translation, retried transactions, advisory-locked
+                           migrations, unreachable-server errors, read-only ``sql``
 ``spool.py``               :class:`Spool`: atomic spool files, fallback spool, entry validation,
                            rejected entries (backend-neutral; :meth:`Registry._ingest_spool`
                            applies entries)
@@ -39,11 +45,10 @@ Layout
 The driver interface
 --------------------
 ``Registry`` talks to its backend only through ``self._db``, an object with the methods of
-:class:`Driver` below; :class:`DuckDBDriver` is the one implementation today. A second backend
-(PostgreSQL through psycopg 3, issue #11) is one more thin class with these methods, chosen in
+:class:`Driver` below: :class:`DuckDBDriver`, or :class:`~.pg_driver.PostgresDriver` chosen in
 ``Registry.__init__`` from the path (a ``postgresql://`` URL); the domain logic is not copied.
 
-What a driver must provide (and what the PostgreSQL one would do):
+What a driver must provide (and what the PostgreSQL one does):
 
 * **Connections and transactions.** ``writer(ingest=True, timeout=None)``: a context manager
   yielding a connection that may write; it serialises writers (DuckDB: the lock file; PostgreSQL:
@@ -93,11 +98,26 @@ What a driver must provide (and what the PostgreSQL one would do):
 * **Attributes.** ``path``, ``lock_path`` (DuckDB's lock file), ``lock_timeout`` (read and set by
   ``Registry.lock_timeout``), ``on_open``, ``held``, ``name`` ("duckdb").
 
-Core SQL that is still DuckDB-only (a PostgreSQL driver needs these moved behind a method or
-rewritten portably): ``Registry.runs`` (``arg_max(...) FILTER``, ``any_value``),
-``Registry.ls(last=)`` (``QUALIFY``), ``Registry._export_sql`` (struct literals, ``list(... ORDER
-BY) FILTER``, ``GROUP BY ALL``, ``to_json(...)::VARCHAR``), ``Registry._export_json`` /
-``export_rows`` (read the struct lists as dicts).
+* **Aggregates that differ.** ``list_agg(fields, order, where)`` (the export's lineage inputs:
+  DuckDB ``list({...} ORDER BY ...) FILTER``, PostgreSQL ``jsonb_agg(jsonb_build_object(...))``;
+  both read back as a list of dicts) and ``json_text(expr)`` (CSV). The rest of core SQL is
+  written once in the dialect both accept (window functions in a subquery instead of
+  ``QUALIFY``, correlated ``ORDER BY ... LIMIT 1`` instead of ``arg_max``, explicit ``GROUP BY``).
+* **DDL hook.** ``PostgresDriver.ddl(stmt)`` maps a :data:`MIGRATIONS` statement (``DOUBLE`` ->
+  ``DOUBLE PRECISION``, ``JSON`` -> ``JSONB``); there is one list of migrations.
+
+The PostgreSQL driver
+---------------------
+Writers take no lock: each write is one REPEATABLE READ transaction, and one that loses a race
+(unique violation: the same RUN@STEP, or the first checkpoint of the same new run; a
+serialization failure; a deadlock) is rolled back and run again with jitter, so the retry sees the
+winner's row and answers as a sequential add would (DuplicateError, or "unchanged"). Migrations run
+under ``pg_advisory_xact_lock``. A server that cannot be reached (down, refused, DNS, login) is
+``_Unreachable`` (a BackendError, exit 12, naming host:port, never the password); ``add`` / ``log``
+/ ``set_run_params`` spool on it into ``./.ckptreg-spool/<dbname>-<hash>/`` (or
+``$CKPTREG_SPOOL/...``), ingested by the next command that reaches the server. ``Registry.path`` is
+the URL with its password masked (:class:`~.pg_driver.PgLocation`, ``exists()`` True);
+``Registry.location`` is what messages print for either backend.
 
 This package must not import torch (``ckptreg add`` stays fast).
 """
@@ -123,6 +143,7 @@ from .duckdb_driver import (
     _retire_engine,
     _schema_seen,
 )
+from .pg_driver import PostgresDriver
 from .model import (
     _BUILTIN_ALIASES,
     _GC_KEYS,
@@ -205,7 +226,7 @@ class Driver(Protocol):
 
 
 __all__ = [
-    "Checkpoint", "DEFAULT_LOCK_TIMEOUT", "Driver", "DuckDBDriver", "MIGRATIONS", "Registry",
+    "Checkpoint", "DEFAULT_LOCK_TIMEOUT", "Driver", "DuckDBDriver", "MIGRATIONS", "PostgresDriver", "Registry",
     "SCHEMA_VERSION", "Spool", "TABLES", "TRAINING_LOCK_TIMEOUT", "lock_timeout_for_training",
     "lock_timeout_from_env", "parse_ref", "retention_policy",
 ]

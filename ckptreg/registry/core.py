@@ -1109,9 +1109,12 @@ class Registry:
         extension autoload/autoinstall off, no spill directory and the configuration locked (so
         the statement cannot ``SET`` any of that back). Whatever the statement is, DuckDB itself
         refuses what is not a read; there is no keyword screen. ``timeout`` seconds (None: none)
-        bounds the run: a timer thread interrupts the connection.
+        bounds the run: a timer thread interrupts the connection. On PostgreSQL: a READ ONLY
+        transaction with ``SET LOCAL statement_timeout``, the statement sent with the extended
+        protocol (one statement only), and only a query (SELECT / WITH / VALUES / TABLE /
+        EXPLAIN / SHOW).
 
-        QueryError (with DuckDB's reason) for a refused / failed / timed-out statement."""
+        QueryError (with the engine's reason) for a refused / failed / timed-out statement."""
         if not isinstance(query, str) or not query.strip():
             raise QueryError("sql: empty query")
         if timeout is not None:
