@@ -313,7 +313,9 @@ def _common_merge_options(f):
         click.option("--penalty", type=float, default=None, help="MWA penalty factor p > 0."),
         click.option("--power", type=float, default=None, help="MWA power factor q >= 1 (default 2)."),
     ] + _method_param_options(sweep=False) + [
-        click.option("--base", default=None, help="Base: first, last, or a checkpoint (id or RUN@STEP)."),
+        click.option("--base", default=None, help="Base: first, last, a checkpoint (id or RUN@STEP), or pretrained "
+                     "(LoRA with --space delta|core: the updates themselves are the task vectors; the default "
+                     "there)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -387,9 +389,12 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
 @click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint (the paper's k_last).")
 @click.option("--skip-missing", is_flag=True, help=_SKIP_MISSING_HELP)
 @_common_merge_options
-@click.option("--space", type=click.Choice(["factors", "delta"]), default="factors", show_default=True,
-              help="LoRA: merge stored factors, or exactly in update space.")
-@click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta.")
+@click.option("--space", type=click.Choice(["factors", "delta", "core"]), default="factors", show_default=True,
+              help="LoRA: merge the stored factors; delta: in update space (linear and Gram methods exact, "
+                   "element-wise ones one dense layer at a time then truncated to --rank); core: on the "
+                   "Σr×Σr core matrices (element-wise methods are the core-space variant, named core_...).")
+@click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta|core (default: the "
+              "inputs' max rank; core-space element-wise methods: exact, Σr).")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")

@@ -5,7 +5,8 @@ A recipe (``ckptreg merge --recipe FILE``)::
     inputs: {run: m, last: 3}          # a selection (run, last, every, exclude_final, skip_missing)
                                        # or a list of refs / ids: [m@200, m@300, 17]
     method: ties
-    base: m@100                        # first, last, a ref or an id
+    base: m@100                        # first, last, a ref or an id; LoRA in delta/core space:
+                                       # pretrained (the default there: the updates themselves)
     weighting: {scheme: mwa, metric: train_loss, penalty: 0.7}   # optional (uniform/metric/mwa;
                                        # power, direction), the CLI's --weights/--metric/--penalty
     parameters:
@@ -16,7 +17,7 @@ A recipe (``ckptreg merge --recipe FILE``)::
         - value: [0.5, 0.5]            # no filter: every other tensor
       lines: [0.5, 1.0]                # LiNeS (methods with a base): λ(ℓ) = 0.5 + 1.0·ℓ/(L−1) scales
                                        # the merged task vector of layer ℓ (one pair, not rules)
-    space: factors                     # LoRA: factors (default) or delta; rank: N with delta
+    space: factors                     # LoRA: factors (default), delta or core; rank: N with them
     out_dtype: bfloat16                # optional; out_shard_size: 2GB (optional)
     output: merged/                    # -o on the command line wins
     name: my_merge                     # --name wins; default: the paper's name (+ _rules-<hash>)
@@ -485,14 +486,14 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
         params["seed"] = int(params["seed"])
 
     space = data.get("space", "factors")
-    if space not in ("factors", "delta"):
-        _fail(source, "space", space, "is not factors or delta")
+    if space not in ("factors", "delta", "core"):
+        _fail(source, "space", space, "is not factors, delta or core")
     rank = data.get("rank")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         _fail(source, "rank", rank, "is not a positive integer", ParameterError)
-    if rank is not None and space != "delta":
-        _fail(source, "rank", rank, "only applies with space: delta", ParameterError)
-    if rules and space == "delta":
+    if rank is not None and space not in ("delta", "core"):
+        _fail(source, "rank", rank, "only applies with space: delta or core", ParameterError)
+    if rules and space in ("delta", "core"):
         _fail(source, "parameters", {k: [r.to_json() for r in v] for k, v in rules.items()},
               "vary by tensor, which space: delta (whole LoRA modules merged in update space) does not support",
               ParameterError)
@@ -525,8 +526,12 @@ def recipe_data(stored: dict) -> dict:
     explicit inputs (refs), the weights actually used, constants and rules, base, space, name."""
     inputs = [i.get("ref") or i.get("id") for i in stored.get("inputs") or []]
     params = {}
+    pretrained = False
     for k, v in (stored.get("params") or {}).items():
         if k == "rules":
+            continue
+        if k == "base":   # base: pretrained (LoRA update space) is recorded in the params
+            pretrained = str(v).lower() == "pretrained"
             continue
         params["lambda" if k == "lam" else k] = v
     params["weight"] = [i.get("weight") for i in stored.get("inputs") or []]
@@ -543,6 +548,8 @@ def recipe_data(stored: dict) -> dict:
     b = stored.get("base")
     if b:
         d["base"] = b.get("ref") or b.get("id")
+    elif pretrained:
+        d["base"] = "pretrained"
     d["parameters"] = params
     if stored.get("space") not in (None, "factors"):
         d["space"] = stored["space"]

@@ -56,7 +56,7 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
         p[BASE_KEY] = PRETRAINED   # the default base of adapters in update space (recorded in the lineage)
     if defn.uses_base and spec.base is None and not defn.base_optional and not is_pretrained(p):
         raise ParameterError(f"{defn.name} needs a base checkpoint (base first, last or a checkpoint)")
-    if p.get("lines") is not None and spec.base is None:   # base-optional methods run without one
+    if p.get("lines") is not None and spec.base is None and not is_pretrained(p):   # base-optional methods
         raise ParameterError(f"LiNeS (lines / --lines) scales the merged task vector θ − θ_0: {defn.name} "
                              "without a base has none; give a base (first, last or a checkpoint)")
     w = spec.weights
@@ -163,9 +163,10 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
             raise ParameterError(f"space='delta' supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
         if getattr(spec, "param_rules", None):
             raise ParameterError(f"per-tensor parameter rules are not supported with space={space!r}")
-        if p.get("lines") is not None:
-            raise ParameterError("LiNeS (lines / --lines) is not supported with space='delta' yet (its "
-                                 "coefficients would vary by module); merge in factor space")
+        if p.get("lines") is not None and not is_pretrained(p):
+            raise ParameterError(f"LiNeS (lines / --lines) with space={space!r} needs base pretrained (the merged "
+                                 "update is then the task vector itself); with a base checkpoint its coefficients "
+                                 "would vary by module, not supported yet: use --base pretrained or factor space")
         for i in pl.infos + ([pl.base_info] if pl.base_info else []):
             if not i.lora:
                 raise FormatError(f"{i.path}: no adapter_config.json, cannot merge in delta space (need lora_alpha and r)")

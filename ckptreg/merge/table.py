@@ -172,7 +172,9 @@ class MethodDef:
     n_inputs: int | None = None     # exactly this many inputs (SLERP: 2)
     prepare: Callable | None = None  # task_vector: whole-tensor preparation
     #: delta space: "weights" | "task_vector" | "cart" | "factored" (``delta_fn``) | "dense" (an
-    #: element-wise method on the formed updates of one layer, truncated back to the rank)
+    #: element-wise method on the formed updates of one layer, truncated back to the rank; in core
+    #: space on the core matrices) | "gram" (scalar coefficients from the updates' Gram matrix,
+    #: exact in factored form: model_stock, multislerp, slerp)
     delta_rule: str | None = None
     scheme: str | None = None       # weighting scheme the method implies (uniform, mwa)
     force_scheme: bool = False      # ... always (uniform), or only when none is given (mwa)
@@ -463,17 +465,21 @@ def _builtins():
                 uses_base=True)
     register_method(MethodDef("task_arithmetic", aliases=("task", "ta"), params=(lam,), fragment="task_arithmetic",
                               spaces=SPACES, delta_rule="task_vector", help="base + λ Σ w_i τ_i.", **task))
+    # element-wise methods on LoRA adapters: the dense updates of one layer (delta space, truncated
+    # back to the rank) or the core matrices (core space); METHODS.md "Delta space for element-wise"
+    dense = dict(spaces=SPACES, delta_rule="dense")
     register_method(MethodDef("ties", params=(density, sign, lam), fragment="ties",
-                              help="Trim (top density of |τ|), elect signs, disjoint mean.", **task))
+                              help="Trim (top density of |τ|), elect signs, disjoint mean.", **task, **dense))
     register_method(MethodDef("dare_linear", aliases=("dare",), params=(density, lam, seed), fragment="dare_linear",
-                              help="Drop-and-rescale task vectors, then a weighted sum.", **task))
+                              help="Drop-and-rescale task vectors, then a weighted sum.", **task, **dense))
     register_method(MethodDef("dare_ties", params=(density, sign, lam, seed), fragment="dare_ties",
-                              help="DARE drop-and-rescale, then TIES sign election.", **task))
+                              help="DARE drop-and-rescale, then TIES sign election.", **task, **dense))
     register_method(MethodDef("magnitude_prune", aliases=("prune", "magnitude"), params=(density, lam),
                               fragment="magnitude_prune", help="Trim task vectors by magnitude, then a weighted sum.",
-                              **task))
+                              **task, **dense))
     register_method(MethodDef("slerp", strategy=PAIRWISE, fn=K.slerp_coeffs, weight_rule="unused", params=(t,),
-                              n_inputs=2, fragment="slerp", help="Spherical interpolation of two checkpoints."))
+                              n_inputs=2, fragment="slerp", spaces=SPACES, delta_rule="gram",
+                              help="Spherical interpolation of two checkpoints."))
     register_method(MethodDef("cart", strategy=PER_MATRIX, fn=K.cart_tensor, params=(lam, rr, svd, cart_seed),
                               spaces=SPACES, delta_rule="cart", fragment="cart",
                               help="Centered low-rank task arithmetic per weight matrix."))
