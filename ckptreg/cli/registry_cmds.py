@@ -774,7 +774,7 @@ COMMANDS += [alias_cmd, aliases_cmd, tag_cmd, export_cmd]
 
 # ----------------------------------------------------------------------------- migrate
 
-@click.command("migrate", epilog="\b\nExample:\n  ckptreg --db ckptreg.duckdb migrate --to postgresql://me@db:5432/ckptreg\n  ckptreg --db postgresql://me@db:5432/ckptreg migrate --to copy.duckdb")
+@click.command("migrate", epilog="\b\nExample:\n  ckptreg migrate --to postgresql://me@db:5432/ckptreg\n  ckptreg migrate --to team.duckdb --merge")
 @click.option("--to", "to", required=True, metavar="URL|PATH",
               help="Target registry: a postgresql:// URL or a .duckdb path (an empty one, unless --merge).")
 @click.option("--merge", is_flag=True,
@@ -782,7 +782,8 @@ COMMANDS += [alias_cmd, aliases_cmd, tag_cmd, export_cmd]
 @json_opt
 @pass_db
 def migrate_cmd(db, to, merge, as_json):
-    """Copy this registry (--db) into another one, DuckDB <-> PostgreSQL: every run, checkpoint,
+    """Copy this registry (the global --db, e.g. ckptreg --db postgresql://... migrate --to
+    copy.duckdb) into another one, DuckDB <-> PostgreSQL: every run, checkpoint,
     metric, tensor, alias, event and lineage edge, ids kept, in one transaction on the target,
     row counts verified on both sides. A non-empty target is refused (exit 9) unless --merge;
     a conflicting checkpoint or alias under --merge is refused (exit 4), nothing written."""
