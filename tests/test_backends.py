@@ -241,3 +241,26 @@ def test_export_json_with_metrics_and_lineage(backend_db, tmp_path):
     api = {r["ref"]: r for r in reg.export_rows()}
     assert api["m@avg"]["method"] == "linear" and [i["id"] for i in api["m@avg"]["inputs"]] == [1, 2]
     assert api["m@2"]["metrics"] == {"loss": 0.5}
+
+
+def test_gc_merged_outputs_dry_run_then_real(backend_db, tmp_path):
+    """gc --merged prunes ckptreg's own merge outputs: the newest and an aliased one stay, the
+    others are unregistered and their files (written by ckptreg) deleted."""
+    reg = open_registry(backend_db)
+    _two_full(tmp_path, reg)
+    outs = {}
+    for name, w in (("o1", [0.2, 0.8]), ("o2", [0.4, 0.6]), ("o3", [0.6, 0.4]), ("o4", [0.8, 0.2])):
+        outs[name] = Path(ckptreg.merge(reg, ["m@1", "m@2"], method="linear", weights=w, name=name,
+                                        out=tmp_path / "out" / f"{name}.safetensors").path)
+    reg.alias("m@o1", "paper")
+    before = snapshot(reg)
+    res = _j(backend_db, "gc", "--run", "m", "--merged", "--keep-last", "1")
+    assert res["dry_run"] is True and sorted(d["ref"] for d in res["delete"]) == ["m@o2", "m@o3"]
+    assert snapshot(reg) == before and all(p.exists() for p in outs.values())
+    res = _j(backend_db, "gc", "--run", "m", "--merged", "--keep-last", "1", "--yes")
+    assert sorted(d["ref"] for d in res["delete"]) == ["m@o2", "m@o3"]
+    assert [c.ref for c in reg.checkpoints("m")] == ["m@1", "m@2", "m@o1", "m@o4"]
+    assert not outs["o2"].exists() and not outs["o3"].exists()
+    assert outs["o1"].exists() and outs["o4"].exists()
+    assert reg.get("m@paper").ref == "m@o1"
+    assert Path(reg.get("m@1").path).exists()  # inputs untouched
