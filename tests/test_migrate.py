@@ -141,3 +141,28 @@ def test_migrate_usage_errors(tmp_path, fresh_db):
     populate(open_registry(loc), tmp_path / "files")
     r = _cli(loc, "migrate", "--to", loc)
     assert r.exit_code == 2 and "source and target are the same registry" in r.stderr
+
+
+@pytest.mark.parametrize("src_kind,dst_kind", [("duckdb", "postgresql"), ("postgresql", "duckdb"), ("duckdb", "duckdb")])
+def test_migrate_many_rows_in_chunks_and_scalar_shapes(tmp_path, fresh_db, src_kind, dst_kind):
+    """More tensor rows than one INSERT statement carries (chunked), 0-dim tensors (shape [])."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ckptreg.registry import migrate as mig
+
+    n = mig._MAX_PARAMS // 7 + 500  # tensors has 7 columns: two statements at least
+    f = tmp_path / "many.safetensors"
+    t = {f"t{i:05d}": torch.full((1,), float(i)) for i in range(n)}
+    t.update({"scalar_a": torch.tensor(1.5), "scalar_b": torch.tensor(2)})
+    save_file(t, str(f))
+    src_loc, dst_loc = fresh_db(src_kind), fresh_db(dst_kind)
+    src = open_registry(src_loc)
+    src.add(f, "big", step=1, metrics={f"m{i}": float(i) for i in range(50)})
+    s = migrate(src_loc, dst_loc)
+    assert s["tables"]["tensors"]["written"] == n + 2
+    dst = open_registry(dst_loc)
+    inv = dst.inventory("big@1")
+    assert inv == src.inventory("big@1")
+    assert tuple(inv["scalar_a"].shape) == () and inv["scalar_b"].dtype == "I64"
+    assert dst.get("big@1").metrics == src.get("big@1").metrics
