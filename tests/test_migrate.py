@@ -166,3 +166,12 @@ def test_migrate_many_rows_in_chunks_and_scalar_shapes(tmp_path, fresh_db, src_k
     assert inv == src.inventory("big@1")
     assert tuple(inv["scalar_a"].shape) == () and inv["scalar_b"].dtype == "I64"
     assert dst.get("big@1").metrics == src.get("big@1").metrics
+
+
+def test_migrate_refuses_the_same_server_database_under_another_user(fresh_db):
+    url = fresh_db("postgresql")
+    other = url.replace("postgresql://postgres@", "postgresql://someone:secret@")
+    assert other != url
+    r = _cli(url, "migrate", "--to", other)
+    assert r.exit_code == 2 and "source and target are the same registry" in r.stderr
+    assert "secret" not in r.output

@@ -91,6 +91,14 @@ def location(reg) -> str:
     return str(loc if loc is not None else reg.path)
 
 
+def _identity(reg) -> str:
+    """Which database a registry is: its file, or the server's host:port and database name (two
+    URLs with other users or options name the same database)."""
+    p = reg.path
+    hp, db = getattr(p, "host_port", None), getattr(p, "dbname", None)
+    return f"{hp}/{db}" if hp and db else str(p)
+
+
 def _open(x, force_local_locks=False):
     from .core import Registry
 
@@ -353,7 +361,7 @@ def migrate(source, target, *, merge: bool = False, progress=None, force_local_l
     s_loc, d_loc = location(src_reg), location(dst_reg)
     if _is_duckdb(src_reg) and not pathlib.Path(src_reg.path).exists():
         raise NotFoundError(f"{s_loc}: no such registry to migrate from")
-    if _is_duckdb(src_reg) == _is_duckdb(dst_reg) and s_loc == d_loc:
+    if _is_duckdb(src_reg) == _is_duckdb(dst_reg) and _identity(src_reg) == _identity(dst_reg):
         raise UsageError(f"migrate: source and target are the same registry ({s_loc})")
 
     src = _read_all(src_reg)
