@@ -383,3 +383,31 @@ def test_export_csv_json_parquet_on_postgres(url, tmp_path):
     t = pq.read_table(reg.export(tmp_path / "x.parquet")["path"])
     assert t.column("ref").to_pylist() == ["e@1", "e@2", "e@mix"]
     assert t.column("inputs").to_pylist()[2][0]["ref"] == "e@1"
+
+
+def test_one_process_at_a_time_ingests_a_spool_folder(url, tmp_path, monkeypatch):
+    """Without a writer lock, two processes opening the server with the same spool folder would
+    both apply its entries (a spooled log twice); the one that does not get the folder's advisory
+    lock leaves them to the one that has it."""
+    import hashlib
+
+    import psycopg
+
+    from ckptreg.registry import Registry
+
+    monkeypatch.setenv("CKPTREG_SPOOL", str(tmp_path / "spool"))
+    reg = Registry(url)
+    reg.add(write_peft_adapter(tmp_path / "checkpoint-1", 1), "g")
+    entry = reg._spool({"op": "log", "ckpt": "g@1", "metrics": {"acc": 0.5}, "step": None,
+                        "created": "2026-01-01T00:00:00", "actor": ["h", "u", 1]})
+    key = int.from_bytes(hashlib.sha256(f"ckptreg-spool:{reg.spool_dir}".encode()).digest()[:8], "big", signed=True)
+    other = psycopg.connect(url, autocommit=True)
+    try:
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()[0]
+        assert Registry(url).ingest() == 0          # another session is ingesting that folder
+        assert os.path.exists(entry) and "acc" not in Registry(url).get("g@1").metrics
+    finally:
+        other.close()
+    assert Registry(url).ingest() == 1
+    assert not os.path.exists(entry) and Registry(url).get("g@1").metrics == {"acc": 0.5}
+    assert [e["op"] for e in Registry(url).history("g@1")].count("log") == 1

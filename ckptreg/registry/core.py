@@ -217,6 +217,15 @@ class Registry:
         sp = self._spool_
         if not sp.pending():
             return 0
+        # a server backend has no writer lock: one process at a time ingests a given spool
+        # folder (the others go on; the entries are not applied twice by concurrent ingests)
+        guard = getattr(self._db, "ingest_guard", None)
+        if guard is None:
+            return self._ingest_entries(con, sp)
+        with guard(con, str(sp.dir)) as mine:
+            return self._ingest_entries(con, sp) if mine else 0
+
+    def _ingest_entries(self, con, sp) -> int:
         n = 0
         for p, entry in sp.entries():
             try:

@@ -326,15 +326,16 @@ class PostgresDriver:
         self.lock_timeout = lock_timeout
         self.on_open = None
         self.held = None
-        self._password = urllib.parse.urlsplit(self._url).password
+        u = urllib.parse.urlsplit(self._url)
+        self._secrets = [p for p in [u.password] + urllib.parse.parse_qs(u.query).get("password", []) if p]
 
     # ----------------------------------------------------------------- messages
 
     def _scrub(self, msg: str) -> str:
-        msg = str(msg)
-        if self._password:
-            msg = msg.replace(self._password, "***")
-        return msg.replace(self._url, str(self.location))
+        msg = str(msg).replace(self._url, str(self.location))
+        for p in self._secrets:
+            msg = msg.replace(p, "***")
+        return msg
 
     def _unreachable(self, e: BaseException) -> _Unreachable:
         reason = _short(self._scrub(str(e)).strip().replace("\n", " "))
@@ -478,6 +479,26 @@ class PostgresDriver:
                 yield con
             finally:
                 self.held = None
+
+    @contextmanager
+    def ingest_guard(self, con, key: str):
+        """Yield True when this session got the (session-level, non-blocking) advisory lock of
+        spool folder ``key``, released at the end; False when another session holds it (it is
+        ingesting that folder right now)."""
+        import hashlib
+
+        k = int.from_bytes(hashlib.sha256(f"ckptreg-spool:{key}".encode()).digest()[:8], "big", signed=True)
+        got = bool(con.execute("SELECT pg_try_advisory_lock(?)", [k]).fetchone()[0])
+        try:
+            yield got
+        finally:
+            if got:
+                try:
+                    if con.in_transaction:   # (never left open by tx(); an aborted one would refuse the unlock)
+                        con.raw.execute("ROLLBACK")
+                    con.execute("SELECT pg_advisory_unlock(?)", [k])
+                except Exception:   # a dead connection took the lock with it
+                    pass
 
     @staticmethod
     def _sleep(attempt: int) -> None:
