@@ -175,3 +175,26 @@ def test_migrate_refuses_the_same_server_database_under_another_user(fresh_db):
     r = _cli(url, "migrate", "--to", other)
     assert r.exit_code == 2 and "source and target are the same registry" in r.stderr
     assert "secret" not in r.output
+
+
+@pytest.mark.parametrize("dst_kind", ["duckdb", "postgresql"])
+def test_a_migrate_that_fails_midway_leaves_nothing_behind(tmp_path, fresh_db, dst_kind):
+    """One transaction on the target: a failure after some tables were written (here: the
+    progress callback raising after the tensors) rolls everything back; a DuckDB file the
+    migrate created is removed again."""
+    src_loc, dst_loc = fresh_db("duckdb"), fresh_db(dst_kind)
+    populate(open_registry(src_loc), tmp_path / "files")
+
+    def boom(table, n):
+        if table == "tensors":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate(src_loc, dst_loc, progress=boom)
+    if dst_kind == "duckdb":
+        assert not dst_loc.exists() and not dst_loc.with_name(dst_loc.name + ".wal").exists()
+    else:
+        assert all(v == 0 for v in _counts(open_registry(dst_loc)).values())
+    # and the same migrate then succeeds
+    s = migrate(src_loc, dst_loc)
+    assert s["tables"]["checkpoints"]["target"] == s["tables"]["checkpoints"]["source"] > 0

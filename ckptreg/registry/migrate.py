@@ -367,7 +367,23 @@ def migrate(source, target, *, merge: bool = False, progress=None, force_local_l
     src = _read_all(src_reg)
     src_counts = {t: len(src[t][1]) for t in COPY_TABLES}
     summary: dict = {"source": s_loc, "target": d_loc, "merge": bool(merge)}
+    # a DuckDB file this call creates is removed again when the copy fails (nothing left behind)
+    new_file = pathlib.Path(dst_reg.path) if _is_duckdb(dst_reg) and not pathlib.Path(dst_reg.path).exists() else None
+    try:
+        before, plan, seqs = _write(dst_reg, src, src_counts, merge, progress, d_loc)
+    except BaseException:
+        if new_file is not None:
+            for f in (new_file, new_file.with_name(new_file.name + ".wal")):
+                try:
+                    f.unlink()
+                except FileNotFoundError:
+                    pass
+        raise
+    return _verify(src_reg, dst_reg, src_counts, before, plan, seqs, summary, d_loc)
 
+
+def _write(dst_reg, src, src_counts, merge, progress, d_loc):
+    """Everything into the target in one transaction: (counts before, plan, next sequence values)."""
     with dst_reg._db.writer(ingest=False) as con:
         def do():
             before = _counts(con)
@@ -405,9 +421,11 @@ def migrate(source, target, *, merge: bool = False, progress=None, force_local_l
                                    + "; rolled back, nothing written")
             return before, plan, seqs
 
-        before, plan, seqs = dst_reg._db.tx(con, do)
+        return dst_reg._db.tx(con, do)
 
-    # verify both sides afresh, after the commit
+
+def _verify(src_reg, dst_reg, src_counts, before, plan, seqs, summary, d_loc) -> dict:
+    """Both sides counted afresh after the commit; the summary."""
     with dst_reg._db.reader() as con:
         after = _counts(con)
     with src_reg._db.reader() as con:
