@@ -411,3 +411,31 @@ def test_one_process_at_a_time_ingests_a_spool_folder(url, tmp_path, monkeypatch
     assert Registry(url).ingest() == 1
     assert not os.path.exists(entry) and Registry(url).get("g@1").metrics == {"acc": 0.5}
     assert [e["op"] for e in Registry(url).history("g@1")].count("log") == 1
+
+
+def test_a_writer_kept_waiting_past_lock_timeout_spools(url, tmp_path, monkeypatch):
+    """Busy means spool on PostgreSQL too: an add that waits on another transaction's
+    uncommitted key longer than its bound (the training loop's 1 s) spools instead of stalling;
+    the next command ingests it."""
+    import time
+
+    import psycopg
+
+    from ckptreg.registry import Registry, lock_timeout_for_training
+
+    monkeypatch.setenv("CKPTREG_SPOOL", str(tmp_path / "spool"))
+    Registry(url).check()
+    d = write_peft_adapter(tmp_path / "checkpoint-4", 4)
+    other = psycopg.connect(url, autocommit=True)
+    try:
+        other.execute("BEGIN")
+        other.execute("INSERT INTO runs (name, created) VALUES ('busy', now())")
+        reg = Registry(url, lock_timeout=lock_timeout_for_training())
+        t0 = time.monotonic()
+        assert reg.add(d, "busy", step=4) is None
+        assert time.monotonic() - t0 < 10
+        assert reg.last_add["status"] == "spooled" and "locked" in reg.last_add["reason"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [c.ref for c in Registry(url).ls("busy")] == ["busy@4"]
