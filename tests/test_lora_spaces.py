@@ -503,3 +503,29 @@ def test_recipe_space_core_and_base_pretrained(tmp_path):
         UB, VA, Ms = ref_core([_factors(x, mod) for x in ins])
         ref = UB @ ref_best_rank(ref_ties(torch.zeros_like(Ms[0]), Ms, [1.0, 1.0], 0.5), 3) @ VA
         assert _rel(_update(c.path, mod), ref) < 1e-9
+
+
+def test_base_pretrained_refusals_sweep_and_non_factor_tensors(tmp_path):
+    """A sweep (factor space) refuses base pretrained; an adapter with a tensor that is not a LoRA
+    factor (a modules_to_save copy) has no task vector without a base: refused, nothing written."""
+    from ckptreg import api
+
+    reg = _adapters(tmp_path, [(4, 8, False), (4, 8, False)])
+    with pytest.raises(ParameterError, match="base pretrained.*sweeps merge in factor space"):
+        api.sweep(reg, run="sft", last=2, method="ties", params={"density": 0.5}, base="pretrained",
+                  out=str(tmp_path / "sw"))
+    reg2 = Registry(tmp_path / "reg2.duckdb")
+    for i in range(2):
+        t = random_lora_state(5 + i, d=12, r=4, k=16)
+        t["base_model.model.lm_head.weight"] = torch.randn(8, 12)
+        reg2.add(write_peft_adapter(tmp_path / "x" / f"checkpoint-{i + 1}", t, r=4, alpha=8), run="x", step=i + 1)
+    ins = reg2.select("x", 2)
+    out = tmp_path / "nf"
+    with pytest.raises(ParameterError, match="lm_head.weight is not a LoRA factor.*--base first"):
+        engine.merge(reg2, engine.make_spec(reg2, "ties", ins, params={"density": 0.5}, name="nf", out=str(out)),
+                     space="delta")
+    assert not out.exists() and not reg2.checkpoints(merged=True)
+    # with a base checkpoint the other tensor is merged as a stored tensor (TIES on it)
+    c = engine.merge(reg2, engine.make_spec(reg2, "ties", ins[1:], base="first", params={"density": 0.5},
+                                            name="nf2"), space="delta")
+    assert "base_model.model.lm_head.weight" in load_any(c.path)

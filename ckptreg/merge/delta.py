@@ -1,8 +1,24 @@
-"""LoRA adapters: factor-space scale checks (:func:`check_factor_scales`) and the delta space
-(``space="delta"``): merged updates ``Σ c_i s_i B_i A_i`` per module, truncated to a rank
-(:class:`DeltaCache`, :func:`delta_setup`). Which methods may run here, and with which
-coefficients, is the method table's ``"delta" in defn.spaces`` / ``defn.delta_rule``
-(``weights``: c = w; ``task_vector``: c = λw and the base 1 − λΣw; ``cart``: CART on factors)."""
+"""LoRA adapters: factor-space scale checks (:func:`check_factor_scales`) and the update spaces
+(``space="delta"`` / ``"core"``): merged updates per module, written back as an adapter of a
+rank (:class:`DeltaCache`, :func:`delta_setup`). Which methods may run here, and how, is the
+method table's ``space in defn.spaces`` / ``defn.delta_rule``:
+
+- ``weights``: Σ c_i s_i B_i A_i with c = w; ``task_vector``: c = λw and the base 1 − λΣw (no base
+  row with base pretrained); ``cart``: CART on factors; ``factored``: the method's ``delta_fn``;
+  all exact, never forming m×n (core space computes them the same way: they lie in its span);
+- ``gram`` (model_stock, multislerp, slerp): scalar (per-row for --filter-wise) coefficients from
+  the updates' Gram matrix ⟨τ_i, τ_j⟩ = s_i s_j Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ), then the factored merge;
+- ``dense`` (element-wise methods): delta space forms one module's updates s_t B_t A_t, runs the
+  method's own per-tensor functions on them (:class:`MemSource`, :func:`dense_method`) with
+  θ_0 = the base's update (zeros with base pretrained) and writes the exact rank-r SVD truncation
+  (default r: the inputs' max rank; PEFT ``*_svd`` semantics); core space runs them on
+  M_t = U_Bᵀ (s_t B_t A_t) V_Aᵀ and writes B = U_B M, A = V_A (exact, r = min(Σr, n)) or the
+  truncation of M to ``rank``. DARE / DELLA masks are keyed by the module's weight name
+  (:func:`module_weight_name`).
+
+Inputs may mix ranks, lora_alpha and rsLoRA (:func:`plan_lora`; each update carries its own r and
+s); outputs have lora_alpha = r, use_rslora false, and rank_pattern / alpha_pattern for modules
+whose output rank differs from the most common one (:func:`output_adapter_config`)."""
 from __future__ import annotations
 
 import json

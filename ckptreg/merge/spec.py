@@ -83,7 +83,12 @@ def name_suffix(*, scheme=None, metric=None, power=None, direction=None, include
     - ``_max`` / ``_min``: metric or MWA weighting in the direction opposite to the metric's
       default (``weights.default_direction``);
     - ``_w-<8 hex>``: weights given explicitly (a hash of them) instead of a scheme;
-    - ``_delta``: a LoRA merge in update space (factor space, the paper's, has none);
+    - ``_delta`` / ``_core``: a LoRA merge in update / core space (factor space, the paper's, has
+      none). In update space a method with a base and none given uses base pretrained (the
+      updates themselves are the task vectors) and is named ``_base_pretrained`` like any base
+      (``ties_last_5_base_pretrained_delta``); an element-wise method (``delta_rule`` "dense") in
+      core space is the core-space method, named with a ``core_`` prefix instead of the suffix
+      (``core_ties_last_5_base_pretrained``);
     - ``_r<rank>``: an explicit output rank (delta space);
     - ``_bf16`` / ``_f16`` / ``_f32`` / ``_f64``: an explicit output dtype (default: the inputs');
     - ``_rsvd``: CART with the randomized truncated SVD (``--svd randomized``; the default, exact
