@@ -178,6 +178,52 @@ def test_lines_on_lora_factors(tmp_path):
         _close(got[k], ref, k)
 
 
+def _updates(path, r_key="r"):
+    """{module: s·B·A (float64)} of a PEFT adapter folder."""
+    cfg = json.loads((__import__("pathlib").Path(path) / "adapter_config.json").read_text())
+    t = load_any(path)
+    s = cfg["lora_alpha"] / cfg[r_key]
+    out = {}
+    for k, a in t.items():
+        if ".lora_A." in k:
+            b = t[k.replace(".lora_A.", ".lora_B.")]
+            out[k.replace(".lora_A.weight", "")] = s * b.double() @ a.double()
+    return out
+
+
+def test_lines_in_delta_space_with_base_pretrained(tmp_path):
+    """Delta space, base pretrained (the updates are the task vectors): the merged update of the
+    module in layer ℓ is λ(ℓ)·Δ: task arithmetic against Σ w_i s_i B_i A_i in float64 (rank 12:
+    no truncation), TIES as λ(ℓ) times the same merge without LiNeS; a base checkpoint is refused."""
+    reg = make_lora_run(tmp_path, n_layers=3)
+    cks = reg.checkpoints("sft")
+    ins = cks[2:5]
+    spec = engine.make_spec(reg, "task_arithmetic", ins, base="pretrained", params={"lines": (0.5, 1.0)},
+                            out=str(tmp_path / "ta"), space="delta", rank=12)
+    c = engine.merge(reg, spec, space="delta", rank=12)
+    assert c.name.endswith("_lines0_5_1_0"), c.name
+    got = _updates(c.path)
+    ups = [_updates(x.path) for x in ins]
+    assert len(got) == 3 * len({m.split(".layers.")[1].split(".", 1)[1] for m in got})
+    for m, u in got.items():
+        ell = next(int(x) for x in m.split(".") if x.isdigit())
+        ref = (0.5 + ell / 2) * sum(x[m] for x in ups)
+        assert torch.allclose(u, ref, rtol=1e-5, atol=1e-7), (m, float((u - ref).abs().max()))
+    plain = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5}, out=str(tmp_path / "t0"),
+                             space="delta")
+    lin = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5, "lines": (0.5, 1.0)},
+                           out=str(tmp_path / "t1"), space="delta")
+    a, b = _updates(engine.merge(reg, plain, space="delta").path), _updates(engine.merge(reg, lin, space="delta").path)
+    for m in a:
+        ell = next(int(x) for x in m.split(".") if x.isdigit())
+        assert torch.allclose(b[m], (0.5 + ell / 2) * a[m], rtol=1e-5, atol=1e-8), m
+    spec = engine.make_spec(reg, "task_arithmetic", ins, base=cks[0], params={"lines": (0.5, 1.0)},
+                            out=str(tmp_path / "d"), space="delta")
+    with pytest.raises(ParameterError, match=r"LiNeS \(lines / --lines\) with space='delta' needs base pretrained"):
+        engine.merge(reg, spec, space="delta")
+    assert not (tmp_path / "d").exists()
+
+
 def test_lines_rules_recipe_and_replay(tmp_path):
     """A recipe's ``lines: [α, β]`` is the library's lines=(α, β) byte for byte; with a per-tensor
     lam rule both apply (λ(ℓ)·lam_rule); the model card shows it; --replay is identical."""
