@@ -228,10 +228,7 @@ def test_model_stock_and_multislerp_on_lora_factors(tmp_path):
         assert c.kind == "lora"
         for k in states[0]:
             _close(got[k], ref(states[0][k], [s[k] for s in states[1:]]), (method, k))
-    spec = engine.make_spec(reg, "model_stock", ins, base="first", out=str(tmp_path / "d"))
-    with pytest.raises(ParameterError, match="space='delta' supports"):
-        engine.merge(reg, spec, space="delta")
-    assert not (tmp_path / "d").exists()
+    # delta and core space (exact from the updates' Gram matrix) are tests/test_lora_spaces.py's
 
 
 def _cli(db, *args):
@@ -298,10 +295,11 @@ def test_cli_sweep_python_api_and_methods_json(tmp_path):
     _close(load_any(c.path)["c"], model_stock_ref(states[0]["c"], [s["c"] for s in states[1:]], True), "c")
     res = CliRunner().invoke(main, ["methods", "--json"])
     got = {m["name"]: m for m in json.loads(res.output)}
-    assert got["model_stock"]["spaces"] == ["tensors", "factors"] and got["model_stock"]["base"]
+    assert got["model_stock"]["spaces"] == ["tensors", "factors", "delta", "core"] and got["model_stock"]["base"]
     assert got["model_stock"]["weight_rule"] == "unused"
     assert got["model_stock"]["parameters"][0]["option"] == "--filter-wise"
-    assert got["multislerp"]["spaces"] == ["tensors", "factors"] and got["multislerp"]["weight_rule"] == "convex"
+    assert got["multislerp"]["spaces"] == ["tensors", "factors", "delta", "core"]
+    assert got["multislerp"]["weight_rule"] == "convex" and got["multislerp"]["base_optional"]
 
 
 def test_recipe_merges(tmp_path):

@@ -7,8 +7,9 @@ filter-wise model_stock); the coefficients follow from it, and ``fn`` writes eac
 as ``θ_0 + Σ_i c_i (θ_i − θ_0)`` (per-row ``c`` for filter-wise). Memory: one chunk per input
 plus an N×N (or rows×N×N) float64 Gram matrix.
 
-Spaces: stored tensors of dense checkpoints and LoRA A/B factors as stored (``factors``); not
-LoRA delta or core space in this increment.
+Spaces: stored tensors of dense checkpoints and LoRA A/B factors as stored (``factors``); LoRA
+delta and core space go through ``delta.gram_coeffs`` (``delta_rule="gram"``: the same
+coefficients from the updates' Gram matrix, exact in factored form).
 
 LiNeS (``lines``, METHODS.md): both take the modifier through the per-tensor factor
 ``params[LINES_KEY]`` = λ(ℓ) (``MethodDef.lines = "scale"``): model_stock writes
