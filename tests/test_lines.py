@@ -392,3 +392,25 @@ def test_multislerp_without_a_base(tmp_path):
         _close(g2[k], multislerp_nobase_ref([s[k] for s in states[1:]], [1 / 3] * 3), k)
     res = _cli(db, "merge", "--replay", c2.ref, "-q")
     assert res.exit_code == 0 and "identical" in res.output, res.output
+
+
+# ------------------------------------------------------------------------------------------------
+# the SVD family (METHODS.md "Low-rank families", merge/methods_lowrank.py): Δ scaled by λ(ℓ)
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "star"])
+def test_lines_scales_the_delta_of_svd_family_methods(tmp_path, method):
+    """θ_0 + λ(ℓ)·Δ with Δ = θ_method − θ_0 of the same merge without LiNeS, tensor by tensor
+    (2-D matrices through the method's matrix form, the embedding and 1-D tensors through the
+    mean of the task vectors)."""
+    from ckptreg.merge import table
+
+    if method not in table.METHODS:
+        pytest.skip(f"{method} is not registered in this tree yet")
+    states = _states(3, seed=9)
+    _, _, plain = _merge(tmp_path / "p", states, method, {})
+    _, c, got = _merge(tmp_path / "l", states, method, {"lines": (0.5, 1.0)})
+    assert c.name.endswith("_lines0_5_1_0"), c.name
+    for k in states[0]:
+        b = states[0][k].double()
+        ref = b + lam_of(k, 0.5, 1.0, N_LAYERS) * (plain[k].double() - b)
+        _close(got[k], ref, k, tol=1e-5)
