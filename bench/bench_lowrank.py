@@ -175,3 +175,97 @@ def test_cart_4096_factored(benchmark, big, rho):
           + (f" (dense route >= {N} x {RESULTS['dense_time']:.1f} s SVDs: ratio >= "
              f"{N * RESULTS['dense_time'] / t:,.0f}x)" if "dense_time" in RESULTS else ""))
     assert out[0].shape == (D, R)
+
+
+# --------------------------------------------------------------------------- SVD-family methods (#13)
+#
+# Dense TSV-M on T = 8 task matrices of 1024×1024: one batched torch.linalg.svd of the [8, m, n] stack
+# (``methods_lowrank.tsv_matrix``) vs the same function with a Python loop of per-matrix SVDs,
+# interleaved, best of LR_ROUNDS.
+#
+# Delta space vs the dense route: 8 adapters, r = 16, LR_LAYERS layers of LR_D×LR_D (default 4096):
+# each method's exact factored ``delta_fn`` over all layers vs the dense route on the same inputs
+# (form the 8 updates s_t B_t A_t, then the method's dense form: torch.linalg.svd per task / of the
+# sum / of [τ_1 … τ_T]) timed on LR_DENSE_LAYERS layers (default 2) and scaled to LR_LAYERS (a
+# full dense run is tens of minutes at 4096² on 2 cores). Same-run ratios; results compared with
+# the dense route on the timed layers (relative Frobenius error of the merged update).
+import os  # noqa: E402
+
+from ckptreg.merge import methods_lowrank as ML  # noqa: E402
+
+LR_T, LR_R = 8, 16
+LR_D = int(os.environ.get("LR_D", "4096"))
+LR_LAYERS = int(os.environ.get("LR_LAYERS", "4"))
+LR_DENSE_LAYERS = int(os.environ.get("LR_DENSE_LAYERS", "2"))
+LR_ROUNDS = int(os.environ.get("LR_ROUNDS", "2"))
+LR_DENSE_M = int(os.environ.get("LR_DENSE_M", "1024"))
+LR_PARAMS = {"alpha": 1.0, "lam": 1.0, "eta": 40.0, "density": 0.2, "seed": 0}
+LR_METHODS = {"tsv": (ML.tsv_delta, ML.tsv_matrix), "iso_c": (ML.iso_c_delta, ML.iso_c_matrix),
+              "star": (ML.star_delta, ML.star_matrix), "knots_ties": (ML.knots_delta, ML.knots_matrix)}
+
+
+def test_tsv_dense_batched_vs_loop(benchmark):
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn(LR_T, LR_DENSE_M, LR_DENSE_M, generator=g) * 0.01
+    best = {"loop": float("inf"), "batched": float("inf")}
+    out = {}
+    for _ in range(LR_ROUNDS):
+        for name, batched in (("loop", False), ("batched", True)):
+            t0 = time.perf_counter()
+            out[name] = ML.tsv_matrix(taus, None, {}, batched=batched)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    err = float((out["batched"] - out["loop"]).norm() / out["loop"].norm())
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    ratio = best["loop"] / best["batched"]
+    benchmark.extra_info.update(speed_ratio=ratio, rel_err=err, loop_s=best["loop"], batched_s=best["batched"])
+    print(f"\n[dense TSV-M, T={LR_T}, {LR_DENSE_M}x{LR_DENSE_M}, best of {LR_ROUNDS}] per-matrix loop "
+          f"{best['loop']:.2f} s, batched {best['batched']:.2f} s, speed ratio {ratio:.2f}x, rel diff {err:.1e}")
+    assert err < 1e-5
+
+
+@pytest.fixture(scope="module")
+def lr_layers():
+    g = torch.Generator().manual_seed(42)
+    scales = [2.0, 1.0, 0.5, 2.0, 1.0, 0.5, 2.0, 1.0]
+    return [[(torch.randn(LR_R, LR_D, generator=g) / LR_D ** 0.5, torch.randn(LR_D, LR_R, generator=g) * 0.02, s)
+             for s in scales] for _ in range(LR_LAYERS)]
+
+
+@pytest.mark.parametrize("method", list(LR_METHODS))
+def test_lowrank_delta_vs_dense_route(benchmark, lr_layers, method):
+    dfn, mfn = LR_METHODS[method]
+    name = "layer.lora_A.weight"
+
+    def delta_all():
+        return [dfn(fs, None, LR_PARAMS, None, name=name) for fs in lr_layers]
+
+    delta_all()   # warm-up
+    t_delta = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        got = delta_all()
+        t_delta = min(t_delta, time.perf_counter() - t0)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    nd = min(LR_DENSE_LAYERS, LR_LAYERS)
+    t0 = time.perf_counter()
+    dense = []
+    for fs in lr_layers[:nd]:
+        # the formed updates: float32 (KnOTS: float64, its SVD is float64 and the σ > σ_1·1e-6 rank of
+        # float32-formed updates picks up rounding noise)
+        dt = torch.float64 if method.startswith("knots") else torch.float32
+        taus = torch.stack([s * (b.to(dt) @ a.to(dt)) for a, b, s in fs])
+        dense.append(mfn(taus, None, LR_PARAMS, name=name))
+        del taus
+    t_dense = (time.perf_counter() - t0) * LR_LAYERS / max(1, nd)
+    if nd == 0:   # LR_DENSE_LAYERS=0: the factored side only
+        print(f"\n[{method} delta space, T={LR_T}, r={LR_R}, {LR_LAYERS} layers of {LR_D}x{LR_D}] factored "
+              f"{t_delta * 1e3:.1f} ms (dense route not run)")
+        return
+    err = max(float((B.double() @ A.double() - D.double()).norm() / D.double().norm())
+              for (B, A), D in zip(got[:nd], dense))
+    ratio = t_dense / t_delta
+    benchmark.extra_info.update(speed_ratio=ratio, rel_err=err, dense_s=t_dense, dense_layers_timed=nd)
+    print(f"\n[{method} delta space, T={LR_T}, r={LR_R}, {LR_LAYERS} layers of {LR_D}x{LR_D}] factored "
+          f"{t_delta * 1e3:.1f} ms, dense route {t_dense:.1f} s (timed on {nd} layer(s), scaled to {LR_LAYERS}), "
+          f"speed ratio {ratio:,.0f}x, max rel err vs the dense float32 route {err:.1e}")
+    assert err < 1e-4

@@ -443,7 +443,10 @@ def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method=
     import torch
 
     m, n, w = _fs_check(fs, weights)
-    dt = _wdt(*(t for f in fs for t in f[:2]))
+    odt = _wdt(*(t for f in fs for t in f[:2]))
+    # float64 throughout (METHODS.md: KnOTS's SVD in float64): TIES's trim and sign election are
+    # discontinuous, so float32 rounding of the X_t flips entries (measured 2e-4 relative at 1024²)
+    dt = torch.float64
     B = torch.cat([b.to(dt) for _, b, _ in fs], 1)
     qb, rb = torch.linalg.qr(B, mode="reduced")
     rb = rb.to(torch.float64)
@@ -470,7 +473,6 @@ def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method=
         c0 += rr
     xbar = _knots_x(torch.stack(X), method, params, name)   # [k, n], α applied
     u2, s2, vh2 = torch.linalg.svd(xbar, full_matrices=False)
-    odt = dt
     return _from_svd((U @ u2).to(odt), s2.to(odt), vh2.to(odt), 1.0, r_out, _natural(fs))
 
 
