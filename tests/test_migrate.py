@@ -108,6 +108,7 @@ def test_migrate_merge_adds_only_what_is_missing_with_clashing_ids_remapped(tmp_
     assert [i["weight"] for i in lin["inputs"]] == [i["weight"] for i in src.lineage("a@avg")["inputs"]]
     assert dst.get("a@prod").id == a200.id
     assert len(dst.history("a@200")) == len(src.history("a@200"))
+    assert [e["op"] for e in dst.history("a@100")] == ["add"]  # both had it: the target's history stays
     assert dst.get("t@1").metrics == {"loss": 9.0}
     # the same merge again adds nothing
     before = snapshot(dst)

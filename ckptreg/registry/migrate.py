@@ -16,7 +16,8 @@ of drivers works and no registry logic is copied.
   :class:`~ckptreg.errors.OutputExistsError` (exit 9) unless ``merge=True``: then only what is
   missing is added, checkpoints keyed by their natural key (RUN@STEP for plain ones, RUN@NAME:vK
   for merged ones); a source id that is taken in the target is given a fresh one and the
-  checkpoint's metrics, tensors, lineage, aliases and events follow it. A checkpoint (or alias)
+  checkpoint's metrics, tensors, lineage, aliases and events follow it. A checkpoint both sides
+  have (same files) keeps the target's metrics and events; a run both have keeps its row. A checkpoint (or alias)
   both sides have with DIFFERENT files (or target) is a conflict: DuplicateError (exit 4)
   listing them, nothing written. Merging the same source twice adds nothing the second time.
 
@@ -339,7 +340,11 @@ def _plan_merge(src: dict, con) -> _Plan:
     # events the target lacks (same time, op, run, ref and actor = the same event)
     ec, er = src["events"]
     ek = [ec.index(c) for c in ("time", "op", "run", "ref", "host", "user", "pid")]
-    esel = [r for r in er if tuple(r[k] for k in ek) not in t_events]
+    # ... and not those of a checkpoint both sides have: it keeps the target's history, as it
+    # keeps the target's metrics (a source "log" event would name values the target lacks)
+    matched = {r[ci["id"]] for r in rows} - new_ids
+    eck = ec.index("checkpoint_id")
+    esel = [r for r in er if tuple(r[k] for k in ek) not in t_events and r[eck] not in matched]
     emap = seq_map("events", "seq", used["events"], None)
     p.rows["events"] = (ec, [remap("events", r, seq=emap, checkpoint_id=idmap) for r in esel])
     p.skipped["events"] = len(er) - len(esel)
