@@ -306,12 +306,54 @@ def _pairwise(ps, name, odt, bufs, on_chunk, numel):
 
 def _per_matrix(ps, name, odt, bufs, on_chunk, numel):
     j = ps.jobs[0]
-    full = [s.full(name) for s in ps.sources]
-    res = j.defn.fn(name, full, j.weights_for(name), j.params_for(name), odt)
-    del full
-    j.out.write(name, res)
+    if j.defn.matrix_fn is not None:
+        res = _matrix_method(ps, j, name)
+    else:
+        full = [s.full(name) for s in ps.sources]
+        res = j.defn.fn(name, full, j.weights_for(name), j.params_for(name), odt)
+        del full
+    j.out.write(name, res.to(odt))
     del res
     on_chunk(numel)
+
+
+def _matrix_method(ps, j, name):
+    """An SVD-family method (``MethodDef.matrix_fn``, METHODS.md "Low-rank families") on one
+    whole tensor: τ_t = θ_t − θ_0 in float32 (float64 if any input is float64); a 2-D
+    non-embedding matrix gets θ_0 + Δ with Δ = matrix_fn(stack(τ_t)) (one batched call), every
+    other tensor θ_0 + α·mean_t w_t τ_t (α: the method's ``alpha``, else ``lam``, default 1).
+    LiNeS scales Δ by the tensor's factor. Without a base (a non-factor tensor of an adapter in
+    delta space with base pretrained) the result is the inputs' mean."""
+    import torch
+
+    from .kernels import _EMBED_RE
+
+    d = j.defn
+    kind = ps.plan.infos[0].kind if getattr(ps.plan, "infos", None) else "full"
+    space = "delta" if ps.delta is not None else ("factors" if kind == "lora" else "tensors")
+    if space not in d.spaces:
+        what = {"factors": "LoRA factors as stored (merge adapters with --space delta)",
+                "tensors": "full checkpoints"}.get(space, space)
+        raise ParameterError(f"{d.name} runs in space {', '.join(d.spaces)}, not on {what}")
+    p, w = j.params_for(name), j.weights_for(name)
+    xs = [s.full(name) for s in ps.sources]
+    dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    taus = torch.stack([x.to(dt) for x in xs])
+    del xs
+    if ps.base_src is None:
+        return taus.mean(dim=0)
+    base = ps.base_src.full(name).to(dt)
+    taus -= base
+    if taus.dim() == 3 and not _EMBED_RE.search(name):
+        delta = d.matrix_fn(taus, w, p, name=name)
+    else:
+        wt = torch.tensor([float(x) for x in w], dtype=dt).reshape((-1,) + (1,) * (taus.dim() - 1))
+        delta = float(p.get("alpha", p.get("lam", 1.0))) * (taus * wt).mean(dim=0)
+    del taus
+    f = p.get(LINES_KEY)
+    if f is not None:
+        delta = delta * float(f)
+    return base + delta
 
 
 def _elementwise(ps, name, odt, bufs, on_chunk, numel):

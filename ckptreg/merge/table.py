@@ -485,6 +485,7 @@ def _builtins():
                               help="Centered low-rank task arithmetic per weight matrix."))
     from . import methods_geometry; methods_geometry.register()   # model_stock, multislerp
     from . import methods_sparsify  # noqa: F401  breadcrumbs(_ties), della(_linear): registered on import
+    from . import methods_lowrank; methods_lowrank.register()   # tsv, iso_c, iso_cts, star, knots_(dare_)ties
 
 
 _builtins()
