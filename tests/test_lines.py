@@ -148,9 +148,9 @@ def test_lines_refused_for_methods_without_a_base_and_bad_values(tmp_path):
             engine.merge(reg, spec)
         assert not (tmp_path / f"{method}.safetensors").exists()
     for bad in ("1", "a,b", "nan,1", [1.0, 2.0, 3.0], "1,inf"):
-        spec = engine.make_spec(reg, "task_arithmetic", ins, base="first", params={"lines": bad}, name="bad",
-                                out=str(tmp_path / "bad.safetensors"))
         with pytest.raises(ParameterError, match=r"lines must be two finite numbers ALPHA,BETA"):
+            spec = engine.make_spec(reg, "task_arithmetic", ins, base="first", params={"lines": bad}, name="bad",
+                                    out=str(tmp_path / "bad.safetensors"))
             engine.merge(reg, spec)
     # multislerp without a base has no task vector to scale
     spec = engine.make_spec(reg, "multislerp", ins, params={"lines": (0.5, 1.0)}, name="nb",
@@ -209,14 +209,16 @@ def test_lines_in_delta_space_with_base_pretrained(tmp_path):
         ell = next(int(x) for x in m.split(".") if x.isdigit())
         ref = (0.5 + ell / 2) * sum(x[m] for x in ups)
         assert torch.allclose(u, ref, rtol=1e-5, atol=1e-7), (m, float((u - ref).abs().max()))
-    plain = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5}, out=str(tmp_path / "t0"),
-                             space="delta")
-    lin = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5, "lines": (0.5, 1.0)},
-                           out=str(tmp_path / "t1"), space="delta")
-    a, b = _updates(engine.merge(reg, plain, space="delta").path), _updates(engine.merge(reg, lin, space="delta").path)
-    for m in a:
-        ell = next(int(x) for x in m.split(".") if x.isdigit())
-        assert torch.allclose(b[m], (0.5 + ell / 2) * a[m], rtol=1e-5, atol=1e-8), m
+    for space in ("delta", "core"):   # core space: TIES on the core matrices, the same rule
+        plain = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5},
+                                 out=str(tmp_path / f"t0{space}"), space=space)
+        lin = engine.make_spec(reg, "ties", ins, base="pretrained", params={"density": 0.5, "lines": (0.5, 1.0)},
+                               out=str(tmp_path / f"t1{space}"), space=space)
+        a = _updates(engine.merge(reg, plain, space=space).path)
+        b = _updates(engine.merge(reg, lin, space=space).path)
+        for m in a:
+            ell = next(int(x) for x in m.split(".") if x.isdigit())
+            assert torch.allclose(b[m], (0.5 + ell / 2) * a[m], rtol=1e-5, atol=1e-8), (space, m)
     spec = engine.make_spec(reg, "task_arithmetic", ins, base=cks[0], params={"lines": (0.5, 1.0)},
                             out=str(tmp_path / "d"), space="delta")
     with pytest.raises(ParameterError, match=r"LiNeS \(lines / --lines\) with space='delta' needs base pretrained"):
@@ -414,3 +416,17 @@ def test_lines_scales_the_delta_of_svd_family_methods(tmp_path, method):
         b = states[0][k].double()
         ref = b + lam_of(k, 0.5, 1.0, N_LAYERS) * (plain[k].double() - b)
         _close(got[k], ref, k, tol=1e-5)
+
+
+def test_lines_spellings_are_one_merge(tmp_path):
+    """lines="0.5,1" and lines=(0.5, 1.0) are the same merge: the second is up to date."""
+    states = _states(2, seed=10)
+    reg = make_file_run(tmp_path, states)
+    ins = reg.checkpoints("files")[1:]
+    a = engine.make_spec(reg, "task_arithmetic", ins, base="first", params={"lines": "0.5,1"},
+                         out=str(tmp_path / "a.safetensors"))
+    b = engine.make_spec(reg, "task_arithmetic", ins, base="first", params={"lines": (0.5, 1.0)},
+                         out=str(tmp_path / "a.safetensors"))
+    assert a.params == b.params == {"lines": [0.5, 1.0]} and a.name == b.name
+    c = engine.merge(reg, a)
+    assert engine.merge(reg, b).id == c.id   # up to date (a different merge would be OutputExistsError)

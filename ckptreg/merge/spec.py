@@ -217,6 +217,10 @@ def make_spec(registry, method, inputs, *, scheme=None, metric=None, penalty=Non
     if not inputs:
         raise ParameterError("a merge needs at least one input checkpoint")
     defn = get_method(m)
+    if (params or {}).get("lines") is not None:   # LiNeS: one spelling, [α, β], in params, names and keys
+        from .table import LINES
+
+        params = {**params, "lines": LINES.convert(params["lines"])}
     if defn.scheme is not None and (defn.force_scheme or scheme is None):
         scheme = defn.scheme
     if defn.needs_metric and metric is None:
