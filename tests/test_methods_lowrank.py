@@ -450,3 +450,30 @@ def test_methods_json_lists_lowrank_family():
         assert set(by[name]["spaces"]) == spaces, name
         assert by[name]["base"] is True
     assert [p["default"] for p in by["star"]["parameters"]] == [1.0, 40.0]
+
+
+def test_sweep_over_alpha_and_factor_space_refused(tmp_path):
+    """A CLI sweep of tsv over --alpha 0.5,1.0 on dense checkpoints registers both points, each
+    equal to its reference; tsv on LoRA adapters in factor space (raw A/B factors) is refused
+    with nothing registered."""
+    reg, cks = _dense_run(tmp_path)
+    db = str(reg.path)
+    del reg
+    r = CliRunner().invoke(main, ["--db", db, "sweep", "--run", "r", "--last", "3", "--method", "tsv", "--base", "first",
+                                  "--alpha", "0.5,1.0", "-o", str(tmp_path / "sw"), "--json", "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    reg = Registry(db)
+    merged = {c.name: c for c in reg.checkpoints("r", merged=True)}
+    assert len(merged) == 2, merged
+    b = cks[0]["layers.0.mlp.weight"].double()
+    taus = [cks[t]["layers.0.mlp.weight"].double() - b for t in (1, 2, 3)]
+    for c in merged.values():
+        a = float(reg.lineage(c.id)["params"].get("alpha", 1.0))
+        assert rel(load_any(c.path)["layers.0.mlp.weight"], _np(b) + ref_tsv(taus, a)) < 1e-5
+    reg2, _ = _adapters(tmp_path / "ad2", [(4, 8), (4, 8)])
+    db2 = str(reg2.path)
+    del reg2
+    r = CliRunner().invoke(main, ["--db", db2, "merge", "--run", "a", "--last", "2", "--base", "first", "--method", "tsv",
+                                  "-q"])
+    assert r.exit_code == 8 and "not on LoRA factors as stored" in r.output, r.output
+    assert Registry(db2).checkpoints("a", merged=True) == []
