@@ -430,3 +430,19 @@ def test_lines_spellings_are_one_merge(tmp_path):
     assert a.params == b.params == {"lines": [0.5, 1.0]} and a.name == b.name
     c = engine.merge(reg, a)
     assert engine.merge(reg, b).id == c.id   # up to date (a different merge would be OutputExistsError)
+
+
+@pytest.mark.parametrize("method,params", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.5}),
+                                           ("magnitude_prune", {"density": 0.5}), ("breadcrumbs", {"density": 0.8}),
+                                           ("breadcrumbs_ties", {"density": 0.8}), ("della", {"density": 0.5}),
+                                           ("della_linear", {"density": 0.5})])
+def test_lines_on_every_lam_method(tmp_path, method, params):
+    """Every method whose task vector lam scales takes LiNeS by λ(ℓ) folded into lam: the result
+    is θ_0 + λ(ℓ)·(θ_method − θ_0) of the same merge without LiNeS (same masks), tensor by tensor."""
+    states = _states(3, seed=11)
+    _, _, plain = _merge(tmp_path / "p", states, method, dict(params, lam=0.9))
+    _, c, got = _merge(tmp_path / "l", states, method, dict(params, lam=0.9, lines=(0.5, 1.0)))
+    assert c.name.endswith("_lines0_5_1_0"), c.name
+    for k in states[0]:
+        b = states[0][k].double()
+        _close(got[k], b + lam_of(k, 0.5, 1.0, N_LAYERS) * (plain[k].double() - b), k, tol=1e-5)
