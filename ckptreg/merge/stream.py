@@ -336,20 +336,27 @@ def _matrix_method(ps, j, name):
                 "tensors": "full checkpoints"}.get(space, space)
         raise ParameterError(f"{d.name} runs in space {', '.join(d.spaces)}, not on {what}")
     p, w = j.params_for(name), j.weights_for(name)
-    xs = [s.full(name) for s in ps.sources]
-    dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-    taus = torch.stack([x.to(dt) for x in xs])
-    del xs
+    st = ps.plan.dtypes[name]
+    dt = torch.float64 if st == "F64" or any(s.info.tensors[name].dtype == "F64" for s in ps.sources) \
+        else torch.float32
+    T = len(ps.sources)
     if ps.base_src is None:
-        return taus.mean(dim=0)
+        acc = None
+        for s in ps.sources:
+            x = s.full(name).to(dt)
+            acc = x if acc is None else acc.add_(x)
+        return acc / T
     base = ps.base_src.full(name).to(dt)
-    taus -= base
-    if taus.dim() == 3 and not _EMBED_RE.search(name):
+    if base.dim() == 2 and not _EMBED_RE.search(name):
+        taus = torch.stack([s.full(name).to(dt) for s in ps.sources])
+        taus -= base
         delta = d.matrix_fn(taus, w, p, name=name)
-    else:
-        wt = torch.tensor([float(x) for x in w], dtype=dt).reshape((-1,) + (1,) * (taus.dim() - 1))
-        delta = float(p.get("alpha", p.get("lam", 1.0))) * (taus * wt).mean(dim=0)
-    del taus
+        del taus
+    else:   # one input at a time: memory of two tensors (embeddings can be large)
+        delta = torch.zeros_like(base)
+        for s, x in zip(ps.sources, w):
+            delta.add_(s.full(name).to(dt) - base, alpha=float(x))
+        delta *= float(p.get("alpha", p.get("lam", 1.0))) / T
     f = p.get(LINES_KEY)
     if f is not None:
         delta = delta * float(f)
