@@ -343,8 +343,8 @@ def _matrix_method(ps, j, name):
     if ps.base_src is None:
         acc = None
         for s in ps.sources:
-            x = s.full(name).to(dt)
-            acc = x if acc is None else acc.add_(x)
+            x = s.full(name)
+            acc = x.to(dt, copy=True) if acc is None else acc.add_(x.to(dt))   # never in place on a source's tensor
         return acc / T
     base = ps.base_src.full(name).to(dt)
     if base.dim() == 2 and not _EMBED_RE.search(name):
