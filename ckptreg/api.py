@@ -14,6 +14,7 @@ This module imports neither torch nor DuckDB at import time (``import ckptreg`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -23,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 from .errors import ParameterError, SelectionError, UsageError, WeightError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import MergeSpec
+    from .engine import MergeResult, MergeSpec
     from .registry import Checkpoint, Registry
 
-__all__ = ["merge", "sweep", "plan_sweep", "expand_sweep", "plan_merge", "leaderboard", "select_inputs", "SweepPlan",
+__all__ = ["merge", "merge_spec_run", "sweep", "sweep_results", "plan_sweep", "expand_sweep", "plan_merge", "leaderboard", "select_inputs", "SweepPlan",
            "Leaderboard", "check_weight_params"]
 
 #: a database: a path (str / PathLike), an open Registry, or None (``$CKPTREG_DB`` or ./ckptreg.duckdb)
@@ -114,28 +115,25 @@ def merge(db: DB, refs: Sequence[Ref] | None = None, *, run: str | None = None, 
 
     A re-run whose registered output has the same recipe is not recomputed: the returned
     Checkpoint is the registered one (``ckptreg.engine.UP_TO_DATE``)."""
-    c, _spec = merge_spec_run(db, refs, run=run, last=last, every=every, exclude_final=exclude_final,
+    return merge_spec_run(db, refs, run=run, last=last, every=every, exclude_final=exclude_final,
                               skip_missing=skip_missing, method=method, scheme=scheme, metric=metric,
                               direction=direction, penalty=penalty, power=power, weights=weights, params=params,
                               base=base, space=space, rank=rank, out_dtype=out_dtype, out=out, name=name,
-                              overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
-    return c
+                              overwrite=overwrite, out_shard_size=out_shard_size, progress=progress).checkpoint
 
 
-def merge_spec_run(db: DB, refs: Sequence[Ref] | None = None, **kw) -> tuple["Checkpoint", "MergeSpec"]:
-    """:func:`merge` returning ``(checkpoint, spec)``: ``spec.status`` is "merged" or
-    ``engine.UP_TO_DATE``, ``spec.inputs``/``spec.weights``/``spec.base`` what was merged."""
+def merge_spec_run(db: DB, refs: Sequence[Ref] | None = None, **kw) -> "MergeResult":
+    """:func:`merge` (same arguments) returning an ``engine.MergeResult``: ``.checkpoint``,
+    ``.status`` ("merged" or ``engine.UP_TO_DATE``) and ``.spec``, the spec as merged (its name,
+    output path, inputs, weights and base)."""
     from . import engine
 
     reg = _registry(db)
     spec = plan_merge(reg, refs, **{k: v for k, v in kw.items()
                                     if k not in ("overwrite", "out_shard_size", "progress")})
-    c = engine.merge(reg, spec, space=kw.get("space") or "factors", rank=kw.get("rank"),
-                     out_dtype=kw.get("out_dtype"), overwrite=bool(kw.get("overwrite")),
-                     progress=kw.get("progress"), out_shard_size=kw.get("out_shard_size"))
-    if spec.status is None:
-        spec.status = "merged"
-    return c, spec
+    return engine.merge_result(reg, spec, space=kw.get("space") or "factors", rank=kw.get("rank"),
+                               out_dtype=kw.get("out_dtype"), overwrite=bool(kw.get("overwrite")),
+                               progress=kw.get("progress"), out_shard_size=kw.get("out_shard_size"))
 
 
 def plan_merge(db: DB, refs: Sequence[Ref] | None = None, *, run: str | None = None, last: int | None = None,
@@ -287,8 +285,7 @@ def expand_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: in
     if not specs:
         raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
     if out is not None:
-        for s in specs:
-            s.out = str(engine.default_out(s, parent=os.fspath(out)))
+        specs = [dataclasses.replace(s, out=str(engine.default_out(s, parent=os.fspath(out)))) for s in specs]
     return specs, skipped
 
 
@@ -298,8 +295,17 @@ def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
     grid given as :func:`plan_sweep`'s keyword arguments (``run``, ``last``, ``every``, ``method``,
     ``metric``, ``penalty``, ``out``, ...). Weighted sums over the same inputs are computed in one
     pass; each result is registered under its paper name. Returns one Checkpoint per unique merge
-    of the plan (``plan.specs[i].status``: "merged" or ``engine.UP_TO_DATE``). The output folder
-    is created when missing; without ``out`` each output goes beside its newest input."""
+    of the plan (:func:`sweep_results` also says whether each was merged or up to date). The
+    output folder is created when missing; without ``out`` each output goes beside its newest
+    input. The plan is not changed."""
+    return [r.checkpoint for r in sweep_results(db, plan, overwrite=overwrite, progress=progress, **grid)]
+
+
+def sweep_results(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None, **grid) -> list["MergeResult"]:
+    """:func:`sweep` returning one ``engine.MergeResult`` per unique merge of the plan, in the
+    plan's order: ``.checkpoint``, ``.status`` ("merged" or ``engine.UP_TO_DATE``) and ``.spec``
+    (the spec as merged)."""
     from pathlib import Path
 
     from . import engine
@@ -318,7 +324,8 @@ def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
         for m in reversed(made):
             m.mkdir()
     try:
-        res = engine.sweep(reg, plan.specs, overwrite=overwrite, progress=progress, out_dtype=plan.out_dtype)
+        res = engine.sweep_results(reg, plan.specs, overwrite=overwrite, progress=progress,
+                                   out_dtype=plan.out_dtype)
     except BaseException:
         for m in made:   # deepest first; a folder something else was written into stays
             try:
@@ -326,9 +333,6 @@ def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
             except OSError:
                 break
         raise
-    for s in plan.specs:
-        if s.status is None:
-            s.status = "merged"
     return res
 
 

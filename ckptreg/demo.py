@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -797,8 +798,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
 
     def spec(method, k, m, **kw):
         s = engine.make_spec(reg, method, window(k, m), selection={"last": k, "every": m, "exclude_final": True}, **kw)
-        s.out = str(merged_dir / s.name)
-        return s
+        return dataclasses.replace(s, out=str(merged_dir / s.name))
 
     def run_sweep(specs, what):
         done = engine.sweep(reg, specs, overwrite=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from .merge import (  # noqa: F401
     CHUNK_ELEMS,
+    MERGED,
     METHODS,
     SWEEP_BUFFER_BYTES,
     UP_TO_DATE,
+    MergeResult,
     MergeSpec,
     MethodDef,
     ParamDef,
@@ -21,6 +23,7 @@ from .merge import (  # noqa: F401
     default_out,
     make_spec,
     merge,
+    merge_result,
     metric_lags,
     name_suffix,
     paper_name,
@@ -28,6 +31,7 @@ from .merge import (  # noqa: F401
     register_method,
     resolve_base,
     sweep,
+    sweep_results,
 )
 from .merge.table import LINEAR, TASK_VECTOR
 
@@ -36,7 +40,8 @@ LINEAR_METHODS = tuple(n for n, m in METHODS.items() if m.strategy == LINEAR)
 TASK_METHODS = tuple(n for n, m in METHODS.items() if m.strategy == TASK_VECTOR)
 
 __all__ = [
-    "MergeSpec", "Plan", "plan", "merge", "sweep", "paper_name", "canonical_method", "make_spec",
+    "MergeSpec", "MergeResult", "Plan", "plan", "merge", "merge_result", "sweep", "sweep_results", "MERGED",
+    "paper_name", "canonical_method", "make_spec",
     "resolve_base", "dedupe_specs", "name_suffix", "metric_lags", "UP_TO_DATE", "LINEAR_METHODS",
     "TASK_METHODS", "METHODS", "CHUNK_ELEMS", "default_out", "MethodDef", "ParamDef", "register_method",
     "check_params",

@@ -133,9 +133,9 @@ def test_sweep_api_equals_cli_sweep(tmp_path):
     o = load_any(res[1].path)
     assert all(close(o[k], ref_linear([x[k] for x in srcs], s.weights)) for k in o)
     # a second run of the same plan is up to date
-    again = ckptreg.sweep(reg_a, plan)
-    assert [c.id for c in again] == [c.id for c in res]
-    assert all(sp.status == "up to date" for sp in plan.specs)
+    again = ckptreg.api.sweep_results(reg_a, plan)
+    assert [r.checkpoint.id for r in again] == [c.id for c in res]
+    assert all(r.status == "up to date" for r in again)
     with pytest.raises(UsageError, match="not both"):
         ckptreg.sweep(reg_a, plan, run="sft")
 

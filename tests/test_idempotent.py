@@ -4,6 +4,7 @@ its new points), default names encode everything that changes the result, and me
 by a value logged before the checkpoint says so (stderr note, lineage params["metric_lag"])."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -99,12 +100,14 @@ def test_api_merge_up_to_date_needs_unchanged_output_and_the_same_input_fingerpr
     reg = make_lora_run(tmp_path, steps=STEPS)
     spec = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
                             selection={"last": 3})
-    c = engine.merge(reg, spec)
-    assert spec.status == "merged"
+    res = engine.merge_result(reg, spec)
+    c = res.checkpoint
+    assert res.status == "merged"
     spec2 = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
                              selection={"last": 3})
-    again = engine.merge(reg, spec2)
-    assert spec2.status == engine.UP_TO_DATE and again.id == c.id and again == reg.get(c.id)
+    res2 = engine.merge_result(reg, spec2)
+    again = res2.checkpoint
+    assert res2.status == engine.UP_TO_DATE and again.id == c.id and again == reg.get(c.id)
     # other method parameters are not the same merge (the same name given explicitly: by
     # default density 0.7 would be named _d0_7, another output)
     with pytest.raises(OutputExistsError):
@@ -120,7 +123,8 @@ def test_api_merge_up_to_date_needs_unchanged_output_and_the_same_input_fingerpr
                                            params={"density": 0.5}, selection={"last": 3}))
     s3 = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
                           selection={"last": 3})
-    assert engine.merge(reg, s3, overwrite=True).id == c.id and s3.status == "merged"
+    res3 = engine.merge_result(reg, s3, overwrite=True)
+    assert res3.checkpoint.id == c.id and res3.status == "merged"
     # a deleted output is not up to date: refused before any work (naming the way out), and
     # --overwrite recomputes it under the same id
     import shutil
@@ -135,7 +139,8 @@ def test_api_merge_up_to_date_needs_unchanged_output_and_the_same_input_fingerpr
     assert reg.dump() == before and not Path(c.path).exists()
     s4 = engine.make_spec(reg, "ties", reg.select("sft", 3), base="first", params={"density": 0.5},
                           selection={"last": 3})
-    assert engine.merge(reg, s4, overwrite=True).id == c.id and s4.status == "merged"
+    res4 = engine.merge_result(reg, s4, overwrite=True)
+    assert res4.checkpoint.id == c.id and res4.status == "merged"
     reg.check_unchanged(c.id)
     # a changed output is never "up to date"
     f = Path(c.path) / "adapter_model.safetensors"
@@ -195,13 +200,13 @@ def test_sweep_of_mixed_methods_twice_writes_nothing(env):
                               selection={"run": "sft", "last": 3, "every": 1, "exclude_final": False}, **kw),
              engine.make_spec(reg, "uniform", reg.select("sft", 2),
                               selection={"run": "sft", "last": 2, "every": 1, "exclude_final": False}, **kw)]
-    for s in specs:
-        s.out = str(engine.default_out(s, parent=sw))
-    got = engine.sweep(reg, specs)
-    assert [s.status for s in specs] == ["up to date", "up to date"]
+    specs = [dataclasses.replace(s, out=str(engine.default_out(s, parent=sw))) for s in specs]
+    results = engine.sweep_results(reg, specs)
+    got = [r.checkpoint for r in results]
+    assert [r.status for r in results] == ["up to date", "up to date"]
     assert {c.id for c in got} <= {r["id"] for r in rows} and _stats(sw) == files
-    engine.sweep(reg, specs, overwrite=True)
-    assert [s.status for s in specs] == ["merged", "merged"]
+    results = engine.sweep_results(reg, specs, overwrite=True)
+    assert [r.status for r in results] == ["merged", "merged"]
 
 
 # --------------------------------------------------------------------------------- item 2: names
@@ -263,8 +268,9 @@ def test_default_names_never_collide_across_settings_that_change_the_result(env)
                    ("last_3_unweighted_incl_final_delta", 1), ("last_3_unweighted_incl_final_delta_r2", 1)]
     # a default-named spec merged in delta space through the API is named for it too
     spec = engine.make_spec(reg, "uniform", reg.select("sft", 2), selection={"last": 2})
-    c = engine.merge(reg, spec, space="delta")
-    assert c.name == "last_2_unweighted_incl_final_delta" == spec.name
+    res = engine.merge_result(reg, spec, space="delta")
+    c = res.checkpoint
+    assert c.name == "last_2_unweighted_incl_final_delta" == res.spec.name
 
 
 # --------------------------------------------------------------------------------- item 3: metric lag

@@ -365,9 +365,9 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
     spec = R.build_spec(reg, rcp, out=out, name=name)
     shard = _size(out_shard_size if out_shard_size is not None else rcp.out_shard_size)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
-        c = engine.merge(reg, spec, space=rcp.space, rank=rcp.rank, out_dtype=rcp.out_dtype, overwrite=overwrite,
-                         progress=prog, out_shard_size=shard)
-    status = spec.status or "merged"
+        res = engine.merge_result(reg, spec, space=rcp.space, rank=rcp.rank, out_dtype=rcp.out_dtype,
+                                  overwrite=overwrite, progress=prog, out_shard_size=shard)
+    c, status = res.checkpoint, res.status
     if status == engine.UP_TO_DATE:
         _say_up_to_date(c)
     _note_metric_lags(spec.inputs, _weighting_metric(spec))
@@ -432,9 +432,9 @@ def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, me
                           penalty=penalty, power=power, base=base, params=params, space=space, rank=rank,
                           out_dtype=out_dtype, out=out, name=name)
     with _Progress(quiet or as_json, f"merging {spec.name}") as prog:
-        c = engine.merge(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
-                         progress=prog, out_shard_size=_size(out_shard_size))
-    status = spec.status or "merged"
+        res = engine.merge_result(reg, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                                  progress=prog, out_shard_size=_size(out_shard_size))
+    c, status = res.checkpoint, res.status
     if status == engine.UP_TO_DATE:
         _say_up_to_date(c)
     _note_metric_lags(spec.inputs, _weighting_metric(spec))
@@ -525,7 +525,7 @@ def _grid_plan(plan_for, methods, grid, out_dir):
                 if extra and s.naming is not None:
                     naming = {**s.naming, "extra": (s.naming.get("extra") or "") + extra}
                     s = dataclasses.replace(s, naming=naming, name=_default_name(naming), out=None)
-                    s.out = str(engine.default_out(s, parent=out_dir))
+                    s = dataclasses.replace(s, out=str(engine.default_out(s, parent=out_dir)))
                 specs.append(s)
     if not specs:
         raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
@@ -580,13 +580,13 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
         if plan.dropped:
             _fmt.info(f"dropped {len(plan.dropped)} duplicate combination(s): " + ", ".join(sorted(set(plan.dropped))))
     with _Progress(quiet or as_json, f"sweep: {len(uniq)} merges") as prog:
-        res = api.sweep(reg, plan, overwrite=overwrite, progress=prog)
-    rows = [{"name": c.name, "id": c.id, "method": s.method, "status": s.status or "merged",
+        res = api.sweep_results(reg, plan, overwrite=overwrite, progress=prog)
+    rows = [{"name": r.checkpoint.name, "id": r.checkpoint.id, "method": s.method, "status": r.status,
              "inputs": ",".join(str(x.step) for x in s.inputs), "weights": [round(w, 4) for w in (s.weights or [])],
-             "path": c.path} for s, c in zip(uniq, res)]
-    for s, c in zip(uniq, res):
-        if s.status == engine.UP_TO_DATE:
-            _say_up_to_date(c)
+             "path": r.checkpoint.path} for s, r in zip(uniq, res)]
+    for r in res:
+        if r.status == engine.UP_TO_DATE:
+            _say_up_to_date(r.checkpoint)
     seen: set = set()
     for s in uniq:
         _note_metric_lags(s.inputs, _weighting_metric(s), seen)

@@ -14,7 +14,8 @@ Modules, in the order a merge uses them:
 - :mod:`.delta`: LoRA factor-scale checks and the delta space.
 - :mod:`.targets`: output layouts, the atomic :class:`Output`, locks, target refusals, stored
   recipe / lineage / up-to-date check, registration.
-- :mod:`.run`: :func:`merge` and :func:`sweep`.
+- :mod:`.run`: :func:`merge` and :func:`sweep` (and :func:`merge_result` / :func:`sweep_results`, which
+  return :class:`MergeResult` values: checkpoint, spec as merged, status; specs are never mutated).
 - :mod:`.recipe`, :mod:`.card`: recipe files and model cards (their own docstrings).
 
 Adding a method
@@ -43,7 +44,7 @@ How a merge runs
    difference.
 3. Re-runs are idempotent: an output registered at the target under the same name with the same
    recipe (method, params, space, rank, out dtype, weights, inputs by id and fingerprint, base)
-   and unchanged files is returned as it is (``spec.status == "up to date"``, nothing written);
+   and unchanged files is returned as it is (``MergeResult.status == UP_TO_DATE``, nothing written);
    ``overwrite`` recomputes it. A sweep computes only its outputs that are not up to date.
    Otherwise the output target is checked (OutputExistsError / DuplicateError) and opened: a temporary file
    or folder beside the output (:mod:`ckptreg.writer`), the header written from the plan.
@@ -110,14 +111,15 @@ import types as _types
 
 from .delta import _DeltaCache, _lora_pair, _module_scale, check_factor_scales  # noqa: F401
 from .plan import Plan, plan
-from .run import UP_TO_DATE, merge, sweep
+from .run import MERGED, UP_TO_DATE, MergeResult, merge, merge_result, sweep, sweep_results
 from .spec import MergeSpec, dedupe_specs, make_spec, metric_lags, name_suffix, paper_name, resolve_base
 from .stream import CHUNK_ELEMS, SWEEP_BUFFER_BYTES, Job, Pass, run_pass
 from .table import (METHODS, MethodDef, ParamDef, canonical_method, check_params, describe, get_method,
                     register_method, unregister_method)
 from .targets import default_out
 
-__all__ = ["MergeSpec", "Plan", "plan", "merge", "sweep", "paper_name", "canonical_method", "make_spec",
+__all__ = ["MergeSpec", "MergeResult", "Plan", "plan", "merge", "merge_result", "sweep", "sweep_results", "MERGED",
+           "paper_name", "canonical_method", "make_spec",
            "resolve_base", "dedupe_specs", "name_suffix", "metric_lags", "default_out", "UP_TO_DATE", "METHODS",
            "MethodDef", "ParamDef", "register_method", "unregister_method", "get_method", "check_params",
            "describe", "CHUNK_ELEMS", "SWEEP_BUFFER_BYTES", "Job", "Pass", "run_pass"]

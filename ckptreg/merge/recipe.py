@@ -778,15 +778,13 @@ def replay(registry, ref, *, out=None, progress=None):
     original's and ``RUN@NAME:v1`` still names the original. When the tensors differ the
     replay is unregistered and its files deleted (ChangedError naming the first differing
     tensor): the registry and the disk are left as they were."""
-    import dataclasses
-
     from .. import engine
     from ..errors import ChangedError
 
     orig, spec, kw = replay_spec(registry, ref, out=out)
-    got = engine.merge(registry, spec, progress=progress, **kw)
-    if spec.status == engine.UP_TO_DATE:   # a replay already registered here: recompute it
-        spec = dataclasses.replace(spec, status=None)
+    res = engine.merge_result(registry, spec, progress=progress, **kw)
+    got = res.checkpoint
+    if res.status == engine.UP_TO_DATE:   # a replay already registered here: recompute it
         got = engine.merge(registry, spec, overwrite=True, progress=progress, **kw)
     diff = first_difference(orig.path, got.path)
     if diff is not None:

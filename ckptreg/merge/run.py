@@ -13,14 +13,28 @@ from .delta import (BASE_KEY, PRETRAINED, UPDATE_SPACES, _check_factor_scales, _
                     plan_lora)
 from .plan import Plan, _ref, info_of, plan, writer_info
 from .sources import Source, snapshot
-from .spec import MergeSpec, dedupe_specs, renamed_for, report_to
+from .spec import MergeSpec, dedupe_specs, renamed_for
 from .stream import CHUNK_ELEMS, Job, Pass, _odt, run_pass, torch_out_dtype
 from .table import LINEAR, PAIRWISE, check_params, get_method
 from .targets import (SubPlan, _check_layout, _check_target, _Locks, _Output, _output_run, _recipe, _register,
                       _up_to_date, default_out)
 
-#: MergeSpec.status of a merge skipped because an identical output is registered
+#: MergeResult.status of a merge skipped because an identical output is registered
 UP_TO_DATE = "up to date"
+#: MergeResult.status of a merge computed and registered
+MERGED = "merged"
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    """The outcome of one merge (:func:`merge_result`, :func:`sweep_results`): the registered
+    ``checkpoint``; ``spec``, the spec as merged (its default name after the space, rank and out
+    dtype of the call, its output path, its inputs, weights and base: for SLERP in t = 0 first
+    order); ``status``, ``MERGED`` or ``UP_TO_DATE`` (an identical registered output was found and
+    nothing was written). The caller's spec is never changed."""
+    checkpoint: object
+    spec: MergeSpec
+    status: str
 
 
 def _batch(registry):
@@ -118,13 +132,23 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
           overwrite: bool = False, progress: Callable | None = None, out_shard_size: int | None = None,
           chunk_elems: int | None = None):
     """Run one merge and register it; returns the new Checkpoint (or, when an identical output
-    is registered at the target, that one: ``spec.status == "up to date"``).
+    is registered at the target, that one). :func:`merge_result` also says which (and the name
+    and path the merge settled on); ``spec`` itself is not changed."""
+    return merge_result(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                        progress=progress, out_shard_size=out_shard_size, chunk_elems=chunk_elems).checkpoint
+
+
+def merge_result(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None = None, out_dtype=None,
+                 overwrite: bool = False, progress: Callable | None = None, out_shard_size: int | None = None,
+                 chunk_elems: int | None = None) -> MergeResult:
+    """:func:`merge` returning a :class:`MergeResult`: the Checkpoint, the spec as merged (a
+    default name follows space/rank/out_dtype; ``out`` is the output path) and the status
+    (``MERGED``, or ``UP_TO_DATE`` when an identical output is registered at the target).
 
     ``progress(done_bytes, total_bytes, tensor_name)`` is called after every chunk (bytes of
     input data read so far / in all). The output path is locked (one merge per target at a
     time: TargetBusyError for the second) from before it is checked until the output is
-    committed and registered. ``spec``'s name (a default name follows space/rank/out_dtype),
-    out and status are set; its recipe is not changed."""
+    committed and registered. ``spec`` is not changed."""
     locks = _Locks()
     try:
         return _merge(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
@@ -134,9 +158,8 @@ def merge(registry, spec: MergeSpec, *, space: str = "factors", rank: int | None
 
 
 def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrite, progress, out_shard_size,
-           chunk_elems, _locks: _Locks):
+           chunk_elems, _locks: _Locks) -> MergeResult:
     spec = renamed_for(caller_spec, space, rank, out_dtype)
-    report_to(caller_spec, spec)
     with _batch(registry):
         snaps: dict = {}
         defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps, space=space)
@@ -179,15 +202,14 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     out = Path(spec.out) if spec.out else default_out(spec, info0, out_shard_size=out_shard_size)
     out = out.resolve() if not out.is_absolute() else out
     spec = dataclasses.replace(spec, out=str(out))
-    caller_spec.out = str(out)
+    merged = dataclasses.replace(spec, inputs=list(inputs), weights=list(w))   # the spec as merged
     _check_layout(out, info0, out_shard_size)
     _locks.acquire(out)   # before the exists check, held until registered
     with _batch(registry):
         if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
             hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
             if hit is not None:
-                caller_spec.status = UP_TO_DATE
-                return hit
+                return MergeResult(hit, merged, UP_TO_DATE)
         _check_target(registry, spec, out, overwrite)
 
     out_shapes = dict(pl.shapes)
@@ -227,8 +249,7 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     try:
         with _batch(registry):
             got = _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
-            caller_spec.status = spec.status
-            return got
+            return MergeResult(got, merged, MERGED)
     except BaseException:
         target.revert()   # no-op once registered (finalized)
         raise
@@ -250,10 +271,21 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
     chunk, each streamed into its own writer. Other methods run one by one (:func:`merge`).
 
     Duplicates (same method, inputs, weights, params, base) are merged once. Returns one
-    Checkpoint per given spec (duplicates share theirs). Every target is validated before any
-    data is read; if the pass fails, none of its outputs is written or registered. The lock of
-    every target is taken before the targets are checked and held until the sweep ends
-    (TargetBusyError if one is being written)."""
+    Checkpoint per given spec (duplicates share theirs); :func:`sweep_results` also says, per spec,
+    whether it was merged or up to date. Every target is validated before any data is read; if
+    the pass fails, none of its outputs is written or registered. The lock of every target is
+    taken before the targets are checked and held until the sweep ends (TargetBusyError if one
+    is being written). The specs are not changed."""
+    return [r.checkpoint for r in sweep_results(registry, specs, overwrite=overwrite, progress=progress,
+                                                out_dtype=out_dtype, out_shard_size=out_shard_size,
+                                                chunk_elems=chunk_elems)]
+
+
+def sweep_results(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False,
+                  progress: Callable | None = None, out_dtype=None, out_shard_size: int | None = None,
+                  chunk_elems: int | None = None) -> list[MergeResult]:
+    """:func:`sweep` returning one :class:`MergeResult` per given spec (a duplicate gets the result
+    of the spec it duplicates: the same checkpoint, spec as merged and status)."""
     locks = _Locks()
     try:
         return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
@@ -263,11 +295,10 @@ def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, prog
 
 
 def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_dtype, out_shard_size, chunk_elems,
-           _locks: _Locks) -> list:
+           _locks: _Locks) -> list[MergeResult]:
     callers = list(callers)
-    for c in callers:   # a default name follows the out dtype (told to the caller's spec)
-        report_to(c, renamed_for(c, "factors", None, out_dtype))
-    uniq, dropped = dedupe_specs(callers)
+    # a default name follows the out dtype (new specs: the callers' are not changed)
+    uniq, dropped = dedupe_specs([renamed_for(c, "factors", None, out_dtype) for c in callers])
     names: dict = {}
     for s in uniq:
         key = (_output_run(s), s.name)
@@ -302,14 +333,15 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
                              [_ref(c) for c in inputs] + ([f"base {_ref(b)}"] if b is not None else []))
     # validate every target before reading anything; an output already registered with the
     # same recipe and unchanged files is up to date and skipped (--overwrite recomputes it)
-    results: dict[int, object] = {}
+    results: dict[int, MergeResult] = {}   # id(spec in prepared) -> its result
     with _batch(registry):
         merged_now = None if overwrite else registry.checkpoints(merged=True)
-        for s, defn, inputs, w, p in prepared:
+        for k, (s, defn, inputs, w, p) in enumerate(prepared):
             info_s = info(inputs[0])
             out = Path(s.out) if s.out is not None else default_out(s, info_s, out_shard_size=out_shard_size)
             out = out.resolve()
-            s.out = str(out)
+            s = dataclasses.replace(s, out=str(out))
+            prepared[k] = (s, defn, inputs, w, p)
             if out in outs:
                 raise ParameterError(f"two merges in the sweep write to {out}")
             outs.add(out)
@@ -320,8 +352,8 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
                 hit = _up_to_date(registry, s_o, out, defn.name, w_o, p, "factors", None, odt_user,
                                   [info(c) for c in ins_o], merged=merged_now)
                 if hit is not None:
-                    s.status = UP_TO_DATE
-                    results[id(s)] = hit
+                    results[id(s)] = MergeResult(hit, dataclasses.replace(s_o, inputs=list(ins_o), weights=list(w_o)),
+                                                 UP_TO_DATE)
                     continue
             _check_target(registry, s, out, overwrite)
 
@@ -376,25 +408,27 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
             with _batch(registry):
                 for j in jobs:
                     s = j.spec
-                    results[id(s)] = _register(registry, s, Path(s.out), j.defn.name, j.params, j.weights, "factors",
-                                               None, odt_user, overwrite, target=j.out)
+                    got = _register(registry, s, Path(s.out), j.defn.name, j.params, j.weights, "factors",
+                                    None, odt_user, overwrite, target=j.out)
+                    results[id(s)] = MergeResult(got, dataclasses.replace(s, inputs=list(s.inputs),
+                                                                          weights=list(j.weights)), MERGED)
         except BaseException:
             for j in jobs:   # the outputs not registered are removed again (registered ones stay)
                 j.out.revert()
             raise
 
     for s, defn, inputs, w, p in other:
-        results[id(s)] = merge(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,
-                               out_shard_size=out_shard_size, chunk_elems=chunk_elems)
+        results[id(s)] = merge_result(registry, s, out_dtype=out_dtype, overwrite=overwrite, progress=progress,
+                                      out_shard_size=out_shard_size, chunk_elems=chunk_elems)
 
     out = []
-    for i, s in enumerate(callers):
+    kept = 0   # prepared is in the order of uniq: the i-th spec not dropped is uniq[kept]
+    for i in range(len(callers)):
         if i in dropped:
-            keep = uniq[dropped[i]]
-            out.append(results[id(keep)])
-            s.status = keep.status
+            k = dropped[i]
         else:
-            out.append(results[id(s)])
+            k, kept = kept, kept + 1
+        out.append(results[id(prepared[k][0])])
     return out
 
 

@@ -16,8 +16,11 @@ from .table import LINEAR, PAIRWISE, canonical_method, get_method
 # ------------------------------------------------------------------------------------------------
 # specs and naming
 
-@dataclass
+@dataclass(frozen=True)
 class MergeSpec:
+    """What to merge. Immutable: merge()/sweep() never change a spec; the name, output path and
+    status they settle on come back in a :class:`ckptreg.merge.run.MergeResult` (derive a changed
+    spec with ``dataclasses.replace``)."""
     method: str
     inputs: list                      # list[Checkpoint], ascending step
     weights: list[float] | None = None
@@ -27,9 +30,6 @@ class MergeSpec:
     out: str | None = None
     run: str | None = None            # run of the merged checkpoint (default: newest input's run)
     selection: dict | None = None     # how the inputs were chosen (recorded in the lineage params)
-    # set by merge()/sweep(): "merged" (computed and registered) or "up to date" (an identical
-    # registered output was found and nothing was written)
-    status: str | None = None
     # the arguments of the default name (make_spec without name=); None for a name given by the
     # caller. merge()/sweep() rename a default-named spec when their space/rank/out_dtype differ
     naming: dict | None = None
@@ -317,15 +317,6 @@ def renamed_for(spec: MergeSpec, space, rank, out_dtype) -> MergeSpec:
         return spec
     naming = {**n, "space": space, "rank": rank, "out_dtype": out_dtype}
     return dataclasses.replace(spec, naming=naming, name=_default_name(naming))
-
-
-def report_to(caller: MergeSpec, used: MergeSpec) -> None:
-    """What a merge decided about a spec, told back to the caller's spec: its (default) name
-    after :func:`renamed_for`, its output path and its status. The spec's recipe (method,
-    inputs, weights, params, base) is never changed."""
-    if caller is used:
-        return
-    caller.name, caller.naming, caller.out, caller.status = used.name, used.naming, used.out, used.status
 
 
 # ------------------------------------------------------------------------------------------------

@@ -513,7 +513,6 @@ def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, ov
         raise
     if target is not None:
         target.finalize()
-    spec.status = "merged"
     return registry.get(cid)
 
 
