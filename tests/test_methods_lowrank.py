@@ -441,8 +441,8 @@ def test_methods_json_lists_lowrank_family():
     r = CliRunner().invoke(main, ["methods", "--json"])
     assert r.exit_code == 0, r.output
     by = {m["name"]: m for m in json.loads(r.stdout)}
-    want = {"tsv": ({"alpha"}, {"tensors", "delta"}), "iso_c": ({"alpha"}, {"tensors", "delta"}),
-            "iso_cts": ({"alpha"}, {"tensors"}), "star": ({"lam", "eta"}, {"tensors", "delta"}),
+    want = {"tsv": ({"alpha"}, {"tensors", "delta", "core"}), "iso_c": ({"alpha"}, {"tensors", "delta", "core"}),
+            "iso_cts": ({"alpha"}, {"tensors"}), "star": ({"lam", "eta"}, {"tensors", "delta", "core"}),
             "knots_ties": ({"density", "alpha", "trim_scope"}, {"delta"}),
             "knots_dare_ties": ({"density", "alpha", "seed", "trim_scope"}, {"delta"})}
     for name, (params, spaces) in want.items():
@@ -477,3 +477,21 @@ def test_sweep_over_alpha_and_factor_space_refused(tmp_path):
                                   "-q"])
     assert r.exit_code == 8 and "not on LoRA factors as stored" in r.output, r.output
     assert Registry(db2).checkpoints("a", merged=True) == []
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "star"])
+def test_core_space_equals_delta_space(tmp_path, method):
+    """METHODS.md "Core space": TSV/Iso/STAR results lie in the span of the stacked factors, so
+    core space equals delta space exactly (same merged updates), under its own name."""
+    reg, states = _adapters(tmp_path, [(4, 8), (6, 6)])
+    got = {}
+    for space in ("delta", "core"):
+        spec = engine.make_spec(reg, method, reg.select("a", 2), params={"base": "pretrained"}, selection={"last": 2})
+        c = engine.merge(reg, spec, space=space)
+        got[space] = (c.name, load_any(c.path))
+    assert got["delta"][0] != got["core"][0]
+    pre = "base_model.model.model.layers.0.self_attn.q_proj"
+    ups = [got[s][1][f"{pre}.lora_B.weight"].double() @ got[s][1][f"{pre}.lora_A.weight"].double()
+           for s in ("delta", "core")]
+    ref = {"tsv": ref_tsv, "iso_c": ref_iso_c, "star": ref_star}[method](_updates(states, pre))
+    assert rel(ups[0], ref) < 1e-5 and rel(ups[1], ref) < 1e-5

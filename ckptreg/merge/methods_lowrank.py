@@ -30,6 +30,10 @@ Choices where METHODS.md is silent (documented):
 - Iso-C with an output rank below R: σ̄ is the same for every direction, so "the best rank-r
   truncation" keeps the r leading singular directions of Δ_TA.
 - Tasks that are exactly zero (τ_t = 0) contribute no triplets (rank 0).
+- Spaces: tsv, iso_c and star also take ``space="core"``: their results lie in the span of the
+  stacked factors, so core space computes the same exact ``delta_fn`` (METHODS.md "Core space":
+  they equal delta space exactly). KnOTS in core space would be a different merge (its TIES would
+  trim the core blocks): not offered.
 - KnOTS ``trim_scope``: "module" (per X_t of one module, the default); "global" (the official
   code's threshold over all modules of a task) is refused: delta space merges one module at a
   time.
@@ -515,15 +519,15 @@ _COMMON = dict(strategy=PER_MATRIX, fn=_unused_fn, weight_rule="task_vector", us
 
 METHODS_LOWRANK = (
     MethodDef("tsv", aliases=("tsv_m", "task_singular_vectors"), params=(ALPHA,), fragment="tsv",
-              spaces=("tensors", "delta"), matrix_fn=tsv_matrix, delta_fn=tsv_delta,
+              spaces=("tensors", "delta", "core"), matrix_fn=tsv_matrix, delta_fn=tsv_delta,
               help="TSV-M: per-task top ⌊p/T⌋ singular triplets, orthogonalised (polar), θ_0 + α Δ.", **_COMMON),
-    MethodDef("iso_c", aliases=("iso",), params=(ALPHA,), fragment="iso_c", spaces=("tensors", "delta"),
+    MethodDef("iso_c", aliases=("iso",), params=(ALPHA,), fragment="iso_c", spaces=("tensors", "delta", "core"),
               matrix_fn=iso_c_matrix, delta_fn=iso_c_delta,
               help="Iso-C: the task-arithmetic sum with a flat (isotropic) spectrum, θ_0 + α σ̄ U Vᵀ.", **_COMMON),
     MethodDef("iso_cts", params=(ALPHA,), fragment="iso_cts", spaces=("tensors",), matrix_fn=iso_cts_matrix,
               help="Iso-CTS: common and task-specific subspaces, isotropic (dense checkpoints only).",
               **{**_COMMON, "delta_rule": None}),
-    MethodDef("star", params=(LAM, ETA), fragment="star", spaces=("tensors", "delta"), matrix_fn=star_matrix,
+    MethodDef("star", params=(LAM, ETA), fragment="star", spaces=("tensors", "delta", "core"), matrix_fn=star_matrix,
               delta_fn=star_delta,
               help="STAR: per-task truncation to η% of the nuclear norm, rescaled, averaged (θ_0 + λ mean).",
               **_COMMON),
