@@ -495,3 +495,30 @@ def test_core_space_equals_delta_space(tmp_path, method):
            for s in ("delta", "core")]
     ref = {"tsv": ref_tsv, "iso_c": ref_iso_c, "star": ref_star}[method](_updates(states, pre))
     assert rel(ups[0], ref) < 1e-5 and rel(ups[1], ref) < 1e-5
+
+
+def test_recipe_and_python_api(tmp_path):
+    """A YAML recipe of star (eta, lambda) on dense checkpoints writes the same bytes as the CLI
+    merge; ckptreg.merge (the Python API) runs knots_ties on adapters in delta space."""
+    import ckptreg
+
+    reg, cks = _dense_run(tmp_path)
+    db = str(reg.path)
+    del reg
+    r = CliRunner().invoke(main, ["--db", db, "merge", "--run", "r", "--last", "3", "--base", "first", "--method", "star",
+                                  "--eta", "60", "--lambda", "1.5", "-o", str(tmp_path / "a.safetensors"), "--name", "a",
+                                  "-q"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "r.yaml").write_text("inputs: {run: r, last: 3}\nmethod: star\nbase: first\n"
+                                     "parameters: {eta: 60, lambda: 1.5}\n"
+                                     f"output: {tmp_path / 'b.safetensors'}\nname: b\n")
+    r = CliRunner().invoke(main, ["--db", db, "merge", "--recipe", str(tmp_path / "r.yaml"), "-q"])
+    assert r.exit_code == 0, r.output
+    a, b = load_any(tmp_path / "a.safetensors"), load_any(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # same tensors bit for bit
+    reg2, states = _adapters(tmp_path / "api", [(4, 8), (6, 12)])
+    c = ckptreg.merge(str(reg2.path), run="a", last=2, method="knots_ties", params={"density": 0.4}, space="delta")
+    got = load_any(c.path)
+    pre = "base_model.model.model.layers.1.self_attn.q_proj"
+    upd = got[f"{pre}.lora_B.weight"].double() @ got[f"{pre}.lora_A.weight"].double()
+    assert rel(upd, ref_knots(_updates(states, pre), 0.4)) < 1e-5
