@@ -587,7 +587,7 @@ def test_factored_svd_rank_deficient(use, backend, dtype):
 @pytest.mark.parametrize("L,d,R,k", [(19, 50, 20, 33), (17, 64, 8, 100), (3, 90, 70, 80), (9, 16, 5, 7)])
 def test_factored_svd_lane_groups(use, backend, dtype, L, d, R, k):
     """The kernel runs 2/4/8 layers per SIMD lane group: layer counts that leave a partial group,
-    ranks that are not multiples of the vector width, R > 64 (one layer at a time), R > min(d, k),
+    ranks that are not multiples of the vector width, R > 64 (the kernel's Grams, then LAPACK for the R x R steps), R > min(d, k),
     and within one group layers whose factors are rank deficient next to full-rank ones."""
     use(backend)
     g = gen(L * 1000 + R)

@@ -47,7 +47,7 @@ namespace fsvd_base {
 
 bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype, int64_t L, int64_t d, int n,
                         int64_t k, double* pb, double* pa, double* s, int nthreads) {
-  if ((dtype != kF32 && dtype != kF64) || L < 0 || d < 1 || n < 1 || k < 1) return false;
+  if ((dtype != kF32 && dtype != kF64) || L < 0 || d < 1 || n < 1 || n > kFactoredSvdCoresMaxN || k < 1) return false;
   const bool f64 = dtype == kF64;
   nthreads = std::max(1, nthreads);
 #if CKPTREG_HAVE_AVX2_CLONE

@@ -34,7 +34,9 @@ double kth_largest_abs(const void* x, const void* base, DType dtype, int64_t num
 // (n x k), all row-major kF32 or kF64, writes pb[l], pa[l] (n x n, float64) and s[l] (n, descending)
 // with B_l C_l A_l = (B_l pb_l) diag(s_l) (A_l^T pa_l)^T, B_l pb_l and A_l^T pa_l orthonormal (zero
 // columns where a factor is rank deficient). The Gram matrices are formed in float64.
-// Returns false on an unsupported dtype or size.
+// Returns false on an unsupported dtype or size, n > kFactoredSvdCoresMaxN included (callers with a
+// larger n take factored_svd_grams and do the n x n steps themselves, as ops_cpu.cpp does).
+constexpr int kFactoredSvdCoresMaxN = 64;
 bool factored_svd_cores(const void* B, const void* C, const void* A, DType dtype, int64_t L, int64_t d, int n,
                         int64_t k, double* pb, double* pa, double* s, int nthreads);
 

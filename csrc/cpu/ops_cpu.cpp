@@ -80,7 +80,8 @@ at::Tensor kth_largest_abs_cpu(const at::Tensor& x, int64_t k, const c10::option
 // Jacobi solvers of fsvd.cpp cost O(R^3) per sweep per layer and lose to divide and conquer there.
 // Measured on a 2-core AVX-512 machine, d = k = 1024: 8 layers at R = 96 took 34 ms in the kernel and
 // 22 ms this way; 32 layers at R = 64 take 30 ms in the kernel and 41 ms this way (R = 65).
-constexpr int64_t kLaneJacobiMaxR = 64;
+// The kernel (cpu::factored_svd_cores) refuses R above this bound.
+constexpr int64_t kLaneJacobiMaxR = cpu::kFactoredSvdCoresMaxN;
 
 // G = X^T X (float64, [L, n, n]): W, P with G = W^T W and X P orthonormal, by eigendecomposition,
 // dropping eigenvalues <= 64 n eps lambda_max (as _gram_factor_py in ckptreg/ops.py).
@@ -159,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd_batched_cpu(
                                             st == at::kDouble ? kF64 : kF32, L, d, (int)R, k,
                                             PB.mutable_data_ptr<double>(), PA.mutable_data_ptr<double>(),
                                             S.mutable_data_ptr<double>(), at::get_num_threads());
-    TORCH_CHECK(ok, "ckptreg: factored_svd_batched kernel rejected its arguments");
+    TORCH_CHECK(ok, "ckptreg: factored_svd_batched kernel rejected its arguments (L=", L, ", d=", d, ", R=", R,
+                ", k=", k, "; the lane kernel takes R <= ", kLaneJacobiMaxR, ")");
   } else {
     std::tie(PB, S, PA) = large_rank_cores(Bc, Cc, Ac, st);
   }

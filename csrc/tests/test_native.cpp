@@ -223,7 +223,7 @@ static void test_kth() {
 
 // factored_svd_cores: (B pb) diag(s) (A^T pa)^T reconstructs B C A (float64 reference product),
 // B pb has orthonormal columns, s is descending, and results do not depend on the thread count;
-// sizes cover partial lane groups, ranks off the vector width and R > 64 (per-layer path).
+// sizes cover partial lane groups, ranks off the vector width and the largest R the kernel takes.
 static void test_factored_svd(int64_t L, int64_t d, int n, int64_t k) {
   std::mt19937_64 g(L * 7919 + n);
   std::normal_distribution<double> nd;
@@ -285,6 +285,26 @@ static void test_factored_svd(int64_t L, int64_t d, int n, int64_t k) {
   EXPECT(worst_orth <= 1e-7, "factored_svd_cores L=%lld n=%d: U not orthonormal (%g)", (long long)L, n, worst_orth);
 }
 
+// Above kFactoredSvdCoresMaxN the kernel refuses (returns false, writes nothing): the binding does
+// those R x R steps with LAPACK after factored_svd_grams, which takes any R.
+static void test_factored_svd_refuses_large_rank() {
+  const int64_t L = 2, d = 9, k = 11;
+  const int n = cpu::kFactoredSvdCoresMaxN + 1;
+  std::vector<float> B(L * d * n, 1.f), C(L * n * n, 1.f), A(L * n * k, 1.f);
+  std::vector<double> pb(L * n * n, -7.0), pa(L * n * n, -7.0), s(L * n, -7.0);
+  EXPECT(!cpu::factored_svd_cores(B.data(), C.data(), A.data(), kF32, L, d, n, k, pb.data(), pa.data(), s.data(), 2),
+         "factored_svd_cores accepted n=%d > kFactoredSvdCoresMaxN", n);
+  bool untouched = true;
+  for (double x : pb) untouched &= x == -7.0;
+  for (double x : pa) untouched &= x == -7.0;
+  for (double x : s) untouched &= x == -7.0;
+  EXPECT(untouched, "factored_svd_cores wrote its outputs although it refused n=%d", n);
+  std::vector<double> gb(L * n * n), ga(L * n * n);
+  EXPECT(cpu::factored_svd_grams(B.data(), A.data(), kF32, L, d, n, k, gb.data(), ga.data(), 2),
+         "factored_svd_grams refused n=%d", n);
+  EXPECT(gb[0] == (double)d && ga[0] == (double)k, "factored_svd_grams n=%d: gb[0]=%g ga[0]=%g", n, gb[0], ga[0]);
+}
+
 int main() {
   test_rng();
   test_conversions();
@@ -302,7 +322,8 @@ int main() {
   test_kth();
   test_factored_svd(19, 40, 16, 33);
   test_factored_svd(5, 30, 7, 29);
-  test_factored_svd(3, 80, 70, 75);
+  test_factored_svd(3, 80, cpu::kFactoredSvdCoresMaxN, 75);
+  test_factored_svd_refuses_large_rank();
   printf("native tests (%s): %s\n", cpu::isa(), failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
