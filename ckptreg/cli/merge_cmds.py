@@ -381,7 +381,87 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
             _fmt.info(f"wrote {c.path}")
 
 
-@click.command("merge", epilog="\b\nExample:\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7 -o merged/sft-mwa\n  ckptreg merge sft@400 sft@500 --method slerp --t 0.5\n  ckptreg merge --recipe recipe.yaml\n  ckptreg merge --replay sft@last_5_loss_pf-0_7 -o merged/sft-mwa-replay")
+_NPROC_HELP = ("Run the merge distributed over P local ranks (torch.distributed's launcher, gloo on localhost): "
+               "each rank merges and writes its share of the tensors, rank 0 registers. Several nodes: "
+               "torchrun --nnodes N --nproc-per-node P --rdzv-endpoint HOST:PORT -m ckptreg -- merge ... "
+               "(the -- keeps torchrun from reading ckptreg's options).")
+
+
+class _RanksCommand(click.Command):
+    """``merge``/``sweep``: ``--nproc-per-node P`` starts P local ranks through torch.distributed's
+    launcher API (``elastic_launch``: c10d rendezvous on a free localhost port), each running this
+    same command line under torchrun's environment (ckptreg.merge.distributed); a rank other than
+    0 of a distributed run prints nothing but its errors."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["ckptreg.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        import contextlib
+        import io
+        import os
+
+        from ..merge import distributed as D
+
+        n = ctx.params.pop("nproc_per_node", None)
+        if n is not None and n > 1:
+            if D.env_requested():
+                raise UsageError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
+            return _launch_ranks(ctx, n)
+        if not D.env_requested():
+            return super().invoke(ctx)
+        ok = False
+        try:
+            if os.environ.get("RANK") != "0":
+                ctx.params["quiet"] = True
+                with contextlib.redirect_stdout(io.StringIO()):
+                    got = super().invoke(ctx)
+            else:
+                got = super().invoke(ctx)
+            ok = True
+            return got
+        finally:
+            D.shutdown(ok)
+
+
+def _launch_ranks(ctx, n: int):
+    import os
+    import socket
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv, skip = [], False
+    for a in ctx.meta.get("ckptreg.argv", []):
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            argv.append(a)
+    root = ctx.find_root().obj or {}
+    cmd = ["-m", "ckptreg"] + (["--db", str(root["db"])] if root.get("db") else []) \
+        + (["--force-local-locks"] if root.get("force_local_locks") else []) + [ctx.info_name] + argv
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"ckptreg-{os.getpid()}-{port}",
+                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(cfg, sys.executable)(*cmd)
+    except ChildFailedError as e:   # each rank printed its own error
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode and f.exitcode > 0]
+        ctx.exit(min(codes) if codes else 1)
+
+
+def _ranks_option(f):
+    return click.option("--nproc-per-node", "nproc_per_node", type=click.IntRange(min=1), default=None,
+                        metavar="P", help=_NPROC_HELP)(f)
+
+
+@click.command("merge", cls=_RanksCommand, epilog="\b\nExample:\n  ckptreg merge --run sft --last 5 --method mwa --metric train_loss --penalty 0.7 -o merged/sft-mwa\n  ckptreg merge sft@400 sft@500 --method slerp --t 0.5\n  ckptreg merge --recipe recipe.yaml\n  ckptreg merge --replay sft@last_5_loss_pf-0_7 -o merged/sft-mwa-replay")
 @click.argument("checkpoints", nargs=-1)
 @click.option("--run", default=None, help="Run to select from.")
 @click.option("--last", "last", type=int, default=None, help="Merge the last K checkpoints.")
@@ -410,6 +490,7 @@ def _merge_from_recipe(db, recipe, replay, out, name, overwrite, quiet, as_json,
 @click.option("--replay", "replay", default=None, metavar="REF",
               help="Re-run the registered merge REF from its stored recipe (into -o, default NAME-replay beside "
                    "it), check its tensors equal the original's byte for byte, register it as the next version.")
+@_ranks_option
 @pass_db
 def merge_cmd(db, checkpoints, run, last, every, exclude_final, skip_missing, method, scheme, metric, direction, penalty, power,
               base, space, rank, out_dtype, out_shard_size, out, name, overwrite, quiet, as_json, recipe=None,
@@ -534,7 +615,7 @@ def _grid_plan(plan_for, methods, grid, out_dir):
                                dropped=dropped + [specs[i].name for i in sorted(dup)])
 
 
-@click.command("sweep", epilog="\b\nExample:\n  ckptreg sweep --run sft --last 2,3,5 --every 1,2 --method uniform,mwa --penalty 0.5,0.7 -o sweeps/sft")
+@click.command("sweep", cls=_RanksCommand, epilog="\b\nExample:\n  ckptreg sweep --run sft --last 2,3,5 --every 1,2 --method uniform,mwa --penalty 0.5,0.7 -o sweeps/sft")
 @click.option("--run", required=True, help="Run to select from.")
 @click.option("--last", "last", required=True, help="Comma list of K, e.g. 2,3,4,5,8,10.")
 @click.option("--every", default="1", show_default=True, help="Comma list of M, e.g. 1,3.")
@@ -554,6 +635,7 @@ def _grid_plan(plan_for, methods, grid, out_dir):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and their registry entries.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@_ranks_option
 @pass_db
 def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, base, out_dtype,
               out_dir, overwrite, quiet, as_json, **method_params):

@@ -46,6 +46,7 @@ DEFAULT_TIMEOUT = 600.0
 WHOLE = 1 << 62
 
 _GROUP = None
+_OWN_PG = False   # the default process group was initialised here (shutdown() destroys it)
 
 
 def timeout_s() -> float:
@@ -79,7 +80,7 @@ def requested() -> bool:
 def _group():
     """The gloo group merges talk over: the default group (initialised here with gloo from the
     environment if nobody did), or a gloo group beside a non-gloo default (NCCL)."""
-    global _GROUP
+    global _GROUP, _OWN_PG
     import datetime
 
     import torch.distributed as dist
@@ -93,9 +94,32 @@ def _group():
                                f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                                f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {e}") from e
         _GROUP = None
+        _OWN_PG = True
     if _GROUP is None:
         _GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=t)
     return _GROUP
+
+
+def shutdown(ok: bool) -> None:
+    """End of a ``ckptreg merge``/``sweep`` process under torchrun: wait for every rank (``ok``:
+    this rank succeeded; then a barrier, so no rank tears its connections down while another
+    still reads from them) and destroy the process group ckptreg initialised (none else)."""
+    global _GROUP, _OWN_PG
+    if not _OWN_PG:
+        return
+    import torch.distributed as dist
+
+    try:
+        if ok and dist.is_initialized():
+            dist.barrier(group=_GROUP)
+    except Exception:
+        pass
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+        _GROUP, _OWN_PG = None, False
 
 
 def current():
@@ -145,6 +169,10 @@ def split(pl, world: int, delta=None) -> list[list[str]]:
     return [[n for n in pl.names if n in m] for m in mine]
 
 
+#: delta rules that _DeltaCache.get merges one module at a time (the others: _merge_group batches)
+UNBATCHED_RULES = ("cart", "factored", "dense", "gram")
+
+
 def delta_groups(cache) -> list[list[str]]:
     """The modules a single-process delta-space merge computes together (one batched factored
     SVD each), from shapes, dtypes and scales alone. Mirrors ``_DeltaCache._merge_group``: a
@@ -156,12 +184,16 @@ def delta_groups(cache) -> list[list[str]]:
 
     pl = cache.plan
 
+    def meta(src, name):
+        ti = getattr(getattr(src, "info", None), "tensors", {}).get(name)   # update space: ranks may differ
+        shape, dt = (ti.shape, ti.dtype) if ti is not None else (pl.shapes[name], pl.dtypes[name])
+        return torch.empty(tuple(shape), dtype=torch_dtype(dt), device="meta")
+
     def fake(mod):
         an, bn = cache.names[mod]["A"], cache.names[mod]["B"]
         out = []
-        for _src, cfg in cache.coeff_sources:
-            a = torch.empty(pl.shapes[an], dtype=torch_dtype(pl.dtypes[an]), device="meta")
-            b = torch.empty(pl.shapes[bn], dtype=torch_dtype(pl.dtypes[bn]), device="meta")
+        for src, cfg in cache.coeff_sources:
+            a, b = meta(src, an), meta(src, bn)
             out.append((a, b, _module_scale(cfg, mod, a.shape[0])))
         return out
 
@@ -178,7 +210,7 @@ def delta_groups(cache) -> list[list[str]]:
         fs = fake(mod)
         mod_of[id(fs)] = mod
         group = [mod]
-        if cache.rule != "cart":
+        if cache.rule not in UNBATCHED_RULES:
             k = key(fs)
             per_layer = sum(4 * (a.numel() + b.numel()) for a, b, _ in fs)
             for other in mods[i + 1:]:
@@ -531,6 +563,13 @@ class DistOutput:
         tmp = getattr(self, "tmp", None)
         if tmp is not None and not self._finished:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not self.co.lead:   # rank 0 killed: its lock file (no longer held) and temporaries go too
+            from .targets import _clean_stale
+
+            try:
+                _clean_stale(self.path)
+            except Exception:
+                pass
 
     def abort(self) -> None:
         if self._finished:

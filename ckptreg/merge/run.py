@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ChangedError, FormatError, ParameterError, WeightError
+from . import distributed as _dist
 from .delta import (BASE_KEY, PRETRAINED, UPDATE_SPACES, _check_factor_scales, _delta_setup, _read_cfg, is_pretrained,
                     plan_lora)
 from .plan import Plan, _ref, info_of, plan, writer_info
@@ -37,13 +38,14 @@ class MergeResult:
     status: str
 
 
-def _batch(registry):
+def _batch(registry, co=None):
     """One registry connection for a burst of small operations (validation, registration); never
-    held while tensors stream, so trainers registering checkpoints are not blocked for long."""
+    held while tensors stream, so trainers registering checkpoints are not blocked for long.
+    ``co``: the other ranks of a distributed merge hold none while rank 0 registers."""
     import contextlib
 
     b = getattr(registry, "batch", None)
-    return b() if b is not None else contextlib.nullcontext()
+    return b() if b is not None and (co is None or co.lead) else contextlib.nullcontext()
 
 
 def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = None, snaps: dict | None = None,
@@ -160,6 +162,7 @@ def merge_result(registry, spec: MergeSpec, *, space: str = "factors", rank: int
 def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrite, progress, out_shard_size,
            chunk_elems, _locks: _Locks) -> MergeResult:
     spec = renamed_for(caller_spec, space, rank, out_dtype)
+    co = _dist.current()   # single process, or this rank of a torchrun merge (merge/distributed.py)
     with _batch(registry):
         snaps: dict = {}
         defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps, space=space)
@@ -172,6 +175,7 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     if out_shard_size is not None and out_shard_size <= 0:
         raise ParameterError(f"out_shard_size must be > 0, got {out_shard_size!r}")
     chunk = int(chunk_elems or CHUNK_ELEMS)
+    out_shard_size = co.shard_size(out_shard_size)   # distributed: shards per rank, even for file inputs
 
     spec, inputs, w = _pairwise_order(defn, spec, inputs, w)
     plan_base = spec.base if defn.uses_base else None
@@ -200,17 +204,18 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
                              pl.refs + ([f"base {_ref(plan_base)}"] if pl.base_info is not None else []))
 
     out = Path(spec.out) if spec.out else default_out(spec, info0, out_shard_size=out_shard_size)
-    out = out.resolve() if not out.is_absolute() else out
+    out = co.out_path(out.resolve() if not out.is_absolute() else out, info0)
     spec = dataclasses.replace(spec, out=str(out))
     merged = dataclasses.replace(spec, inputs=list(inputs), weights=list(w))   # the spec as merged
     _check_layout(out, info0, out_shard_size)
-    _locks.acquire(out)   # before the exists check, held until registered
-    with _batch(registry):
-        if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
-            hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
-            if hit is not None:
-                return MergeResult(hit, merged, UP_TO_DATE)
-        _check_target(registry, spec, out, overwrite)
+    with co.agreeing():   # distributed: every rank raises if one fails here
+        co.acquire(_locks, out)   # before the exists check, held until registered (rank 0 only under torchrun)
+        with _batch(registry):
+            if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
+                hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
+                if hit is not None:
+                    return MergeResult(hit, merged, UP_TO_DATE)
+            _check_target(registry, spec, out, overwrite)
 
     out_shapes = dict(pl.shapes)
     adapter_cfg = None
@@ -233,12 +238,12 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
         entries = [(n, dtype_str(odts[n]), out_shapes[n]) for n in pl.names]
         recipe = _recipe(spec, method, w, p, space, rank, odt_user, pl)
         meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
-        target = _Output(out, winfo, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
-                         adapter_config=adapter_cfg, run=_output_run(spec))
+        target = co.output(pl, delta, out, winfo, entries, meta, overwrite=overwrite, out_shard_size=out_shard_size,
+                           adapter_config=adapter_cfg, run=_output_run(spec))
         job = Job(spec=spec, defn=defn, weights=w, params=p, out=target, rules=_bound_rules(spec, pl))
         try:
-            run_pass(Pass(plan=pl, sources=sources, base_src=base_src, jobs=[job], odts=odts, chunk=chunk,
-                          progress=progress, delta=delta, out_shapes=out_shapes))
+            run_pass(Pass(plan=co.share(pl, delta), sources=sources, base_src=base_src, jobs=[job], odts=odts,
+                          chunk=chunk, progress=progress, delta=delta, out_shapes=out_shapes))
             target.commit()
         except BaseException:
             target.abort()
@@ -247,7 +252,7 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
         for s in sources + ([base_src] if base_src else []):
             s.close()
     try:
-        with _batch(registry):
+        with _batch(registry, co):
             got = _register(registry, spec, out, method, p, w, space, rank, odt_user, overwrite, target=target)
             return MergeResult(got, merged, MERGED)
     except BaseException:
@@ -307,6 +312,8 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
         names[key] = s
     odt_user = torch_out_dtype(out_dtype)
     chunk = int(chunk_elems or CHUNK_ELEMS)
+    co = _dist.current()   # single process, or this rank of a torchrun sweep (merge/distributed.py)
+    out_shard_size = co.shard_size(out_shard_size)
 
     prepared = []
     outs = set()
@@ -334,19 +341,19 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
     # validate every target before reading anything; an output already registered with the
     # same recipe and unchanged files is up to date and skipped (--overwrite recomputes it)
     results: dict[int, MergeResult] = {}   # id(spec in prepared) -> its result
-    with _batch(registry):
+    with co.agreeing(), _batch(registry):
         merged_now = None if overwrite else registry.checkpoints(merged=True)
         for k, (s, defn, inputs, w, p) in enumerate(prepared):
             info_s = info(inputs[0])
             out = Path(s.out) if s.out is not None else default_out(s, info_s, out_shard_size=out_shard_size)
-            out = out.resolve()
+            out = co.out_path(out.resolve(), info_s)
             s = dataclasses.replace(s, out=str(out))
             prepared[k] = (s, defn, inputs, w, p)
             if out in outs:
                 raise ParameterError(f"two merges in the sweep write to {out}")
             outs.add(out)
             _check_layout(out, info_s, out_shard_size)
-            _locks.acquire(out)   # before the exists check, held until registered
+            co.acquire(_locks, out)   # before the exists check, held until registered
             if not overwrite:
                 s_o, ins_o, w_o = _pairwise_order(defn, s, inputs, w)
                 hit = _up_to_date(registry, s_o, out, defn.name, w_o, p, "factors", None, odt_user,
@@ -384,13 +391,13 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
                 sub = SubPlan(pl, [pl.infos[col[c.id]] for c in inputs])
                 recipe = _recipe(s, defn.name, w, p, "factors", None, odt_user, sub)
                 meta = {"format": "pt", "ckptreg_recipe": json.dumps(recipe, sort_keys=True)}
-                target = _Output(Path(s.out), info0, entries, meta, overwrite=overwrite,
-                                 out_shard_size=out_shard_size,
-                                 adapter_config=_read_cfg(info0) if info0.format == "peft" else None,
-                                 run=_output_run(s))
+                target = co.output(pl, None, Path(s.out), info0, entries, meta, overwrite=overwrite,
+                                   out_shard_size=out_shard_size,
+                                   adapter_config=_read_cfg(info0) if info0.format == "peft" else None,
+                                   run=_output_run(s))
                 jobs.append(Job(spec=s, defn=defn, weights=w, params=p, out=target, cols=[col[c.id] for c in inputs],
                                 rules=_bound_rules(s, pl)))
-            run_pass(Pass(plan=pl, sources=sources, base_src=None, jobs=jobs, odts=odts, chunk=chunk,
+            run_pass(Pass(plan=co.share(pl), sources=sources, base_src=None, jobs=jobs, odts=odts, chunk=chunk,
                           progress=progress))
             for j in jobs:
                 j.out.commit()
@@ -405,7 +412,7 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
             for s_ in sources:
                 s_.close()
         try:
-            with _batch(registry):
+            with _batch(registry, co):
                 for j in jobs:
                     s = j.spec
                     got = _register(registry, s, Path(s.out), j.defn.name, j.params, j.weights, "factors",

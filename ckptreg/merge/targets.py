@@ -99,7 +99,9 @@ class _Output:
     ``--overwrite`` can tell that everything in the folder is ckptreg's."""
 
     def __init__(self, out: Path, info, entries, metadata, *, overwrite, out_shard_size=None,
-                 adapter_config: dict | None = None, run: str | None = None):
+                 adapter_config: dict | None = None, run: str | None = None, shards: list | None = None):
+        """``shards``: a distributed merge's tensor files (:mod:`.distributed`): the folder is
+        made (config files, card) and its ranks write those files into ``self.adir.tmp``."""
         from ..writer import AtomicDir, ShardedWriter, StreamingWriter, shard_names, shard_plan
         from .card import CARD_NAME, card_for
 
@@ -135,12 +137,15 @@ class _Output:
 
                 out_shard_size = max(sum(t.nbytes for t in read_header(f).tensors.values())
                                      for f in info.files)
-            if sharded:
+            if shards is not None:
+                tensor_files = list(shards) + ["model.safetensors.index.json"]
+            elif sharded:
                 tensor_files = shard_names(len(shard_plan(entries, out_shard_size))) + ["model.safetensors.index.json"]
             else:
                 tensor_files = ["model.safetensors"]
         own = configs + tensor_files + ([CARD_NAME] if card is not None else [])
         metadata = {**(metadata or {}), "ckptreg_files": json.dumps(sorted(set(own)))}
+        self.metadata = metadata
         self.adir = AtomicDir(self.path, overwrite=overwrite, keep_old=True)
         try:
             for cf in copied:
@@ -154,6 +159,9 @@ class _Output:
             if self.layout == "peft":
                 if adapter_config is not None and not any(Path(c).name == "adapter_config.json" for c in info.config_files):
                     self.adir.write_text("adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
+            if shards is not None:
+                self.w = None   # the ranks write the tensor files
+            elif self.layout == "peft":
                 self.w = StreamingWriter(self.adir.file("adapter_model.safetensors"), entries, metadata, atomic=False,
                                          label=self.path / "adapter_model.safetensors")
             elif sharded:
@@ -174,14 +182,16 @@ class _Output:
         self.w.write_chunk(name, t)
 
     def commit(self) -> Path:
-        self.w.commit()
+        if self.w is not None:
+            self.w.commit()
         if self.adir is not None:
             self.adir.commit()
         return self.path
 
     def abort(self):
         try:
-            self.w.abort()
+            if self.w is not None:
+                self.w.abort()
         finally:
             if self.adir is not None:
                 self.adir.abort()
@@ -497,7 +507,10 @@ def _is_newest_version_at(registry, spec, out_path) -> bool:
 def _register(registry, spec, out_path, method, p, w, space, rank, out_dtype, overwrite, target=None):
     """Register a committed output. If that fails, ``target`` (its _Output) is reverted: the
     output is removed again and the one it replaced put back, so a merge ends registered or
-    leaves nothing behind."""
+    leaves nothing behind. A distributed output is registered once, by rank 0."""
+    if hasattr(target, "registered"):   # distributed.DistOutput: rank 0 registers, every rank returns it
+        return target.registered(lambda: _register(registry, spec, out_path, method, p, w, space, rank, out_dtype,
+                                                   overwrite, target=target.inner), spec)
     try:
         cid = registry.record_merge(path=str(out_path), run=_output_run(spec), name=spec.name, method=method,
                                     params=_lineage_params(spec, p, space, rank, out_dtype),
