@@ -74,7 +74,53 @@ def run(db: Path, work: Path, ranks: int, method: list[str], tag: str) -> float:
     return dt
 
 
+def worker(argv) -> None:
+    """``--worker DB OUT METHOD-ARGS-JSON``: one merge through the library, timed on rank 0 from
+    a barrier after start-up (process group joined) to the registered result."""
+    from ckptreg import api, engine
+    from ckptreg.merge import distributed as D
+    from ckptreg.registry import Registry
+
+    db, out, margs = argv[0], argv[1], json.loads(argv[2])
+    reg = Registry(db)
+    spec = api.plan_merge(reg, run="bench", last=margs["last"], method=margs["method"],
+                          params=margs.get("params") or {}, base=margs.get("base"), out=out)
+    co = D.current()
+    if co.active:
+        import torch.distributed as dist
+
+        dist.barrier(group=D._group())
+    t = time.perf_counter()
+    engine.merge(reg, spec)
+    dt = time.perf_counter() - t
+    if co.lead:
+        print(f"MERGE_SECONDS {dt:.3f}", flush=True)
+    D.shutdown(True)
+
+
+def run_inner(db: Path, work: Path, ranks: int, margs: dict, tag: str) -> float:
+    run_db = work / f"{tag}.duckdb"
+    shutil.copy(db, run_db)
+    out = work / (f"in-{tag}" + (".safetensors" if ranks == 1 else ""))
+    shutil.rmtree(out, ignore_errors=True)
+    args = [str(Path(__file__).resolve()), "--worker", str(run_db), str(out), json.dumps(margs)]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"] + args
+    else:
+        cmd = [sys.executable] + args
+    r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{tag} failed: {r.stderr[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    if out.is_file():
+        out.unlink()
+    return float(next(x for x in r.stdout.splitlines() if x.startswith("MERGE_SECONDS")).split()[1])
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--mib", type=int, default=640)
@@ -96,12 +142,21 @@ def main():
                                    "--base", "first"])):                       # N-1 inputs + the base
         for ranks in (1, a.ranks):
             best = min(run(db, work, ranks, method, f"{name}-{ranks}-{k}") for k in range(a.repeat))
-            rows.append({"method": name, "ranks": ranks, "seconds": round(best, 2)})
+            margs = {"last": int(method[1]), "method": name}
+            if name == "ties":
+                margs.update(params={"density": 0.2}, base="first")
+            inner = min(run_inner(db, work, ranks, margs, f"{name}-{ranks}-i{k}") for k in range(a.repeat))
+            rows.append({"method": name, "ranks": ranks, "seconds": round(best, 2), "merge_seconds": round(inner, 2),
+                         "GB_per_s_read": round(a.mib * (1 << 20) * (a.models) / inner / 1e9, 2)})
             print(json.dumps(rows[-1]), flush=True)
     for name in ("linear", "ties"):
         one = next(r["seconds"] for r in rows if r["method"] == name and r["ranks"] == 1)
         many = next(r["seconds"] for r in rows if r["method"] == name and r["ranks"] == a.ranks)
         print(f"{name}: {a.ranks} ranks / 1 rank wall time = {many / one:.2f} (speed-up {one / many:.2f}x)")
+        one = next(r["merge_seconds"] for r in rows if r["method"] == name and r["ranks"] == 1)
+        many = next(r["merge_seconds"] for r in rows if r["method"] == name and r["ranks"] == a.ranks)
+        print(f"{name}: {a.ranks} ranks / 1 rank merge time (after start-up) = {many / one:.2f} "
+              f"(speed-up {one / many:.2f}x)")
 
 
 if __name__ == "__main__":
