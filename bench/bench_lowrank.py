@@ -1,6 +1,22 @@
 """Delta-space (factored) LoRA merging and CART vs the dense SVD route.
 
-Run:  python -m pytest bench/bench_lowrank.py -s -p no:cacheprovider --benchmark-columns=min,mean,rounds
+Run (default sizes, a few minutes on 2 cores; no CI runs it):
+    python -m pytest bench/bench_lowrank.py -s -p no:cacheprovider --benchmark-columns=min,mean,rounds
+
+Full size of issue #13's headline (8 adapters, r = 16, 32 layers of 4096², the SVD family in delta
+space vs the dense float64 route; ~20 min on 2 shared cores, dominated by the dense route's float64
+4096² SVDs at ~40 s each: TSV-M runs ~10 per layer, STAR 8, so those two time 1 layer and scale ×32):
+    LR_D=4096 LR_LAYERS=32 LR_DENSE_LAYERS=2 LR_DENSE_LAYERS_TSV=1 LR_DENSE_LAYERS_STAR=1 \
+        python -m pytest bench/bench_lowrank.py -k test_lowrank_delta_vs_dense_route -s -p no:cacheprovider
+
+Env knobs (SVD-family section at the end of the file):
+    LR_D                 layer size LR_D×LR_D of the SVD-family delta-vs-dense bench (default 1024)
+    LR_LAYERS            layers merged by the factored side (default 4)
+    LR_DENSE_LAYERS      layers the dense route is timed on, scaled to LR_LAYERS (default 2; 0: skip it)
+    LR_DENSE_LAYERS_<M>  the same for one method M in TSV, ISO_C, STAR, KNOTS_TIES
+    LR_ROUNDS            rounds of the dense TSV-M batched-vs-loop bench (default 2)
+    LR_DENSE_M           matrix size of that bench, 8 matrices of LR_DENSE_M² (default 1024)
+The PEFT comparison (add_weighted_adapter svd vs delta-space linear + rank) is bench/bench_peft.py.
 
 Scenario (METHODS.md "LoRA adapters: two spaces"): n = 4 adapters of a 4096×4096 layer, rank 16,
 PEFT shapes (lora_B [4096, 16], lora_A [16, 4096]). The limit measured in the same run is the dense
@@ -183,7 +199,8 @@ def test_cart_4096_factored(benchmark, big, rho):
 # (``methods_lowrank.tsv_matrix``) vs the same function with a Python loop of per-matrix SVDs,
 # interleaved, best of LR_ROUNDS.
 #
-# Delta space vs the dense route: 8 adapters, r = 16, LR_LAYERS layers of LR_D×LR_D (default 4096):
+# Delta space vs the dense route: 8 adapters, r = 16, LR_LAYERS layers of LR_D×LR_D (default 1024;
+# the issue's size is LR_D=4096 LR_LAYERS=32, see the top of the file):
 # each method's exact factored ``delta_fn`` over all layers vs the dense route on the same inputs
 # (form the 8 updates s_t B_t A_t in float64, then the method's dense form: torch.linalg.svd per task / of the
 # sum / of [τ_1 … τ_T]) timed on LR_DENSE_LAYERS layers (default 2) and scaled to LR_LAYERS (a
@@ -194,7 +211,7 @@ import os  # noqa: E402
 from ckptreg.merge import methods_lowrank as ML  # noqa: E402
 
 LR_T, LR_R = 8, 16
-LR_D = int(os.environ.get("LR_D", "4096"))
+LR_D = int(os.environ.get("LR_D", "1024"))
 LR_LAYERS = int(os.environ.get("LR_LAYERS", "4"))
 LR_DENSE_LAYERS = int(os.environ.get("LR_DENSE_LAYERS", "2"))
 LR_ROUNDS = int(os.environ.get("LR_ROUNDS", "2"))
@@ -246,7 +263,10 @@ def test_lowrank_delta_vs_dense_route(benchmark, lr_layers, method):
         got = delta_all()
         t_delta = min(t_delta, time.perf_counter() - t0)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    nd = min(LR_DENSE_LAYERS, LR_LAYERS)
+    # per-method override (LR_DENSE_LAYERS_TSV=1 ...): the dense TSV-M / STAR routes run ~10 / 8
+    # float64 SVDs of LR_D² per layer (~40 s each at 4096² on 2 shared cores)
+    nd = min(int(os.environ.get(f"LR_DENSE_LAYERS_{method.upper()}", LR_DENSE_LAYERS)), LR_LAYERS)
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     dense = []
     for fs in lr_layers[:nd]:
@@ -269,5 +289,7 @@ def test_lowrank_delta_vs_dense_route(benchmark, lr_layers, method):
     benchmark.extra_info.update(speed_ratio=ratio, rel_err=err, dense_s=t_dense, dense_layers_timed=nd)
     print(f"\n[{method} delta space, T={LR_T}, r={LR_R}, {LR_LAYERS} layers of {LR_D}x{LR_D}] factored "
           f"{t_delta * 1e3:.1f} ms, dense route {t_dense:.1f} s (timed on {nd} layer(s), scaled to {LR_LAYERS}), "
-          f"speed ratio {ratio:,.0f}x, max rel err vs the dense float64 route {err:.1e}")
+          f"speed ratio {ratio:,.0f}x, max rel err vs the dense float64 route {err:.1e} "
+          f"(load average {load0:.2f} -> {os.getloadavg()[0]:.2f}; issue #13's target >= 100x: "
+          f"{'met' if ratio >= 100 else 'NOT met'})")
     assert err < 1e-5
