@@ -184,10 +184,10 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
     info0 = pl.infos[0]
     if space in UPDATE_SPACES:
         if info0.kind != "lora":
-            raise ParameterError("space='delta' needs LoRA adapters; these inputs are full models")
-        if "delta" not in defn.spaces:
-            ok = [m.name for m in _methods().values() if "delta" in m.spaces]
-            raise ParameterError(f"space='delta' supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
+            raise ParameterError(f"space={space!r} needs LoRA adapters; these inputs are full models")
+        if space not in defn.spaces:
+            ok = [m.name for m in _methods().values() if space in m.spaces]
+            raise ParameterError(f"space={space!r} supports {', '.join(ok[:-1])} and {ok[-1]}, not {method}")
         if getattr(spec, "param_rules", None):
             raise ParameterError(f"per-tensor parameter rules are not supported with space={space!r}")
         if p.get("lines") is not None and not is_pretrained(p):
