@@ -105,3 +105,10 @@ class QueryError(CkptregError):
     """``ckptreg sql``: the query is not a read of the registry, failed, or ran past --timeout."""
 
     exit_code = 16
+
+
+class DistributedError(CkptregError):
+    """A distributed merge (torchrun / ``--nproc-per-node``) could not join its process group, or
+    another rank failed or was lost; nothing was registered and the output was removed."""
+
+    exit_code = 18

@@ -36,7 +36,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import CkptregError
+from ..errors import CkptregError, DistributedError
 
 #: torchrun's variables; all present and WORLD_SIZE > 1 means "run distributed"
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -90,7 +90,7 @@ def _group():
         try:
             dist.init_process_group("gloo", timeout=t)
         except Exception as e:
-            raise CkptregError(f"cannot join the torch.distributed process group "
+            raise DistributedError(f"cannot join the torch.distributed process group "
                                f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                                f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {e}") from e
         _GROUP = None
@@ -266,7 +266,7 @@ LOCAL = _Local()
 
 
 def _lost(e: BaseException, what: str) -> CkptregError:
-    return CkptregError(f"distributed merge: another rank failed or was lost while {what} ({e}); "
+    return DistributedError(f"distributed merge: another rank failed or was lost while {what} ({e}); "
                         "nothing was registered and its output was removed")
 
 
@@ -607,8 +607,4 @@ class DistOutput:
             res = self.co.bcast(None, "registering the output")
         if res[0] is not None:
             raise res[0] if self.co.lead else _from_rank(0, self.co.world, res[0])
-        try:
-            spec.status = "merged"
-        except Exception:
-            pass
         return res[1]
