@@ -19,8 +19,11 @@ Everything is generated in code with a seeded RNG: no downloads, no pretrained w
 4. Fine-tuning with AdamW (warm-up, then a slow cosine that ends well above zero, so the loss is
    still noisy and decreasing at the end), an adapter saved every few steps and registered with
    ``ckptreg.Registry(db).add`` from inside the loop.
-5. Merges (uniform soups, MWA, TIES, DARE-TIES, SLERP) through ``ckptreg.engine``, evaluation of
-   every adapter on the held-out split, ``Registry.log`` of the scores, the leaderboard and plots.
+5. Merges (uniform soups, MWA, TIES, DARE-TIES, SLERP) through ``ckptreg.engine``; and, with base
+   pretrained (the task vectors are the LoRA updates themselves), the update-space baselines of
+   :data:`UPDATE_BASELINES`: delta-space TIES, DARE-TIES, TSV-M, Iso-C, STAR, KnOTS-TIES and
+   core-space TIES. Evaluation of every adapter on the held-out split (each loaded with its own
+   rank and scaling, :func:`load_adapter`), ``Registry.log`` of the scores, the leaderboard and plots.
 
 This module never prints: progress goes to a ``log`` callback (the CLI prints it).
 """
@@ -359,6 +362,48 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
         raise ValueError(f"adapter lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]!r}")
 
 
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load a PEFT adapter folder into an injected model the way PEFT reads it: each module's
+    rank is that of its stored factors and its scaling comes from ``adapter_config.json``
+    (``lora_alpha / r``, ``rank_pattern`` / ``alpha_pattern`` and rsLoRA resolved per module by
+    :func:`ckptreg.formats.lora_module_config`). So the demo's own adapters (r 8, alpha 16) and
+    merges written in update space (any rank, ``lora_alpha = r``) go through one evaluation.
+    Every LoRA module of the model must get both factors, with its in/out features."""
+    from .formats import lora_module_config
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    tensors = read_adapter(folder)
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        mod, sep, which = name.rpartition(".lora_")
+        if not sep or mod not in mods or which not in ("A.weight", "B.weight"):
+            raise ValueError(f"{folder}: adapter tensor {key!r} matches no LoRA parameter of the model")
+        factors.setdefault(mod, {})[which[0]] = t
+    missing = sorted(set(mods) - {m for m, f in factors.items() if len(f) == 2})
+    if missing:
+        raise ValueError(f"{folder}: adapter lacks LoRA factors of {len(missing)} modules, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for mod, m in mods.items():
+            A, B = factors[mod]["A"], factors[mod]["B"]
+            r = int(A.shape[0])
+            base = m.base_layer
+            if A.dim() != 2 or B.dim() != 2 or r < 1 or tuple(A.shape) != (r, base.in_features) \
+                    or tuple(B.shape) != (base.out_features, r):
+                raise ValueError(f"{folder}: module {mod!r} has factors A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                                 f"the model expects A (r, {base.in_features}) and B ({base.out_features}, r)")
+            for lin, t in ((m.lora_A, A), (m.lora_B, B)):
+                w = lin.weight
+                if tuple(w.shape) == tuple(t.shape):
+                    w.copy_(t.to(w.dtype))
+                else:   # another rank: new factors of that shape
+                    lin.weight = nn.Parameter(t.to(w.dtype).clone(), requires_grad=w.requires_grad)
+                    lin.in_features, lin.out_features = t.shape[1], t.shape[0]
+            m.scaling = lora_module_config(cfg, mod, r)[2]
+
+
 def zero_adapter(model: nn.Module) -> None:
     """Set every lora_B to zero: the model computes exactly the base model."""
     with torch.no_grad():
@@ -615,6 +660,7 @@ class DemoPlan:
     penalties: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     mwa_metrics: tuple = ("train_loss", "step")
     baseline_sizes: tuple = (3, 5, 10)   # TIES / DARE-TIES windows (the paper's last 3, 5, 10)
+    update_sizes: tuple = (3, 5, 10)     # windows of the update-space baselines (UPDATE_BASELINES)
     density: float = 0.5                 # TIES / DARE-TIES density
     batch_size: int = 32
     lr: float = 4e-3                 # LoRA peak learning rate
@@ -623,7 +669,7 @@ class DemoPlan:
     def quick(cls, steps: int = 150) -> "DemoPlan":
         return cls(steps=steps, pretrain_steps=500, n_checkpoints=8, n_train=1500, n_heldout=100,
                    soup_sizes=(2, 3, 5), intervals=(2,), shortlist=1, penalties=(0.7, 1.0),
-                   mwa_metrics=("train_loss", "step"), baseline_sizes=(3,))
+                   mwa_metrics=("train_loss", "step"), baseline_sizes=(3,), update_sizes=(3,))
 
     @property
     def save_every(self) -> int:
@@ -640,6 +686,20 @@ class DemoPlan:
 
 SCORE = "heldout_acc"
 
+#: The update-space baselines (method, space, parameters taken from the plan/seed), every one with
+#: base pretrained: the task vectors are the LoRA updates s·B·A themselves (METHODS.md "Low-rank
+#: families"). Default names: ``ties_last_5_base_pretrained_delta``, ``tsv_last_5_base_pretrained_delta``,
+#: ``core_ties_last_5_base_pretrained``, ...
+UPDATE_BASELINES = (
+    ("ties", "delta", ("density",)),
+    ("dare_ties", "delta", ("density", "seed")),
+    ("tsv", "delta", ()),
+    ("iso_c", "delta", ()),
+    ("star", "delta", ()),
+    ("knots_ties", "delta", ("density",)),
+    ("ties", "core", ("density",)),
+)
+
 
 class Evaluator:
     """Base model + injected LoRA; loads any adapter folder from disk and scores it."""
@@ -655,7 +715,7 @@ class Evaluator:
         return evaluate(self.model, self.pairs)
 
     def adapter(self, folder) -> dict[str, float]:
-        load_adapter_state(self.model, read_adapter(folder))
+        load_adapter(self.model, folder)   # its own rank and scaling: update-space merges too
         return evaluate(self.model, self.pairs)
 
 
@@ -850,6 +910,26 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
     for b in ("first", "last"):
         base_specs.append(spec("slerp", 2, 1, base=b, params={"t": 0.5}))
     baselines = run_sweep(base_specs, "TIES / DARE-TIES / SLERP baselines")
+
+    # 4d. update-space baselines (METHODS.md "Low-rank families"): the task vectors are the LoRA
+    # updates themselves (base pretrained, no base checkpoint), merged exactly from the factors
+    # in delta space (TIES / DARE-TIES one dense layer at a time, truncated back to r 8; TSV-M,
+    # Iso-C, STAR, KnOTS-TIES in the span of the stacked factors) and TIES on the core matrices.
+    # Each is one merge call (sweeps are factor space), evaluated like every other adapter.
+    up_specs = []
+    for k in plan.update_sizes:
+        if k > n_avail:
+            continue
+        for method, space, params in UPDATE_BASELINES:
+            params = {x: {"density": plan.density, "seed": seed}[x] for x in params}
+            up_specs.append((spec(method, k, 1, base="pretrained", params=params, space=space), space))
+    update_baselines = []
+    for s, space in up_specs:
+        c = engine.merge(reg, s, space=space, overwrite=True)
+        score(c)
+        update_baselines.append(c)
+    say(f"  update-space baselines (base pretrained: delta-space TIES / DARE-TIES / TSV-M / Iso-C / STAR / "
+        f"KnOTS-TIES, core-space TIES): {len(update_baselines)} merges")
     timings["merge_eval_s"] = time.time() - t0
 
     # 5. leaderboard and plots -------------------------------------------------------------------
@@ -859,7 +939,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         m = scores.get(r["id"])
         r["heldout_loss"] = m["heldout_loss"] if m else None
     last_merging = window(1, 1)[0]
-    all_merged = soups + mwa + baselines
+    all_merged = soups + mwa + baselines + update_baselines
     best = min(all_merged, key=rank_key)
     best_mwa = min(mwa, key=rank_key) if mwa else None
     plots_out = {}
@@ -897,6 +977,14 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
     def brief(c):
         return {"ref": c.ref, "name": c.name, "step": c.step, **scores[c.id]}
 
+    ranks = {r["id"]: r["rank"] for r in rows}
+
+    def _vs(c, space):
+        lin = reg.lineage(c.id)
+        return {**brief(c), "method": lin["method"], "space": space, "rank": ranks.get(c.id),
+                "vs_last_merging": lb.pct_change(scores[c.id][SCORE], scores[last_merging.id][SCORE]),
+                "vs_final": lb.pct_change(scores[c.id][SCORE], scores[final.id][SCORE])}
+
     summary = {
         "seed": seed, "run": run, "threads": threads, "db": str(reg.path), "out": str(run_dir), "steps": plan.steps,
         "save_every": every, "n_checkpoints": len(plain), "n_merges": len(all_merged),
@@ -905,6 +993,7 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         "best": {**brief(best), "vs_last_merging": lb.pct_change(scores[best.id][SCORE], scores[last_merging.id][SCORE]),
                  "vs_final": lb.pct_change(scores[best.id][SCORE], scores[final.id][SCORE])},
         "best_mwa": brief(best_mwa) if best_mwa else None,
+        "update_baselines": [_vs(c, space) for c, (_s, space) in zip(update_baselines, up_specs)],
         "shortlist": [c.name for c in shortlist],
         "mwa_vs_uniform": mwa_vs_uniform,
         "leaderboard": rows, "plots": plots_out, "timings": timings,

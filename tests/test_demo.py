@@ -119,7 +119,7 @@ def _peft_matches_own_lora(base, adapter_dir, x):
     peft = pytest.importorskip("peft")
     own = copy.deepcopy(base)
     D.inject_lora(own)
-    D.load_adapter_state(own, D.read_adapter(adapter_dir))
+    D.load_adapter(own, adapter_dir)   # the demo's evaluation: the adapter's own rank and scaling
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
     with torch.no_grad():
         a, b, c = own(x), pm(input_ids=x), base(x)
@@ -277,8 +277,9 @@ def test_demo_leaderboard_and_plots(demo_run):
     finals = [r for r in rows if "final" in r["role"].split(",")]
     assert len(finals) == 1 and finals[0]["step"] == 150
     # quick plan: 5 uniform soups (last 2/3/5, last 2/3 every 2), 4 MWA (loss/steps x p 0.7/1.0),
-    # TIES and DARE-TIES last 3 base first/last, SLERP last 2 base first/last
-    assert sum(r["kind"] == "merged" for r in rows) == 5 + 4 + 4 + 2
+    # TIES and DARE-TIES last 3 base first/last, SLERP last 2 base first/last, and the 7
+    # update-space baselines over the last 3
+    assert sum(r["kind"] == "merged" for r in rows) == 5 + 4 + 4 + 2 + 7
     f = finals[0]["score"]
     assert f > 0  # the shortened demo learns something
     for r in rows:
@@ -291,6 +292,105 @@ def test_demo_leaderboard_and_plots(demo_run):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     summary = json.loads((out / "demo-seed5" / "summary.json").read_text())
     assert summary["seed"] == 5 and summary["run"] == "demo-seed5"
+
+
+#: the update-space baselines of the quick plan (last 3, density 0.5, seed 5): name -> (method, space, params)
+UPDATE_BASELINES = {
+    "ties_last_3_base_pretrained_delta": ("ties", "delta", {"density": 0.5}),
+    "dare_ties_last_3_base_pretrained_delta_seed5": ("dare_ties", "delta", {"density": 0.5, "seed": 5}),
+    "tsv_last_3_base_pretrained_delta": ("tsv", "delta", {}),
+    "iso_c_last_3_base_pretrained_delta": ("iso_c", "delta", {}),
+    "star_last_3_base_pretrained_delta": ("star", "delta", {}),
+    "knots_ties_last_3_base_pretrained_delta": ("knots_ties", "delta", {"density": 0.5}),
+    "core_ties_last_3_base_pretrained": ("ties", "core", {"density": 0.5}),
+}
+
+
+def test_demo_update_space_baselines_are_registered_and_ranked(demo_run):
+    """Delta-space TIES / DARE-TIES / TSV-M / Iso-C / STAR / KnOTS-TIES and core-space TIES, all
+    with base pretrained: registered with their method, space and base in the lineage, scored
+    like every other adapter, ranked in the leaderboard and printed, whatever their score."""
+    from ckptreg import Registry, formats, leaderboard
+
+    db, _out, output = demo_run
+    reg = Registry(db)
+    merged = reg.checkpoints("demo-seed5", merged=True)
+    names = [c.name for c in merged]
+    assert len(names) == len(set(names))
+    by_name = {c.name: c for c in merged}
+    window = [c.id for c in reg.select("demo-seed5", 3, 1, exclude_final=True)]
+    for name, (method, space, params) in UPDATE_BASELINES.items():
+        assert name in by_name, (name, sorted(names))
+        c = by_name[name]
+        lin = reg.lineage(c.id)
+        assert lin["method"] == method, name
+        assert lin["params"]["space"] == space and lin["params"]["base"] == "pretrained", (name, lin["params"])
+        assert lin["base"] is None, name   # no base checkpoint: the updates are the task vectors
+        for k, v in params.items():
+            assert lin["params"][k] == v, (name, k, lin["params"])
+        assert [i["id"] for i in lin["inputs"]] == window, name
+        for m in ("heldout_acc", "heldout_loss"):
+            assert isinstance(c.metrics[m], float) and math.isfinite(c.metrics[m]), (name, c.metrics)
+        assert 0.0 <= c.metrics["heldout_acc"] <= 1.0
+        info = formats.inspect(c.path)   # update-space outputs: lora_alpha = r (scaling 1)
+        assert (info.format, info.kind) == ("peft", "lora") and info.lora["scaling"] == 1.0, (name, info.lora)
+    ranked = leaderboard.leaderboard(reg, "demo-seed5", "heldout_acc")   # merged and plain checkpoints
+    rows = {r["name"]: r for r in ranked if r["kind"] == "merged"}
+    for name in UPDATE_BASELINES:
+        assert rows[name]["score"] == pytest.approx(by_name[name].metrics["heldout_acc"]), name
+    # printed: a table holding every one of them with its rank and % vs last merging / final
+    section = output.split("update-space baselines, base pretrained")[1].split("seed:")[0]
+    for name, (method, space, _p) in UPDATE_BASELINES.items():
+        line = next(ln for ln in section.splitlines() if f" {name} " in ln)
+        assert line.split()[0] == f"{rows[name]['rank']}/{len(ranked)}" and f" {space} " in line, line
+        assert f"{by_name[name].metrics['heldout_acc']:.4f}" in line, line
+    summary = json.loads((_out / "demo-seed5" / "summary.json").read_text())
+    assert [b["name"] for b in summary["update_baselines"]] == list(UPDATE_BASELINES)
+
+
+def test_demo_update_space_merge_is_evaluated_as_peft_loads_it(demo_run):
+    """The evaluation loads an update-space merge (rank 3 x 8 = 24, lora_alpha 24) with its own rank
+    and scaling: the same outputs as PeftModel.from_pretrained, and the same held-out scores the
+    demo registered (not the demo adapters' r 8 / alpha 16)."""
+    from ckptreg import Registry
+
+    db, out, _ = demo_run
+    reg = Registry(db)
+    base, tok = D.load_base(out / "demo-seed5" / "base")
+    c = reg.get("demo-seed5@tsv_last_3_base_pretrained_delta")
+    assert c.lora["r"] == 24 and c.lora["lora_alpha"] == 24
+    x = torch.tensor([[D.BOS] + tok.encode("tom has 3 apples and buys 4 more . how many apples does tom have ?")])
+    assert _peft_matches_own_lora(base, c.path, x) > 0
+    # the registered score is the evaluation of that model: the base plus the formed update s·B·A
+    task = D.make_task(5, n_train=D.DemoPlan.quick().n_train, n_heldout=D.DemoPlan.quick().n_heldout)
+    pairs = D.encode_problems(tok, task.heldout)
+    dense = copy.deepcopy(base)
+    t = D.read_adapter(c.path)
+    with torch.no_grad():
+        for name, mod in dense.named_modules():
+            key = D.PEFT_PREFIX + name + ".lora_A.weight"
+            if key in t:
+                mod.weight += t[key.replace("lora_A", "lora_B")] @ t[key]   # scaling 1 (alpha = r)
+    got = D.evaluate(dense, pairs)
+    assert got["heldout_acc"] == pytest.approx(c.metrics["heldout_acc"])
+    assert got["heldout_loss"] == pytest.approx(c.metrics["heldout_loss"], rel=1e-4)
+
+
+def test_load_adapter_rejects_an_adapter_that_does_not_fit(tmp_path):
+    base, _ = _base()
+    m = copy.deepcopy(base)
+    D.inject_lora(m)
+    D.save_adapter(m, tmp_path / "a")
+    good = D.read_adapter(tmp_path / "a")
+    from safetensors.torch import save_file
+
+    k = "base_model.model.layers.0.attn.q_proj.lora_A.weight"
+    save_file({**good, k: torch.zeros(8, 5)}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="q_proj"):
+        D.load_adapter(m, tmp_path / "a")
+    save_file({n: t for n, t in good.items() if n != k}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        D.load_adapter(m, tmp_path / "a")
 
 
 def test_demo_again_in_the_same_registry_takes_a_new_run(demo_run):

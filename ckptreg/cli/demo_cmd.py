@@ -41,13 +41,21 @@ def _leaderboard_rows(rows, top, base=None):
     return out
 
 
+def _update_rows(baselines, n_ranked):
+    """The update-space baselines, every one (whatever its rank), with the same columns."""
+    return [{"rank": f"{b['rank']}/{n_ranked}", "checkpoint": b["name"], "method": b["method"], "space": b["space"],
+             "heldout_acc": _acc(b["heldout_acc"]), "heldout_loss": f"{b['heldout_loss']:.4f}",
+             "vs last merging": _pct(b["vs_last_merging"]), "vs final": _pct(b["vs_final"])}
+            for b in baselines]
+
+
 @click.command("demo", epilog="\b\nExample:\n  ckptreg demo --quick --out /tmp/ckptreg-demo")
 @click.option("--out", "out", default="ckptreg-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the base model, adapters, merges, plots and summary.json.")
 @click.option("--steps", type=click.IntRange(min=10), default=None,
               help="LoRA fine-tuning steps (default 640; 150 with --quick).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, model and training.")
-@click.option("--quick", is_flag=True, help="Shortened demo (short base pretraining, 8+1 checkpoints, 15 merges; ~30 s), for tests.")
+@click.option("--quick", is_flag=True, help="Shortened demo (short base pretraining, 8+1 checkpoints, 22 merges; ~30 s), for tests.")
 @click.option("--run", "run", default=None, help="Run name (default demo-seed<S>, suffixed when taken).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch CPU threads. 2 is ~1.5x faster on idle cores but far slower on busy ones; "
@@ -58,8 +66,9 @@ def _leaderboard_rows(rows, top, base=None):
 @pass_db
 def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
     """Train a tiny transformer with LoRA on arithmetic word problems (CPU, minutes), register each
-    checkpoint from the training loop, merge them (uniform soups, MWA, TIES, DARE-TIES, SLERP),
-    evaluate everything on held-out problems and print the leaderboard."""
+    checkpoint from the training loop, merge them (uniform soups, MWA, TIES, DARE-TIES, SLERP; and
+    with base pretrained delta-space TIES, DARE-TIES, TSV-M, Iso-C, STAR, KnOTS-TIES and core-space
+    TIES), evaluate everything on held-out problems and print the leaderboard."""
     from ..demo import run_demo
 
     log = None if (quiet or as_json) else info
@@ -69,6 +78,9 @@ def demo(db, out, steps, seed, quick, run, threads, top, quiet, as_json):
         return
     table(_leaderboard_rows(summary["leaderboard"], top, summary["base"]),
           title=f"leaderboard of run {summary['run']} (held-out exact match; % vs last merging / final / base)")
+    if summary.get("update_baselines"):
+        table(_update_rows(summary["update_baselines"], len(summary["leaderboard"])), right=("rank",),
+              title="update-space baselines, base pretrained (all of them, ranked in the leaderboard above)")
     b, f, lm, best = summary["base"], summary["final"], summary["last_merging"], summary["best"]
     e = click.echo
     e(f"seed:                     {summary['seed']}  ({summary['threads']} torch thread(s); same seed and "
