@@ -264,27 +264,70 @@ class _DeltaCache:
             c = [1.0] * len(Bs)
         return lowrank.lora_delta_merge(Bs, As, [sc for _, _, sc in fs], [float(x) for x in c], r_out, out_scale=1.0)
 
+    #: rules whose modules ``get`` merges one at a time (the others are batched by ``batch_groups``)
+    UNBATCHED_RULES = ("cart", "factored", "dense", "gram")
+
+    def batch_groups(self) -> list[list[str]]:
+        """The modules merged together, one batched factored SVD per group, decided once from
+        metadata alone (shapes, dtypes, scales, output rank): each module with the later modules
+        of the same key, at most GROUP_LAYERS of them and GROUP_BYTES of stacked float32
+        factors. The one grouping rule: :meth:`_merge_group` computes these groups and the
+        distributed split (:func:`ckptreg.merge.distributed.split`) keeps each on one rank, so
+        every rank's batches, and so its bits, are the single process's."""
+        if getattr(self, "_groups", None) is not None:
+            return self._groups
+        import torch
+
+        from ..writer import torch_dtype
+
+        pl = self.plan
+
+        def meta(src, name):
+            ti = getattr(getattr(src, "info", None), "tensors", {}).get(name)   # update space: ranks may differ
+            shape, dt = (ti.shape, ti.dtype) if ti is not None else (pl.shapes[name], pl.dtypes[name])
+            return torch.empty(tuple(shape), dtype=torch_dtype(dt), device="meta")
+
+        def key_of(mod):
+            an, bn = self.names[mod]["A"], self.names[mod]["B"]
+            fs = []
+            for src, cfg in self.coeff_sources:
+                a, b = meta(src, an), meta(src, bn)
+                fs.append((a, b, _module_scale(cfg, mod, a.shape[0])))
+            return self._key(fs, self.out_rank_for(mod, [a for a, _, _ in fs])), \
+                sum(4 * (a.numel() + b.numel()) for a, b, _ in fs)
+
+        mods = [m for m in self.names if set(self.names[m]) == {"A", "B"}]
+        keys = {m: key_of(m) for m in mods} if self.rule not in self.UNBATCHED_RULES else {}
+        done: set = set()
+        groups = []
+        for i, mod in enumerate(mods):
+            if mod in done:
+                continue
+            group = [mod]
+            if self.rule not in self.UNBATCHED_RULES:
+                k, per_layer = keys[mod]
+                for other in mods[i + 1:]:
+                    if len(group) >= self.GROUP_LAYERS or (len(group) + 1) * per_layer > self.GROUP_BYTES:
+                        break
+                    if other not in done and keys[other][0] == k:
+                        group.append(other)
+            done.update(group)
+            groups.append(group)
+        self._groups = groups
+        self._group_of = {m: g for g in groups for m in g}
+        return groups
+
     def _merge_group(self, mod, fs, r_out, widen):
-        """Delta-space merge of ``mod`` and of the later not yet merged modules with the same
-        factor shapes, dtypes, scales and output rank, as one batched factored SVD."""
+        """Delta-space merge of ``mod`` and the other modules of its :meth:`batch_groups` group
+        not yet merged, as one batched factored SVD (only the group's factors are read)."""
         import torch
 
         from .. import lowrank
 
-        key = self._key(fs, r_out)
-        per_layer = sum(4 * (a.numel() + b.numel()) for a, b, _ in fs)
-        group, members = [mod], [fs]
-        mods = list(self.names)
-        for other in mods[mods.index(mod) + 1:]:
-            if len(group) >= self.GROUP_LAYERS or (len(group) + 1) * per_layer > self.GROUP_BYTES:
-                break
-            if other in self.cache or other in self.done or set(self.names[other]) != {"A", "B"}:
-                continue
-            ofs = self._factors(other)
-            if self._key(ofs, self.out_rank_for(other, [a for a, _, _ in ofs])) != key:
-                continue
-            group.append(other)
-            members.append(ofs)
+        self.batch_groups()
+        group = [mod] + [m for m in self._group_of.get(mod, [mod])
+                         if m != mod and m not in self.cache and m not in self.done]
+        members = [fs] + [self._factors(o) for o in group[1:]]
         n = len(fs)
         if len(group) == 1:   # a lone module: the per-layer torch route (LAPACK QR/SVD) is faster
             B, A = lowrank.lora_delta_merge([widen(b) for _, b, _ in fs], [widen(a) for a, _, _ in fs],

@@ -169,63 +169,11 @@ def split(pl, world: int, delta=None) -> list[list[str]]:
     return [[n for n in pl.names if n in m] for m in mine]
 
 
-#: delta rules that _DeltaCache.get merges one module at a time (the others: _merge_group batches)
-UNBATCHED_RULES = ("cart", "factored", "dense", "gram")
-
-
 def delta_groups(cache) -> list[list[str]]:
     """The modules a single-process delta-space merge computes together (one batched factored
-    SVD each), from shapes, dtypes and scales alone. Mirrors ``_DeltaCache._merge_group``: a
-    rank must get whole groups, or its batches (and so its bits) would differ."""
-    import torch
-
-    from ..writer import torch_dtype
-    from .delta import _module_scale
-
-    pl = cache.plan
-
-    def meta(src, name):
-        ti = getattr(getattr(src, "info", None), "tensors", {}).get(name)   # update space: ranks may differ
-        shape, dt = (ti.shape, ti.dtype) if ti is not None else (pl.shapes[name], pl.dtypes[name])
-        return torch.empty(tuple(shape), dtype=torch_dtype(dt), device="meta")
-
-    def fake(mod):
-        an, bn = cache.names[mod]["A"], cache.names[mod]["B"]
-        out = []
-        for src, cfg in cache.coeff_sources:
-            a, b = meta(src, an), meta(src, bn)
-            out.append((a, b, _module_scale(cfg, mod, a.shape[0])))
-        return out
-
-    def key(fs):
-        return cache._key(fs, cache.out_rank_for(mod_of[id(fs)], [a for a, _, _ in fs]))
-
-    mods = list(cache.names)
-    mod_of: dict = {}
-    done: set = set()
-    groups = []
-    for i, mod in enumerate(mods):
-        if mod in done or set(cache.names[mod]) != {"A", "B"}:
-            continue
-        fs = fake(mod)
-        mod_of[id(fs)] = mod
-        group = [mod]
-        if cache.rule not in UNBATCHED_RULES:
-            k = key(fs)
-            per_layer = sum(4 * (a.numel() + b.numel()) for a, b, _ in fs)
-            for other in mods[i + 1:]:
-                if len(group) >= cache.GROUP_LAYERS or (len(group) + 1) * per_layer > cache.GROUP_BYTES:
-                    break
-                if other in done or set(cache.names[other]) != {"A", "B"}:
-                    continue
-                ofs = fake(other)
-                mod_of[id(ofs)] = other
-                if key(ofs) != k:
-                    continue
-                group.append(other)
-        done.update(group)
-        groups.append(group)
-    return groups
+    SVD each): :meth:`ckptreg.merge.delta._DeltaCache.batch_groups`, the one grouping rule; a
+    rank gets whole groups, so its batches (and so its bits) are the single process's."""
+    return cache.batch_groups()
 
 
 # ------------------------------------------------------------------------------------------------
