@@ -73,6 +73,16 @@ def _metric_columns(ckpts, limit=8) -> list[str]:
 
 # ----------------------------------------------------------------------------- add / log
 
+def _spool_why(done: dict) -> str:
+    """Why an add spooled, for its confirmation line (Registry.last_add's "cause"/"reason")."""
+    reason = done.get("reason")
+    if done.get("cause") == "unreachable":   # a PostgreSQL server that is down / refuses us
+        return f"server unreachable: {reason}; ingested by the next command that reaches the server"
+    if done.get("cause") == "disk_full":
+        return f"database disk full: {reason}; ingested by the next writer"
+    return "registry busy" + (f": {reason}" if reason else "") + "; ingested by the next writer"
+
+
 @click.command("add", epilog="\b\nExample:\n  ckptreg add out/checkpoint-500 --run sft --metric train_loss=0.91 --tag seed=1")
 @click.argument("path", type=click.Path())
 @click.option("--run", "run", required=True, help="Run name.")
@@ -99,11 +109,12 @@ def add_cmd(db, path, run, step, metrics, tags, replace, allow_pickle, full_hash
             from ..formats import infer_step
 
             step = infer_step(path)
-        info(f"spooled: {path} as {run}@{step} "
-             f"(registry busy; ingested by the next writer, see {reg.spool_dir})")
+        done = getattr(reg, "last_add", None) or {}
+        info(f"spooled: {path} as {run}@{step} ({_spool_why(done)}, see {reg.spool_dir})")
         if as_json:
             emit_json({"id": None, "ref": f"{run}@{step}", "status": "spooled", "path": str(path),
-                       "metrics": m, "tags": t, "spool": str(reg.spool_dir)})
+                       "metrics": m, "tags": t, "spool": str(reg.spool_dir), "cause": done.get("cause"),
+                       "reason": done.get("reason")})
         return
     done = getattr(reg, "last_add", None) or {}
     if as_json or done.get("status") not in ("unchanged", "replaced"):
@@ -140,9 +151,15 @@ def log_cmd(db, ckpt, values, as_json=False):
     cid = reg.log(ckpt, m)
     shown = ", ".join(f"{k}={v:g}" for k, v in m.items())
     if cid is None:
-        info(f"spooled: database busy; {shown} for {ckpt} is ingested by the next writer (see {reg.spool_dir})")
+        done = getattr(reg, "last_log", None) or {}
+        if done.get("cause") == "unreachable":
+            info(f"spooled: server unreachable ({done.get('reason')}); {shown} for {ckpt} is ingested by the "
+                 f"next command that reaches the server (see {reg.spool_dir})")
+        else:
+            info(f"spooled: database busy; {shown} for {ckpt} is ingested by the next writer (see {reg.spool_dir})")
         if as_json:
-            emit_json({"id": None, "ref": ckpt, "status": "spooled", "metrics": m, "spool": str(reg.spool_dir)})
+            emit_json({"id": None, "ref": ckpt, "status": "spooled", "metrics": m, "spool": str(reg.spool_dir),
+                       "cause": done.get("cause"), "reason": done.get("reason")})
         return
     c = reg.get(cid)
     info(f"logged {shown} to {c.ref} (id {cid})")

@@ -66,6 +66,17 @@ from .schema import _CK_COLS, _CK_SEL, TABLES
 from .spool import Spool, _info_from_dict, _info_to_dict
 
 
+def _spool_cause(e: BaseException) -> str:
+    """Why a write spooled instead of being stored: "unreachable" (the PostgreSQL server is down,
+    refuses the connection or the login), "disk_full", or "busy" (other writers held the registry
+    past the lock bound)."""
+    if isinstance(e, _Unreachable):
+        return "unreachable"
+    if isinstance(e, DiskFullError):
+        return "disk_full"
+    return "busy"
+
+
 def _run_merged_filter(run, merged) -> tuple[list[str], list]:
     """WHERE terms and parameters for "of this run" and "merged or plain" (None: any)."""
     where, params = ["TRUE"], []
@@ -103,8 +114,14 @@ class Registry:
             self._spool_ = Spool(self.path)
         self._db.on_open = self._ingest_spool
         #: What the last add() on this object did: {"id", "ref", "status": "added" | "unchanged"
-        #: | "replaced" | "spooled", ...} (see add); None before the first add.
+        #: | "replaced" | "spooled", ...} (see add); None before the first add. A spooled add also
+        #: has "reason" (the error's message) and "cause": "unreachable" (a PostgreSQL server that
+        #: is down or refuses the connection), "busy" (locked by other writers past the bound) or
+        #: "disk_full" (the database's filesystem, with ``spool_on_full``).
         self.last_add: dict | None = None
+        #: The last log() on this object when it spooled: {"id": None, "ref", "status": "spooled",
+        #: "reason", "cause"} as for :attr:`last_add`; None when it was stored (or before any log).
+        self.last_log: dict | None = None
         self.lock_path = self._db.lock_path
         self.spool_dir = self._spool_.dir
         self.rejected_dir = self._spool_.rejected_dir
@@ -440,7 +457,8 @@ class Registry:
                 entry["metric_steps"] = metric_steps
             where = self._spool(entry)
             self.last_add = {"id": None, "ref": f"{run}@{step}", "status": "spooled", "path": str(info.path),
-                             "fingerprint": info.fingerprint, "spool_file": where, "reason": str(e)}
+                             "fingerprint": info.fingerprint, "spool_file": where, "reason": str(e),
+                             "cause": _spool_cause(e)}
             return None
 
     def log(self, ckpt, metrics: dict, *, step: int | None = None) -> int | None:
@@ -454,6 +472,7 @@ class Registry:
             step = _check_step(step)
         ref = ckpt.id if isinstance(ckpt, Checkpoint) else ckpt
         created = _now()
+        self.last_log = None
         try:
             with self._writer() as con:
                 c = self._resolve(con, ref)
@@ -463,11 +482,12 @@ class Registry:
                     self._log_event(con, c.id, metrics, c.step if step is None else step, created)
                 self._tx(con, do_log)
                 return c.id
-        except (_Busy, _Unreachable):
+        except (_Busy, _Unreachable) as e:
             if isinstance(ckpt, Checkpoint):
                 ref = ckpt.ref
             self._spool({"op": "log", "ckpt": ref, "metrics": metrics, "step": step,
                          "created": created.isoformat(), "actor": list(_actor())})
+            self.last_log = {"id": None, "ref": ref, "status": "spooled", "reason": str(e), "cause": _spool_cause(e)}
 
     def record_merge(self, *, path, run, name, method, params: dict, inputs, base=None,
                      replace=False) -> int:
