@@ -178,13 +178,17 @@ class SweepPlan:
     paper-style name and, when the plan has an output folder, its ``out`` path; ``skipped``: one
     line per grid point that cannot be made (a selection the run cannot fill, SLERP over other
     than 2 checkpoints); ``dropped``: the name of each grid point equal to an earlier one (same
-    method, inputs, weights, params, base), merged once; ``out_dir``: the output folder or None."""
+    method, inputs, weights, params, base), merged once; ``out_dir``: the output folder or None;
+    ``space`` ("factors" | "delta" | "core") and ``rank``: how LoRA adapters are merged (as for
+    :func:`merge`; the specs are named for them)."""
     specs: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     out_dir: str | None = None
     out_dtype: str | None = None
     run: str | None = None
+    space: str = "factors"
+    rank: int | None = None
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -218,23 +222,27 @@ def plan_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: int 
                method: str | Sequence[str] = ("uniform", "mwa"), metric: str | Sequence[str] = ("train_loss",),
                penalty: float | Sequence[float] | str = (0.7,), power: float | None = None,
                direction: str | None = None, params: dict[str, Any] | None = None, base: Ref | None = None,
-               out_dtype: str | None = None, out: str | os.PathLike | None = None) -> SweepPlan:
+               out_dtype: str | None = None, out: str | os.PathLike | None = None, space: str = "factors",
+               rank: int | None = None) -> SweepPlan:
     """Expand a sweep grid: every combination of ``last`` (K) × ``every`` (M) × ``method`` ×
     ``metric`` × ``penalty`` (metric and penalty apply to MWA; uniform/linear take one uniform
     point; other methods one point with ``params``/``base``), duplicates dropped (reported in
     ``dropped``), selections the run cannot fill and SLERP over other than 2 checkpoints reported
     in ``skipped``. Lists may be sequences or comma strings ("2,3,5"). Reads the registry only;
     writes nothing. SelectionError when no grid point can be made. ``out``: the folder the outputs
-    go to (each spec's ``out`` is set to ``out/NAME``)."""
+    go to (each spec's ``out`` is set to ``out/NAME``). ``space``/``rank`` as for :func:`merge`
+    (LoRA adapters; "delta" or "core": every point an exact factored merge, named ``..._delta``,
+    ``..._core`` or ``core_...`` as the single merge is, base pretrained the default base)."""
     from . import engine
 
     specs, skipped = expand_sweep(db, run=run, last=last, every=every, exclude_final=exclude_final,
                                   skip_missing=skip_missing, method=method, metric=metric, penalty=penalty,
                                   power=power, direction=direction, params=params, base=base, out_dtype=out_dtype,
-                                  out=out)
+                                  out=out, space=space, rank=rank)
     uniq, dropped = engine.dedupe_specs(specs)
     return SweepPlan(specs=uniq, skipped=skipped, dropped=[specs[i].name for i in sorted(dropped)],
-                     out_dir=None if out is None else os.fspath(out), out_dtype=out_dtype, run=run)
+                     out_dir=None if out is None else os.fspath(out), out_dtype=out_dtype, run=run,
+                     space=space or "factors", rank=rank)
 
 
 def expand_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: int | Sequence[int] | str = 1,
@@ -242,7 +250,8 @@ def expand_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: in
                  method: str | Sequence[str] = ("uniform", "mwa"), metric: str | Sequence[str] = ("train_loss",),
                  penalty: float | Sequence[float] | str = (0.7,), power: float | None = None,
                  direction: str | None = None, params: dict[str, Any] | None = None, base: Ref | None = None,
-                 out_dtype: str | None = None, out: str | os.PathLike | None = None) -> tuple[list, list[str]]:
+                 out_dtype: str | None = None, out: str | os.PathLike | None = None, space: str = "factors",
+                 rank: int | None = None) -> tuple[list, list[str]]:
     """The grid of :func:`plan_sweep` before duplicates are dropped: ``(specs, skipped)``, one
     spec per grid point in grid order (K, M, method, metric, penalty), duplicates kept (running
     them with ``engine.sweep`` merges each once; every spec gets the registered checkpoint), each
@@ -281,7 +290,7 @@ def expand_sweep(db: DB, *, run: str, last: int | Sequence[int] | str, every: in
                     continue
                 specs.append(engine.make_spec(reg, meth, inputs, scheme=scheme, metric=mt, penalty=p, power=power,
                                               direction=direction, base=base, params=params, selection=dict(sel),
-                                              out_dtype=out_dtype))
+                                              out_dtype=out_dtype, space=space or "factors", rank=rank))
     if not specs:
         raise SelectionError("no merge in the sweep can be made: " + "; ".join(skipped))
     if out is not None:
@@ -297,7 +306,9 @@ def sweep(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = False,
     pass; each result is registered under its paper name. Returns one Checkpoint per unique merge
     of the plan (:func:`sweep_results` also says whether each was merged or up to date). The
     output folder is created when missing; without ``out`` each output goes beside its newest
-    input. The plan is not changed."""
+    input. The plan is not changed. With ``space="delta"`` or ``"core"`` (the plan's) every point
+    is an exact factored merge, equal to :func:`merge` of it. A failing point leaves nothing of
+    itself; the points computed before it stay registered (a re-run computes only the rest)."""
     return [r.checkpoint for r in sweep_results(db, plan, overwrite=overwrite, progress=progress, **grid)]
 
 
@@ -325,7 +336,8 @@ def sweep_results(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = Fa
             m.mkdir()
     try:
         res = engine.sweep_results(reg, plan.specs, overwrite=overwrite, progress=progress,
-                                   out_dtype=plan.out_dtype)
+                                   out_dtype=plan.out_dtype, space=getattr(plan, "space", None) or "factors",
+                                   rank=getattr(plan, "rank", None))
     except BaseException:
         for m in made:   # deepest first; a folder something else was written into stays
             try:

@@ -322,6 +322,21 @@ def _common_merge_options(f):
     return f
 
 
+def _space_options(f):
+    """--space and --rank, the same for merge and sweep."""
+    opts = [
+        click.option("--space", type=click.Choice(["factors", "delta", "core"]), default="factors", show_default=True,
+                     help="LoRA: merge the stored factors; delta: in update space (linear and Gram methods exact, "
+                          "element-wise ones one dense layer at a time then truncated to --rank); core: on the "
+                          "Σr×Σr core matrices (element-wise methods are the core-space variant, named core_...)."),
+        click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta|core (default: the "
+                     "inputs' max rank; core-space element-wise methods: exact, Σr)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _params(mp: dict) -> dict:
     """The method parameters given on the command line (by the table's names)."""
     return {k: mp[k] for k in _method_param_names() if mp.get(k) is not None}
@@ -469,12 +484,7 @@ def _ranks_option(f):
 @click.option("--exclude-final", is_flag=True, help="Leave out the final checkpoint (the paper's k_last).")
 @click.option("--skip-missing", is_flag=True, help=_SKIP_MISSING_HELP)
 @_common_merge_options
-@click.option("--space", type=click.Choice(["factors", "delta", "core"]), default="factors", show_default=True,
-              help="LoRA: merge the stored factors; delta: in update space (linear and Gram methods exact, "
-                   "element-wise ones one dense layer at a time then truncated to --rank); core: on the "
-                   "Σr×Σr core matrices (element-wise methods are the core-space variant, named core_...).")
-@click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta|core (default: the "
-              "inputs' max rank; core-space element-wise methods: exact, Σr).")
+@_space_options
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("--out-shard-size", default=None, help="Shard the output (e.g. 2GB).")
@@ -628,7 +638,9 @@ def _grid_plan(plan_for, methods, grid, out_dir):
 @click.option("--direction", type=click.Choice(["min", "max"]), default=None,
               help="Default: min for loss-like metrics, max for step/accuracy.")
 @_sweep_param_options
-@click.option("--base", default=None, help="Base for task-vector methods: first, last or a checkpoint.")
+@click.option("--base", default=None, help="Base for task-vector methods: first, last, a checkpoint, or pretrained "
+              "(LoRA with --space delta|core: the updates themselves are the task vectors; the default there).")
+@_space_options
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Dtype of the merged float tensors (default: each tensor's stored dtype).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
@@ -637,10 +649,17 @@ def _grid_plan(plan_for, methods, grid, out_dir):
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @_ranks_option
 @pass_db
-def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, base, out_dtype,
-              out_dir, overwrite, quiet, as_json, **method_params):
+def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric, penalty, power, direction, base,
+              space, rank, out_dtype, out_dir, overwrite, quiet, as_json, **method_params):
     """Plan every combination of K × M × method × metric × penalty, drop duplicates, run the
-    weighted sums in one pass over the inputs, register each result under its paper name."""
+    weighted sums in one pass over the inputs, register each result under its paper name.
+
+    With --space delta|core (LoRA adapters) every point is its own exact factored merge, the
+    same as `ckptreg merge` of it with that --space/--rank and the sweep's method parameters
+    (same name and output: each is up to date with the other). Every point is checked and its
+    output locked before any is computed; up-to-date points are skipped. If a point fails, nothing of it is written or registered and
+    the sweep stops; the points computed before it are complete, registered outputs and stay (a
+    re-run computes only the rest)."""
     from .. import api, engine
 
     methods = [_method(x) for x in _split(method, str, "--method")]
@@ -652,7 +671,7 @@ def sweep_cmd(db, run, last, every, exclude_final, skip_missing, method, metric,
                               exclude_final=exclude_final, skip_missing=skip_missing, method=ms,
                               metric=_split(metric, str, "--metric"), penalty=_split(penalty, float, "--penalty"),
                               power=power, direction=direction, params=params, base=base, out_dtype=out_dtype,
-                              out=out_dir)
+                              out=out_dir, space=space, rank=rank)
 
     plan = plan_for(methods, grid[0][0]) if len(grid) == 1 else _grid_plan(plan_for, methods, grid, out_dir)
     uniq = plan.specs

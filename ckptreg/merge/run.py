@@ -16,7 +16,7 @@ from .plan import Plan, _ref, info_of, plan, writer_info
 from .sources import Source, snapshot
 from .spec import MergeSpec, dedupe_specs, renamed_for
 from .stream import CHUNK_ELEMS, Job, Pass, _odt, run_pass, torch_out_dtype
-from .table import LINEAR, PAIRWISE, check_params, get_method
+from .table import LINEAR, PAIRWISE, canonical_method, check_params, get_method
 from .targets import (SubPlan, _check_layout, _check_target, _Locks, _Output, _output_run, _recipe, _register,
                       _up_to_date, default_out)
 
@@ -67,7 +67,8 @@ def _prepare(registry, spec: MergeSpec, overwrite: bool, checked: set | None = N
     if is_pretrained(p) and (space not in UPDATE_SPACES or spec.base is not None):
         raise ParameterError("base pretrained (the task vectors are the LoRA updates themselves) needs LoRA "
                              f"adapters merged with space 'delta' or 'core' (--space delta|core), not {space!r}"
-                             + ("; sweeps merge in factor space" if space == "factors" else ""))
+                             + ("; sweeps merge in factor space unless given space 'delta' or 'core' (sweep --space)"
+                                if space == "factors" else ""))
     if defn.uses_base and spec.base is None and space in UPDATE_SPACES:
         p[BASE_KEY] = PRETRAINED   # the default base of adapters in update space (recorded in the lineage)
     if defn.uses_base and spec.base is None and not defn.base_optional and not is_pretrained(p):
@@ -161,11 +162,46 @@ def merge_result(registry, spec: MergeSpec, *, space: str = "factors", rank: int
 
 def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrite, progress, out_shard_size,
            chunk_elems, _locks: _Locks) -> MergeResult:
+    st = _merge_check(registry, caller_spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=_locks)
+    return st if isinstance(st, MergeResult) else _merge_write(registry, st, progress)
+
+
+@dataclasses.dataclass
+class _Checked:
+    """A merge validated, planned, its target locked and checked (:func:`_merge_check`), nothing
+    read or written yet: what :func:`_merge_write` needs to run it."""
+    spec: MergeSpec
+    merged: MergeSpec
+    defn: object
+    w: list
+    p: dict
+    pl: object
+    out: Path
+    space: str
+    rank: int | None
+    odt_user: object
+    overwrite: bool
+    out_shard_size: int | None
+    chunk: int
+    snaps: dict
+    co: object
+
+
+def _merge_check(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrite, out_shard_size,
+                 chunk_elems, _locks: _Locks, checked: set | None = None, snaps: dict | None = None,
+                 merged_now: list | None = None):
+    """The checks of one merge, in order (spec, method and parameters, inputs unchanged, plan,
+    space, target layout, target lock, up to date, target refusals): a :class:`MergeResult` when
+    an identical output is registered at the target (nothing to do), else a :class:`_Checked`
+    for :func:`_merge_write`. The target's lock is taken into ``_locks`` and stays held.
+    ``checked``/``snaps``/``merged_now``: shared by the points of a sweep (inputs checked once,
+    one snapshot per input file, the merged checkpoints listed once)."""
     spec = renamed_for(caller_spec, space, rank, out_dtype)
     co = _dist.current()   # single process, or this rank of a torchrun merge (merge/distributed.py)
     with _batch(registry):
-        snaps: dict = {}
-        defn, inputs, w, p = _prepare(registry, spec, overwrite, snaps=snaps, space=space)
+        snaps = {} if snaps is None else snaps
+        defn, inputs, w, p = _prepare(registry, spec, overwrite, checked, snaps=snaps, space=space)
     method = defn.name
     if space not in ("factors",) + UPDATE_SPACES:
         raise ParameterError(f"space must be 'factors', 'delta' or 'core', got {space!r}")
@@ -212,11 +248,24 @@ def _merge(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, overwrit
         co.acquire(_locks, out)   # before the exists check, held until registered (rank 0 only under torchrun)
         with _batch(registry):
             if not overwrite:   # an identical registered output: nothing to do (--overwrite recomputes)
-                hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos)
+                hit = _up_to_date(registry, spec, out, method, w, p, space, rank, odt_user, pl.infos,
+                                  merged=merged_now)
                 if hit is not None:
                     return MergeResult(hit, merged, UP_TO_DATE)
             _check_target(registry, spec, out, overwrite)
+    return _Checked(spec=spec, merged=merged, defn=defn, w=w, p=p, pl=pl, out=out, space=space, rank=rank,
+                    odt_user=odt_user, overwrite=overwrite, out_shard_size=out_shard_size, chunk=chunk, snaps=snaps,
+                    co=co)
 
+
+def _merge_write(registry, st: _Checked, progress: Callable | None) -> MergeResult:
+    """Run a merge :func:`_merge_check` passed: stream, commit, register (the target's lock is
+    held by the caller). A failure leaves nothing of this merge registered or on disk."""
+    spec, merged, defn, w, p, pl, out = st.spec, st.merged, st.defn, st.w, st.p, st.pl, st.out
+    space, rank, odt_user, overwrite, out_shard_size, chunk, snaps, co = (
+        st.space, st.rank, st.odt_user, st.overwrite, st.out_shard_size, st.chunk, st.snaps, st.co)
+    method = defn.name
+    info0 = pl.infos[0]
     out_shapes = dict(pl.shapes)
     adapter_cfg = None
     delta = None
@@ -270,46 +319,92 @@ def _methods():
 # sweeps
 
 def sweep(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False, progress: Callable | None = None,
-          out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None) -> list:
+          out_dtype=None, out_shard_size: int | None = None, chunk_elems: int | None = None,
+          space: str = "factors", rank: int | None = None) -> list:
     """Run many merges; weighted sums (the linear strategy) over the same kind of inputs are done
     in ONE pass: every input tensor of the union is read once and all M outputs are produced per
     chunk, each streamed into its own writer. Other methods run one by one (:func:`merge`).
+
+    ``space``/``rank`` as for :func:`merge`: with ``space="delta"`` or ``"core"`` (LoRA adapters)
+    every point is its own exact factored merge, exactly :func:`merge` of that spec with the same
+    space and rank (same default name, ``_delta``/``_core`` suffix or ``core_`` prefix, same
+    output and recipe, so each is up to date with the equal single merge); a method with a base
+    and none given uses base pretrained. Every point is validated and its target locked and
+    checked before the first is computed.
 
     Duplicates (same method, inputs, weights, params, base) are merged once. Returns one
     Checkpoint per given spec (duplicates share theirs); :func:`sweep_results` also says, per spec,
     whether it was merged or up to date. Every target is validated before any data is read; if
     the pass fails, none of its outputs is written or registered. The lock of every target is
     taken before the targets are checked and held until the sweep ends (TargetBusyError if one
-    is being written). The specs are not changed."""
+    is being written). The specs are not changed.
+
+    A failure while computing stops the sweep there: the failing point (or, in factor space,
+    every output of the failing one-pass group) leaves nothing registered or on disk; the points
+    computed before it are complete, registered outputs and stay (a re-run finds them up to date
+    and computes only the rest)."""
     return [r.checkpoint for r in sweep_results(registry, specs, overwrite=overwrite, progress=progress,
                                                 out_dtype=out_dtype, out_shard_size=out_shard_size,
-                                                chunk_elems=chunk_elems)]
+                                                chunk_elems=chunk_elems, space=space, rank=rank)]
 
 
 def sweep_results(registry, specs: Sequence[MergeSpec], *, overwrite: bool = False,
                   progress: Callable | None = None, out_dtype=None, out_shard_size: int | None = None,
-                  chunk_elems: int | None = None) -> list[MergeResult]:
+                  chunk_elems: int | None = None, space: str = "factors",
+                  rank: int | None = None) -> list[MergeResult]:
     """:func:`sweep` returning one :class:`MergeResult` per given spec (a duplicate gets the result
     of the spec it duplicates: the same checkpoint, spec as merged and status)."""
     locks = _Locks()
     try:
         return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
-                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, space=space, rank=rank,
+                      _locks=locks)
     finally:
         locks.release_all()
 
 
+def _check_space(space, rank):
+    if space not in ("factors",) + UPDATE_SPACES:
+        raise ParameterError(f"space must be 'factors', 'delta' or 'core', got {space!r}")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise ParameterError(f"rank must be a positive integer, got {rank!r}")
+    if rank is not None and space not in UPDATE_SPACES:
+        raise ParameterError("rank only applies to space='delta' or 'core'")
+
+
+def _update_key_spec(s: MergeSpec) -> MergeSpec:
+    """For finding duplicates in update space: a method with a base and none given merges with
+    base pretrained, so it equals the same spec with ``base="pretrained"`` given."""
+    defn = get_method(canonical_method(s.method))
+    if defn.uses_base and s.base is None and not is_pretrained(s.params or {}):
+        return dataclasses.replace(s, params={**(s.params or {}), BASE_KEY: PRETRAINED})
+    return s
+
+
 def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_dtype, out_shard_size, chunk_elems,
-           _locks: _Locks) -> list[MergeResult]:
+           _locks: _Locks, space: str = "factors", rank: int | None = None) -> list[MergeResult]:
     callers = list(callers)
-    # a default name follows the out dtype (new specs: the callers' are not changed)
-    uniq, dropped = dedupe_specs([renamed_for(c, "factors", None, out_dtype) for c in callers])
+    _check_space(space, rank)
+    # a default name follows the space, rank and out dtype (new specs: the callers' are not changed)
+    renamed = [renamed_for(c, space, rank, out_dtype) for c in callers]
+    if space in UPDATE_SPACES:
+        keyed = [_update_key_spec(s) for s in renamed]
+        kept, dropped = dedupe_specs(keyed)
+        back = {id(k): s for k, s in zip(keyed, renamed)}
+        uniq = [back[id(k)] for k in kept]
+    else:
+        uniq, dropped = dedupe_specs(renamed)
     names: dict = {}
     for s in uniq:
         key = (_output_run(s), s.name)
         if key in names:
             raise ParameterError(f"two different merges in the sweep are both named {s.name!r}")
         names[key] = s
+    if space in UPDATE_SPACES:
+        results = _sweep_update(registry, uniq, space=space, rank=rank, overwrite=overwrite, progress=progress,
+                                out_dtype=out_dtype, out_shard_size=out_shard_size, chunk_elems=chunk_elems,
+                                _locks=_locks)
+        return [results[dropped.get(i, i - sum(1 for j in dropped if j < i))] for i in range(len(callers))]
     odt_user = torch_out_dtype(out_dtype)
     chunk = int(chunk_elems or CHUNK_ELEMS)
     co = _dist.current()   # single process, or this rank of a torchrun sweep (merge/distributed.py)
@@ -330,7 +425,7 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
             infos[c.id] = info_of(registry, c)
         return infos[c.id]
 
-    # sweeps merge in factor space: refuse differing LoRA scalings for every spec before any pass
+    # this sweep merges in factor space: refuse differing LoRA scalings for every spec before any pass
     for s, defn, inputs, w, p in prepared:
         b = s.base if defn.uses_base else None
         cs = list(inputs) + ([b] if b is not None else [])
@@ -437,6 +532,31 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
             k, kept = kept, kept + 1
         out.append(results[id(prepared[k][0])])
     return out
+
+
+def _sweep_update(registry, uniq, *, space, rank, overwrite, progress, out_dtype, out_shard_size, chunk_elems,
+                  _locks: _Locks) -> list[MergeResult]:
+    """The points of an update-space sweep (``space`` delta or core), one :class:`MergeResult`
+    each in ``uniq``'s order. Each point is the exact factored merge :func:`merge` runs (a
+    delta-space merge takes milliseconds; there is no one-pass fusion to gain), but every point
+    is checked and its target locked first (:func:`_merge_check`: nothing is read or written
+    until all pass), then the points not up to date are computed one by one
+    (:func:`_merge_write`). Under torchrun each point is a distributed merge."""
+    checked: set = set()
+    snaps: dict = {}
+    merged_now = None if overwrite else registry.checkpoints(merged=True)
+    states = []
+    outs: dict = {}
+    for s in uniq:
+        st = _merge_check(registry, s, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                          out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=_locks, checked=checked,
+                          snaps=snaps, merged_now=merged_now)
+        out = Path((st.spec if isinstance(st, MergeResult) else st.merged).out)
+        if out in outs:
+            raise ParameterError(f"two merges in the sweep write to {out} ({outs[out]} and {s.name})")
+        outs[out] = s.name
+        states.append(st)
+    return [st if isinstance(st, MergeResult) else _merge_write(registry, st, progress) for st in states]
 
 
 _ = Plan
