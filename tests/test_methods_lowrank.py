@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ckptreg import engine
+from ckptreg import engine, ops
 from ckptreg.cli import main
 from ckptreg.errors import ParameterError
 from ckptreg.merge import methods_lowrank as ML
@@ -287,10 +287,111 @@ def test_iso_c_delta_truncation_keeps_leading_directions():
     assert rel(B.double() @ A.double(), want) < 1e-5
 
 
-def test_knots_trim_scope_global_refused():
+def test_knots_delta_global_scope_needs_thresholds():
+    """knots_delta with trim_scope global but without the adapter-wide thresholds (a direct call:
+    only the delta-space merge's pre-pass can compute them) is a ParameterError saying so."""
     fs = lora_fs(8, 8, (2, 2), (1.0, 1.0), seed=1)
-    with pytest.raises(ParameterError, match="trim-scope global"):
+    with pytest.raises(ParameterError, match="trim-scope global trims with thresholds over every module"):
         ML.knots_delta(fs, None, {"density": 0.5, "trim_scope": "global"}, None)
+    with pytest.raises(ParameterError, match="2 global trim thresholds for 3 tasks"):
+        ML.knots_delta(lora_fs(8, 8, (2, 2, 2), (1.0,) * 3, seed=1), None,
+                       {"density": 0.5, "trim_scope": "global", ML.GLOBAL_THRESHOLDS: [0.1, 0.2]}, None)
+
+
+def ref_global_thresholds(xs_by_module, density):
+    """METHODS.md, --trim-scope global: task t's threshold is the ⌊density·N_t⌋-th largest |x| over
+    the X_t of every module concatenated (N_t entries); keep nothing (+inf) when that is 0."""
+    T = len(xs_by_module[0])
+    out = []
+    for t in range(T):
+        cat = np.concatenate([np.abs(xs[t]).reshape(-1) for xs in xs_by_module])
+        k = math.floor(density * cat.size)
+        out.append(float(np.sort(cat)[::-1][k - 1]) if k > 0 else math.inf)
+    return out
+
+
+@pytest.mark.parametrize("collect", [ML.RADIX_COLLECT, 40, 0])
+def test_global_thresholds_exact_radix_select(monkeypatch, collect):
+    """The bounded-memory radix select equals the order statistic of the concatenation, for
+    densities down to k = 0 (+inf) and 1 (the smallest |x|, here an exact 0), with exact ties and
+    magnitudes spread over many binades; collect=0 forces all four 16-bit histogram passes, 40
+    a histogram pass then a collecting one."""
+    monkeypatch.setattr(ML, "RADIX_COLLECT", collect)
+    g = torch.Generator().manual_seed(3)
+    mods = [torch.randn(3, k, 50, generator=g, dtype=torch.float64) * torch.logspace(-8, 3, 50, dtype=torch.float64)
+            for k in (4, 7, 1)]
+    mods[1][:, 0, :10] = 0.125       # ties
+    mods[2][:, 0, 0] = 0.0
+    passes = []
+
+    def blocks():
+        passes.append(1)
+        return iter(mods)
+
+    xs = [[_np(x) for x in m] for m in mods]
+    for d in (1e-5, 0.01, 0.37, 0.5, 1.0):
+        passes.clear()
+        assert ML.global_thresholds(blocks, 3, d) == ref_global_thresholds(xs, d), d
+        assert len(passes) <= (5 if collect == 0 else 3)
+
+
+def test_knots_trim_keeps_every_tie_at_the_threshold():
+    """The kernel's rule (METHODS.md "trim to the top density fraction"): keep |x| >= the
+    ⌊density·N⌋-th largest, so entries tied with it are all kept (not exactly k of them)."""
+    X = torch.zeros(2, 2, 5, dtype=torch.float64)
+    X[0] = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [0.5, 0.5, -0.5, 0.1, 0.0]])
+    X[1] = torch.tensor([[-1.0, 4.0, 0.25, 0.25, 0.25], [0.25, 0.1, 0.1, 0.1, 0.1]])
+    want = _elect_mean([ref_trim(X[0], 0.2), ref_trim(X[1], 0.2)], [1.0, 1.0], "total")   # k = 2
+    assert int((ref_trim(X[0], 0.2) != 0).sum()) == 4   # 3 and all three 2s
+    got = ML._knots_x(X, "knots_ties", {"density": 0.2, "alpha": 1.0}, "w")
+    assert torch.equal(got, want)
+
+
+needs_cpp = pytest.mark.skipif(not ops.available()["cpp"], reason="compiled extension not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("method,extra", [("knots_ties", {}), ("knots_ties", {"trim_scope": "global"}),
+                                          ("knots_dare_ties", {"seed": 5}), ("knots_dare_ties", {"density": 1.0})])
+def test_knots_compiled_kernel_equals_torch_fallback(monkeypatch, method, extra):
+    """KnOTS's TIES step runs in the fused kernel (ops.task_merge) when compiled and in batched
+    torch under CKPTREG_BACKEND=python: the same factors bit for bit (same trims, keyed DARE masks,
+    elections and means), both equal to the float64 reference."""
+    fs = lora_fs(40, 36, (8, 4, 8), (2.0, 0.5, 1.0), seed=4, dtype=torch.float64)
+    p = {"density": 0.4, "alpha": 1.3, **extra}
+    if p.get("trim_scope") == "global":
+        X = ML._knots_blocks(fs, [1.0] * 3)[1]
+        p[ML.GLOBAL_THRESHOLDS] = [float(torch.kthvalue(X[t].abs().reshape(-1), X[t].numel() - 2 * X[t].numel() // 5
+                                                         + 1).values) for t in range(3)]   # one module: = module scope
+    fn = ML.knots_delta if method == "knots_ties" else ML._knots_dare_delta
+    monkeypatch.setenv("CKPTREG_BACKEND", "auto")
+    assert ops._route(torch.device("cpu"), "task_merge") == "compiled"
+    Bc, Ac = fn(fs, None, p, None, name="m.lora_A.weight")
+    monkeypatch.setenv("CKPTREG_BACKEND", "python")
+    Bp, Ap = fn(fs, None, p, None, name="m.lora_A.weight")
+    assert torch.equal(Bc, Bp) and torch.equal(Ac, Ap)
+    want = ref_knots(formed(fs), p["density"], 1.3, dare=method == "knots_dare_ties", seed=p.get("seed", 0),
+                     name="m.lora_A.weight")
+    assert rel(Bc @ Ac, want) < 1e-9
+
+
+def ref_knots_global(ups_by_module, density, alpha=1.0):
+    """KnOTS-TIES with --trim-scope global (METHODS.md): per module the SVD of [τ_1 … τ_T] and
+    X_t = diag(σ) V_tᵀ block; each task's threshold over every module's X_t concatenated
+    (:func:`ref_global_thresholds`); per module trim |x| >= it, elect, disjoint mean, U (α x̄)."""
+    per = []
+    for ups in ups_by_module:
+        taus = [_np(t) for t in ups]
+        n = taus[0].shape[1]
+        u, s, vt = _svd(np.concatenate(taus, 1))
+        k = _rank(s)
+        per.append((u[:, :k], [np.diag(s[:k]) @ vt[:k, t * n:(t + 1) * n] for t in range(len(taus))]))
+    thr = ref_global_thresholds([xs for _, xs in per], density)
+    out = []
+    for u, xs in per:
+        trimmed = [torch.from_numpy(np.where(np.abs(x) >= thr[t], x, 0.0)) for t, x in enumerate(xs)]
+        out.append(u @ (alpha * _elect_mean(trimmed, [1.0] * len(xs), "total").numpy()))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,10 +532,87 @@ def test_errors_iso_cts_delta_and_explicit_base(tmp_path):
     r = CliRunner().invoke(main, ["--db", db, "merge", "--run", "a", "--last", "2", "--method", "tsv", "--base", "first",
                                   "--space", "delta", "-q"])
     assert r.exit_code == 8 and "use base pretrained" in r.output, r.output
-    r = CliRunner().invoke(main, ["--db", db, "merge", "--run", "a", "--last", "2", "--method", "knots_ties",
+    # knots_dare_ties has no magnitude trim: a global scope would change nothing, so it is refused
+    r = CliRunner().invoke(main, ["--db", db, "merge", "--run", "a", "--last", "2", "--method", "knots_dare_ties",
                                   "--density", "0.5", "--trim-scope", "global", "--space", "delta", "-q"])
-    assert r.exit_code == 8 and "trim-scope global" in r.output, r.output
+    assert r.exit_code == 8 and "knots_dare_ties has no magnitude trim" in r.output, r.output
     assert Registry(db).checkpoints("a", merged=True) == []
+    reg = Registry(db)
+    spec = engine.make_spec(reg, "knots_ties", reg.select("a", 2),
+                            params={"density": 0.5, "base": "pretrained", ML.GLOBAL_THRESHOLDS: [1.0, 1.0]})
+    with pytest.raises(ParameterError, match="_knots_thresholds is reserved"):
+        engine.merge(reg, spec, space="delta")
+    assert reg.checkpoints("a", merged=True) == []
+
+
+def _adapters_multi(tmp_path, specs, seed=0):
+    """PEFT adapters with modules of different shapes and magnitudes (q_proj 24×24 small, mlp
+    up_proj 40×24 four times larger, down_proj 24×40), mixed ranks and lora_alpha: a global trim
+    then keeps mostly up_proj entries, unlike a per-module one."""
+    reg = Registry(tmp_path / "g.duckdb")
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj": (24, 24, 0.05), "mlp.up_proj": (40, 24, 0.2), "mlp.down_proj": (24, 40, 0.1)}
+    states = []
+    for i, (r, alpha) in enumerate(specs):
+        sd = {}
+        for layer in range(2):
+            for mod, (m, n, sc) in shapes.items():
+                pre = f"base_model.model.model.layers.{layer}.{mod}"
+                sd[f"{pre}.lora_A.weight"] = torch.randn(r, n, generator=g) / n ** 0.5
+                sd[f"{pre}.lora_B.weight"] = torch.randn(m, r, generator=g) * sc
+        folder = write_peft_adapter(tmp_path / "gd" / f"checkpoint-{(i + 1) * 10}", sd, r=r, alpha=alpha,
+                                    target_modules=["q_proj", "up_proj", "down_proj"])
+        reg.add(folder, run="g", step=(i + 1) * 10)
+        states.append((sd, alpha / r))
+    return reg, states, [f"base_model.model.model.layers.{layer}.{mod}" for layer in range(2) for mod in shapes]
+
+
+def test_knots_global_trim_scope_end_to_end(tmp_path):
+    """--trim-scope global (METHODS.md, the official KnOTS code): each task's trim threshold is
+    the ⌊density·N_t⌋-th largest |x| over the X_t of all 6 modules of the adapter (computed by a
+    pre-pass before the first module is written); the merged updates equal the float64 reference
+    that concatenates every module's X_t, differ from the per-module trim, the name has
+    _trim_global and the lineage records trim_scope global; a sweep over density runs it too."""
+    reg, states, pres = _adapters_multi(tmp_path, [(4, 8), (8, 4), (6, 12)])
+    db = str(reg.path)
+    del reg
+    r = CliRunner().invoke(main, ["--db", db, "merge", "--run", "g", "--last", "3", "--method", "knots_ties",
+                                  "--density", "0.3", "--alpha", "1.2", "--trim-scope", "global", "--space", "delta",
+                                  "--json", "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    d = json.loads(r.stdout)
+    assert d["name"].endswith("_trim_global"), d["name"]
+    reg = Registry(db)
+    c = [x for x in reg.checkpoints("g", merged=True) if x.name == d["name"]][0]
+    assert reg.lineage(c.id)["params"]["trim_scope"] == "global"
+    ups = [_updates(states, pre) for pre in pres]
+    want = ref_knots_global(ups, 0.3, 1.2)
+    got = load_any(d["path"])
+    for pre, wnt, u in zip(pres, want, ups):
+        upd = got[f"{pre}.lora_B.weight"].double() @ got[f"{pre}.lora_A.weight"].double()
+        assert rel(upd, wnt) < 1e-5, (pre, rel(upd, wnt))
+        if "q_proj" in pre:   # the small module loses most of its entries to the global trim
+            assert rel(ref_knots(u, 0.3, 1.2), wnt) > 0.1
+    spec = engine.make_spec(reg, "knots_ties", reg.select("g", 3), params={"density": 0.3, "alpha": 1.2,
+                                                                          "base": "pretrained"})
+    mod_scope = load_any(engine.merge(reg, spec, space="delta").path)
+    pre = pres[0]
+    upd = mod_scope[f"{pre}.lora_B.weight"].double() @ mod_scope[f"{pre}.lora_A.weight"].double()
+    assert rel(upd, ref_knots(ups[0], 0.3, 1.2)) < 1e-5 and rel(upd, want[0]) > 0.1
+    del reg
+    r = CliRunner().invoke(main, ["--db", db, "sweep", "--run", "g", "--last", "3", "--method", "knots_ties",
+                                  "--density", "0.3,0.6", "--trim-scope", "global", "--space", "delta",
+                                  "-o", str(tmp_path / "sw"), "--json", "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    reg = Registry(db)
+    pts = {float(reg.lineage(x.id)["params"]["density"]): x for x in reg.checkpoints("g", merged=True)
+           if x.name.endswith("_trim_global") and x.name != d["name"]}
+    assert sorted(pts) == [0.3, 0.6], pts
+    want6 = ref_knots_global(ups, 0.6)
+    got6 = load_any(pts[0.6].path)
+    for pre, wnt in zip(pres, want6):
+        upd = got6[f"{pre}.lora_B.weight"].double() @ got6[f"{pre}.lora_A.weight"].double()
+        assert rel(upd, wnt) < 1e-5, (pre, rel(upd, wnt))
 
 
 def test_methods_json_lists_lowrank_family():

@@ -163,6 +163,18 @@ class _DeltaCache:
             out.append((a, b, _module_scale(cfg, mod, r)))
         return out
 
+    def module_factors(self):
+        """(module, [(A, B, s) per coefficient source]) for every module, in plan order, read
+        afresh and widened exactly as ``get`` hands them to a ``factored`` method's ``delta_fn``
+        (a pre-pass over the whole adapter: KnOTS's global trim, :func:`methods_lowrank.delta_params`)."""
+        import torch
+
+        for mod in self.names:
+            if set(self.names[mod]) == {"A", "B"}:
+                yield mod, [(a.to(torch.float32) if a.dtype != torch.float64 else a,
+                             b.to(torch.float32) if b.dtype != torch.float64 else b, sc)
+                            for a, b, sc in self._factors(mod)]
+
     @staticmethod
     def _key(fs, r_out):
         import torch
@@ -402,6 +414,10 @@ def _delta_setup(pl, sources, base_src, method, w, p, rank, odt_user, space="del
     cache = _DeltaCache(pl, sources, coeff_sources, coeffs, method, p, rank, out_rank_for, odt_for)
     cache.space = space
     cache.n_in = len(sources)
+    if rule == "factored":   # a method's pre-pass over every module (KnOTS --trim-scope global)
+        from .methods_lowrank import delta_params
+
+        cache.p = delta_params(cache)
     shapes = dict(pl.shapes)
     mod_ranks = {}
     for mod, d in cache.names.items():

@@ -34,9 +34,20 @@ Choices where METHODS.md is silent (documented):
   stacked factors, so core space computes the same exact ``delta_fn`` (METHODS.md "Core space":
   they equal delta space exactly). KnOTS in core space would be a different merge (its TIES would
   trim the core blocks): not offered.
-- KnOTS ``trim_scope``: "module" (per X_t of one module, the default); "global" (the official
-  code's threshold over all modules of a task) is refused: delta space merges one module at a
-  time.
+- KnOTS's trim keeps |x| >= the ⌊density·N⌋-th largest |x| (the fused kernel's rule, as TIES
+  elsewhere in ckptreg: entries tied with the threshold are all kept, so a tie can keep a few
+  more than ⌊density·N⌋). The TIES step (trim or DARE, election, disjoint mean) runs in the
+  compiled ``ops.task_merge`` (float64) when it is built, else in batched torch
+  (:func:`_ties_x_torch`, the same numbers bit for bit; ``CKPTREG_BACKEND=python`` forces it).
+- KnOTS ``trim_scope``: "module" (N = the entries of one module's X_t, the default) or "global"
+  (knots_ties; the official code's: N_t = the entries of the X_t of all modules of task t). The
+  global thresholds come from a pre-pass of the delta-space merge over every module
+  (:func:`delta_params`, :func:`global_thresholds`: an exact radix select in a few passes, each
+  recomputing the X_t from the factors, so memory stays one module's X) before the first module
+  is written; they reach ``knots_delta`` as ``params[GLOBAL_THRESHOLDS]`` (a reserved key a
+  user's params may not carry). Named ``_trim_global``; recorded as ``trim_scope`` in the
+  lineage. knots_dare_ties refuses "global": DARE has no magnitude trim (its mask is the same
+  whatever the scope, in the official code too), so the setting would change nothing but the name.
 """
 from __future__ import annotations
 
@@ -232,58 +243,99 @@ def star_matrix(taus, weights=None, params=None, name=None, *, batched=True):
     return (_scale(params, "lam") / T) * ((U * sp.unsqueeze(-2)) @ Vh).sum(dim=-3)
 
 
-def _trim_mask(X, density):
-    """Keep the ⌊density·numel⌋ largest |x| of each ``X[t]`` (flattened; exact count)."""
-    import torch
-
-    flat = X.reshape(X.shape[0], -1)
-    k = int(math.floor(float(density) * flat.shape[1]))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        idx = torch.topk(flat.abs(), k, dim=1, sorted=False).indices
-        mask.scatter_(1, idx, True)
-    return mask.reshape(X.shape)
+#: params key holding KnOTS's per-task trim thresholds for ``trim_scope="global"`` (a list of T
+#: floats, task order). Reserved: the delta-space setup fills it (:func:`delta_params`) from a
+#: pre-pass over every module of the adapter; a user's params may not carry it.
+GLOBAL_THRESHOLDS = "_knots_thresholds"
 
 
-def _dare(X, density, seed, name):
-    """DARE on each ``X[t]``: keep with probability density (counter-based mask keyed by
-    (seed, name, t), element = flat index), kept entries / density."""
+def _ties_x_torch(X, sparsify, density, thr, keys, alpha):
+    """The fused kernel's ``task_merge(None, X.unbind(0), 1, consensus="total")`` in batched torch
+    (the fallback; the same numbers): trim keeps |x| >= thr_t (module scope: the exact
+    ⌊density·numel⌋-th largest |x| of X_t, +inf when that is 0), DARE keeps the counter-based
+    mask of keys[t]; γ = sign Σ_t x̂_t (+1 where 0) on the un-rescaled x̂; DARE's kept entries
+    times 1/density; x̄ = α · Σ_t x̂_t [sign x̂_t = γ] / max(1, count). Sums run over t in order,
+    as the kernel's do."""
     import torch
 
     from .. import rng
 
-    if name is None:
-        raise ParameterError("knots_dare_ties needs the tensor name to key its masks")
-    out = torch.empty_like(X)
-    for t in range(X.shape[0]):
-        key = rng.dare_key(int(seed), name, t)
-        m = rng.keep_mask(key, 0, X[t].numel(), float(density)).reshape(X[t].shape)
-        out[t] = torch.where(m, X[t] / float(density), torch.zeros_like(X[t]))
-    return out
+    T = X.shape[0]
+    flat = X.reshape(T, -1)
+    numel = flat.shape[1]
+    zero = torch.zeros((), dtype=X.dtype, device=X.device)
+    if sparsify == "trim":
+        if thr is None:
+            k = int(math.floor(density * numel))
+            thr_t = (torch.kthvalue(flat.abs(), numel - k + 1, dim=1).values if k > 0
+                     else torch.full((T,), math.inf, dtype=X.dtype, device=X.device))
+        else:
+            thr_t = torch.as_tensor([float(x) for x in thr], dtype=X.dtype, device=X.device)
+        xh = torch.where(flat.abs() >= thr_t[:, None], flat, zero)
+    elif density < 1.0:   # dare
+        xh = torch.stack([torch.where(rng.keep_mask(int(keys[t]) & rng.MASK64, 0, numel, density, device=X.device),
+                                      flat[t], zero) for t in range(T)])
+    else:
+        xh = flat
+    s = xh[0].clone()
+    for t in range(1, T):
+        s += xh[t]
+    gamma = torch.where(s >= 0, 1.0, -1.0).to(X.dtype)
+    agree = torch.sign(xh) == gamma
+    if sparsify == "dare" and density != 1.0:
+        xh = xh * torch.tensor(1.0 / density, dtype=X.dtype).item()
+    num = torch.where(agree[0], xh[0], zero)
+    cnt = agree[0].to(X.dtype)
+    for t in range(1, T):
+        num += torch.where(agree[t], xh[t], zero)
+        cnt += agree[t].to(X.dtype)
+    return ((num / cnt.clamp_min(1.0)) * alpha).reshape(X.shape[1:])
 
 
-def _ties_merge(X):
-    """TIES steps 2–4 (unweighted, total sign) over the task axis of ``X [T, k, n]``."""
-    import torch
+def _ties_x(X, sparsify, density, thr, keys, alpha):
+    """TIES (trim or DARE, total-sign election, disjoint mean, α) over the task axis of
+    ``X [T, k, n]``: the compiled fused kernel (``ops.task_merge``) when the call routes to it,
+    else :func:`_ties_x_torch` (``CKPTREG_BACKEND=python``; the same numbers)."""
+    from .. import ops
 
-    gamma = torch.sign(X.sum(dim=0))
-    gamma = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-    agree = torch.sign(X) == gamma
-    cnt = agree.sum(dim=0).clamp(min=1).to(X.dtype)
-    return (X * agree).sum(dim=0) / cnt
+    if ops._route(X.device, "task_merge") == "compiled":
+        X = X.contiguous()
+        return ops.task_merge(None, list(X.unbind(0)), [1.0] * X.shape[0], sparsify=sparsify, consensus="total",
+                              density=density, thresholds=thr, keys=keys, lam=alpha)
+    return _ties_x_torch(X, sparsify, density, thr, keys, alpha)
 
 
 def _knots_x(X, method, params, name):
+    """KnOTS's TIES step on the task blocks ``X [T, k, n]`` (float64) of one module: x̄ [k, n] (α
+    applied). knots_ties trims each X_t to the top ``density`` fraction by the kernel's rule
+    (keep |x| >= the ⌊density·N⌋-th largest |x|, so exact ties at the threshold are all kept;
+    N = the entries of X_t with ``trim_scope`` module, of every module's X_t of that task with
+    global: the thresholds come in ``params[GLOBAL_THRESHOLDS]``); knots_dare_ties keeps the
+    counter-based DARE mask of ``rng.dare_key(seed, name, t)`` (element = flat index in X_t)."""
+    from .. import rng
+
     p = params or {}
     density = float(p.get("density", 1.0))
-    if p.get("trim_scope", "module") != "module":
-        raise ParameterError("knots --trim-scope global is not supported (delta space merges one module at a "
-                             "time); use --trim-scope module")
+    T = X.shape[0]
+    _check_knots_scope(method, p)
+    thr = keys = None
     if method == "knots_dare_ties":
-        X = _dare(X, density, int(p.get("seed", 0)), name)
+        if name is None:
+            raise ParameterError("knots_dare_ties needs the tensor name to key its masks")
+        sparsify = "dare"
+        keys = [rng.dare_key(int(p.get("seed", 0)), name, t) for t in range(T)]
     else:
-        X = X * _trim_mask(X, density)
-    return _scale(p) * _ties_merge(X)
+        sparsify = "trim"
+        if p.get("trim_scope", "module") == "global":
+            thr = p.get(GLOBAL_THRESHOLDS)
+            if thr is None:
+                raise ParameterError("knots_ties --trim-scope global trims with thresholds over every module of "
+                                     "the adapter, computed by the delta-space merge before its first module "
+                                     f"(params[{GLOBAL_THRESHOLDS!r}], one per task); this call has none")
+            thr = [float(x) for x in thr]
+            if len(thr) != T:
+                raise ParameterError(f"{len(thr)} global trim thresholds for {T} tasks")
+    return _ties_x(X, sparsify, density, thr, keys, _scale(p))
 
 
 def knots_matrix(taus, weights=None, params=None, name=None, *, method="knots_ties"):
@@ -438,29 +490,26 @@ def star_delta(fs, weights=None, params=None, r_out=None, name=None):
     return _from_svd(U, S, Vh, _scale(params, "lam") / T, r_out, _natural(fs))
 
 
-def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method="knots_ties"):
-    """KnOTS on LoRA updates: the SVD of W = [τ_1 … τ_T] = B_cat · blockdiag(c_t A_t) from thin QRs
-    B_cat = Q_B R_B and A_tᵀ = Q_t R_t: W = Q_B · K · blockdiag(Q_t)ᵀ with the Σr×Σr core
-    K = R_B · blockdiag(c_t R_tᵀ) (float64), so U = Q_B u and V_tᵀ = (vᵀ)_block t Q_tᵀ; TIES (or
-    DARE-TIES) on X_t = diag(σ) V_tᵀ (k × n); Δ = U (α x̄), written back by the SVD of the k × n
-    x̄ (U has orthonormal columns)."""
+def _knots_blocks(fs, w):
+    """The joint SVD of W = [τ_1 … τ_T] (τ_t = w_t s_t B_t A_t) in factored form, float64:
+    (U [m, k], X [T, k, n]) with X_t = diag(σ) V_tᵀ block, σ > σ_1·1e-6 kept; (None, None) when
+    k = 0. B_cat = Q_B R_B and A_tᵀ = Q_t R_t give W = Q_B · K · blockdiag(Q_t)ᵀ with the Σr×Σr
+    core K = R_B · blockdiag(c_t R_tᵀ), so U = Q_B u and V_tᵀ = (vᵀ)_block t Q_tᵀ. Deterministic:
+    the delta-space pre-pass of ``trim_scope`` global recomputes the same X to select thresholds."""
     import torch
 
-    m, n, w = _fs_check(fs, weights)
-    odt = _wdt(*(t for f in fs for t in f[:2]))
     # float64 throughout (METHODS.md: KnOTS's SVD in float64): TIES's trim and sign election are
     # discontinuous, so float32 rounding of the X_t flips entries (measured 2e-4 relative at 1024²)
     dt = torch.float64
     B = torch.cat([b.to(dt) for _, b, _ in fs], 1)
     qb, rb = torch.linalg.qr(B, mode="reduced")
-    rb = rb.to(torch.float64)
     R = B.shape[1]
-    blocks, qs, off = torch.zeros((R, R), dtype=torch.float64), [], 0
+    blocks, qs, off = torch.zeros((R, R), dtype=dt), [], 0
     for (a, _, sc), wt in zip(fs, w):
         r = int(a.shape[0])
         q, rt = torch.linalg.qr(a.to(dt).mT, mode="reduced")    # A_tᵀ = Q_t R_t, q [n, r']
         rr = q.shape[1]
-        blocks[off:off + r, off:off + rr] = (wt * float(sc)) * rt.to(torch.float64).mT
+        blocks[off:off + r, off:off + rr] = (wt * float(sc)) * rt.mT
         qs.append((off, rr, q))
         off += r
     # columns of K index the blocks of blockdiag(Q_t): r'_t = min(n, r_t) each (here off counts r_t)
@@ -469,15 +518,144 @@ def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method=
     u, S, vh = torch.linalg.svd(K, full_matrices=False)
     k = int(_ranks(S))
     if k == 0:
-        return _zeros(fs, r_out)
-    U = qb.to(torch.float64) @ u[:, :k]
-    X, c0 = [], 0
-    for (o, rr, q) in qs:
-        X.append((S[:k, None] * vh[:k, c0:c0 + rr]) @ q.to(torch.float64).mT)   # [k, n]
+        return None, None
+    U = qb @ u[:, :k]
+    X = torch.empty((len(fs), k, fs[0][0].shape[-1]), dtype=dt)
+    c0 = 0
+    for t, (o, rr, q) in enumerate(qs):
+        torch.matmul(S[:k, None] * vh[:k, c0:c0 + rr], q.mT, out=X[t])   # [k, n]
         c0 += rr
-    xbar = _knots_x(torch.stack(X), method, params, name)   # [k, n], α applied
-    u2, s2, vh2 = torch.linalg.svd(xbar, full_matrices=False)
+    return U, X
+
+
+def _svd_wide(M):
+    """Thin SVD of a wide ``M [k, n]`` (k ≤ n) through the QR of Mᵀ = Q R: M = Rᵀ Qᵀ, so
+    SVD(Rᵀ) = u s vh gives M = u s (vh Qᵀ) (a k×k SVD instead of LAPACK's slower wide one)."""
+    import torch
+
+    if M.shape[0] > M.shape[1]:
+        return torch.linalg.svd(M, full_matrices=False)
+    q, r = torch.linalg.qr(M.mT, mode="reduced")
+    u, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
+    return u, s, vh @ q.mT
+
+
+def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method="knots_ties"):
+    """KnOTS on LoRA updates: the joint SVD of W = [τ_1 … τ_T] in factored form
+    (:func:`_knots_blocks`); TIES (or DARE-TIES) on X_t = diag(σ) V_tᵀ (k × n, :func:`_knots_x`:
+    the fused kernel); Δ = U (α x̄), written back by the SVD of the k × n x̄ (U has orthonormal
+    columns)."""
+    m, n, w = _fs_check(fs, weights)
+    odt = _wdt(*(t for f in fs for t in f[:2]))
+    U, X = _knots_blocks(fs, w)
+    if U is None:
+        return _zeros(fs, r_out)
+    xbar = _knots_x(X, method, params, name)   # [k, n], α applied
+    del X
+    u2, s2, vh2 = _svd_wide(xbar)
     return _from_svd((U @ u2).to(odt), s2.to(odt), vh2.to(odt), 1.0, r_out, _natural(fs))
+
+
+# ------------------------------------------------------------------------------------------------
+# KnOTS --trim-scope global: exact per-task thresholds over every module, bounded memory
+
+#: radix-select digit width (bits) and the candidate count below which a pass collects the
+#: remaining values instead of histogramming the next digit
+RADIX_BITS = 16
+RADIX_COLLECT = 1 << 20
+
+
+def global_thresholds(blocks, T: int, density: float) -> list[float]:
+    """The exact ⌊density·N_t⌋-th largest |x| over the X_t of every module, for each task t
+    (N_t = their total number of entries; +inf where ⌊density·N_t⌋ = 0), without holding them:
+    ``blocks()`` returns a fresh iterator over the modules' ``X [T, k, n]`` (float64), called
+    once per pass. A radix select over the bit patterns of |x| (a non-negative float64 orders
+    as its int64 bits): pass 1 histograms the top 16 bits (``bincount``) and picks the digit
+    holding the k-th largest; each later pass either histograms the next 16 bits among the
+    entries of the chosen prefix or, once at most :data:`RADIX_COLLECT` entries share it,
+    collects them and takes the exact order statistic. 2–5 passes; memory: one module's X,
+    T histograms of 2^16 counts, at most T·RADIX_COLLECT candidates."""
+    import torch
+
+    nb = 1 << RADIX_BITS
+    prefix = [0] * T        # value of the bits chosen so far
+    plen = [0] * T          # how many leading bits are chosen
+    kk = [0] * T            # rank (1-based, from the top) still wanted inside the prefix
+    done: list = [None] * T
+    collect = [False] * T
+    first = True
+    N = [0] * T
+    while any(d is None for d in done):
+        hist = [torch.zeros(nb, dtype=torch.int64) for _ in range(T)]
+        cand: list = [[] for _ in range(T)]
+        for X in blocks():
+            if X is None:
+                continue
+            if X.shape[0] != T:
+                raise MismatchError(f"a module has {X.shape[0]} task blocks, expected {T}")
+            bits = X.abs().reshape(T, -1).view(torch.int64)
+            for t in range(T):
+                if done[t] is not None:
+                    continue
+                b = bits[t]
+                if first:
+                    N[t] += b.numel()
+                elif plen[t]:
+                    b = b[(b >> (64 - plen[t])) == prefix[t]]
+                if collect[t]:
+                    cand[t].append(b.clone())
+                else:
+                    sh = 64 - plen[t] - RADIX_BITS
+                    hist[t] += torch.bincount((b >> sh) & (nb - 1), minlength=nb)
+        for t in range(T):
+            if done[t] is not None:
+                continue
+            if first:
+                kk[t] = int(math.floor(float(density) * N[t]))
+                if kk[t] == 0:
+                    done[t] = math.inf
+                    continue
+            if collect[t]:
+                v = torch.cat(cand[t]) if cand[t] else torch.empty(0, dtype=torch.int64)
+                if v.numel() < kk[t]:   # pragma: no cover (the histogram counted them)
+                    raise MismatchError("the task blocks changed between the passes of the global trim")
+                bit = torch.kthvalue(v, v.numel() - kk[t] + 1).values
+                done[t] = float(bit.reshape(1).view(torch.float64))
+                continue
+            h = hist[t]
+            above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])   # above[d] = #digits >= d
+            d = int((above >= kk[t]).nonzero().max())
+            kk[t] -= int(above[d] - h[d])
+            prefix[t] = (prefix[t] << RADIX_BITS) | d
+            plen[t] += RADIX_BITS
+            if plen[t] == 64:
+                done[t] = float(torch.tensor([prefix[t] - (1 << 64) if prefix[t] >= 1 << 63 else prefix[t]],
+                                             dtype=torch.int64).view(torch.float64))
+            elif int(h[d]) <= RADIX_COLLECT:
+                collect[t] = True
+        first = False
+    return [float(x) for x in done]
+
+
+def delta_params(cache) -> dict:
+    """The params a delta-space merge hands to ``delta_fn``: the method's own, plus for KnOTS-TIES
+    with ``trim_scope`` global the per-task thresholds (:data:`GLOBAL_THRESHOLDS`) of a pre-pass
+    over every module of the adapter (:func:`global_thresholds`; each pass recomputes the X_t of
+    each module from its factors, exactly as the merge will), so each module trims with them.
+    ``cache``: the :class:`~ckptreg.merge.delta.DeltaCache` (``method``, ``p``, ``coeffs``,
+    ``module_factors()``)."""
+    p = dict(cache.p or {})
+    if cache.method != "knots_ties" or p.get("trim_scope", "module") != "global":
+        return p
+    T = len(cache.coeffs)
+    w = [float(x) for x in cache.coeffs]
+
+    def blocks():
+        for _, fs in cache.module_factors():
+            yield _knots_blocks(fs, w)[1]
+
+    p[GLOBAL_THRESHOLDS] = global_thresholds(blocks, T, float(p.get("density", 1.0)))
+    return p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,10 +674,23 @@ def _unused_fn(name, tensors, weights, params, odt):   # pragma: no cover (matri
     raise ParameterError("low-rank methods run through matrix_fn")
 
 
+def _check_knots_scope(method, p: dict) -> None:
+    if method == "knots_dare_ties" and p.get("trim_scope", "module") != "module":
+        raise ParameterError("knots_dare_ties has no magnitude trim (DARE keeps each entry at random with "
+                             "probability density, the same mask whatever the scope), so --trim-scope global "
+                             "would change nothing; leave --trim-scope at module (or use knots_ties)")
+
+
 def _check_knots(p: dict) -> None:
-    if p.get("trim_scope", "module") != "module":
-        raise ParameterError("knots --trim-scope global is not supported (delta space merges one module at a "
-                             "time); use --trim-scope module")
+    if GLOBAL_THRESHOLDS in p:
+        raise ParameterError(f"{GLOBAL_THRESHOLDS} is reserved (the delta-space merge computes the global trim "
+                             "thresholds itself); remove it from the parameters")
+    _check_knots_scope("knots_ties", p)
+
+
+def _check_knots_dare(p: dict) -> None:
+    _check_knots(p)
+    _check_knots_scope("knots_dare_ties", p)
 
 
 ALPHA = ParamDef("alpha", "float", 1.0, "Scale α of the merged update (TSV-M, Iso-C/CTS, KnOTS).", finite=True,
@@ -511,9 +702,10 @@ ETA = ParamDef("eta", "float", 40.0, "STAR: percent of each task's nuclear norm 
 DENSITY = ParamDef("density", "float", None, "Fraction of each task vector kept, in (0, 1].", lo=0.0, hi=1.0,
                    lo_open=True, required=True, sweepable=True, fragment="d", name_default=0.5)
 SEED = ParamDef("seed", "int", 0, "DARE mask seed.", fragment="seed")
-TRIM_SCOPE = ParamDef("trim_scope", "choice", "module", "KnOTS trim scope: module (per X_t of one module); "
-                      "global (the official code's, over all modules) is not supported.",
-                      choices=("module", "global"))
+TRIM_SCOPE = ParamDef("trim_scope", "choice", "module", "KnOTS trim scope: module (the top density fraction "
+                      "of each X_t of one module) or global (of all modules' X_t of a task, as the official "
+                      "code; knots_ties only). Named _trim_global.", choices=("module", "global"),
+                      fragment="=trim_global")
 
 _COMMON = dict(strategy=PER_MATRIX, fn=_unused_fn, weight_rule="task_vector", uses_base=True, delta_rule="factored")
 
@@ -536,7 +728,7 @@ METHODS_LOWRANK = (
               help="KnOTS-TIES: TIES on the task blocks of the joint SVD of the LoRA updates (LoRA only).",
               **_COMMON),
     MethodDef("knots_dare_ties", params=(DENSITY, ALPHA, SEED, TRIM_SCOPE), fragment="knots_dare_ties",
-              spaces=("delta",), matrix_fn=_knots_dare_matrix, delta_fn=_knots_dare_delta, check=_check_knots,
+              spaces=("delta",), matrix_fn=_knots_dare_matrix, delta_fn=_knots_dare_delta, check=_check_knots_dare,
               help="KnOTS-DARE-TIES: DARE then TIES on the joint-SVD task blocks (LoRA only).", **_COMMON),
 )
 
