@@ -283,3 +283,32 @@ def test_cli_sweep_space_delta_refuses_full_models(tmp_path):
     assert r.exit_code == 8 and "space='delta' needs LoRA adapters" in r.output, r.output
     assert Registry(db).checkpoints("m", merged=True) == []
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+def test_distributed_delta_sweep_equals_single_process(tmp_path):
+    """`ckptreg sweep --space delta --nproc-per-node 2`: each update-space point runs as a
+    distributed merge; every output byte for byte the single-process sweep's, registered once,
+    with the same names and lineage, nothing left behind."""
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from test_distributed import _compare, _env, _inputs, _no_temporaries
+
+    reg_d, reg_s = _inputs(tmp_path / "in", [tmp_path / "d.duckdb", tmp_path / "s.duckdb"])
+    args = ["sweep", "--run", "sft", "--last", "2,3", "--method", "tsv,ties", "--density", "0.5", "--space", "delta",
+            "--rank", "3", "--json", "-q"]
+    r = subprocess.run([sys.executable, "-m", "ckptreg", "--db", str(tmp_path / "d.duckdb")] + args
+                       + ["-o", str(tmp_path / "dist"), "--nproc-per-node", "2"],
+                       env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows_d = json.loads(r.stdout)
+    s = CliRunner().invoke(main, ["--db", str(tmp_path / "s.duckdb")] + args + ["-o", str(tmp_path / "single")])
+    assert s.exit_code == 0, s.output
+    rows_s = json.loads(s.stdout)
+    assert [x["name"] for x in rows_d] == [x["name"] for x in rows_s] and len(rows_d) == 4
+    assert len(reg_d.checkpoints("sft", merged=True)) == 4
+    _compare(reg_d, reg_s, [x["id"] for x in rows_d], [x["id"] for x in rows_s])
+    _no_temporaries(tmp_path / "dist")
