@@ -915,7 +915,8 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
     # updates themselves (base pretrained, no base checkpoint), merged exactly from the factors
     # in delta space (TIES / DARE-TIES one dense layer at a time, truncated back to r 8; TSV-M,
     # Iso-C, STAR, KnOTS-TIES in the span of the stacked factors) and TIES on the core matrices.
-    # Each is one merge call (sweeps are factor space), evaluated like every other adapter.
+    # One sweep per space (every point the exact factored merge engine.merge runs), evaluated
+    # like every other adapter; listed in (window, UPDATE_BASELINES) order.
     up_specs = []
     for k in plan.update_sizes:
         if k > n_avail:
@@ -923,11 +924,13 @@ def _run_demo(db, out, *, steps, seed, quick, run, threads, plan, log) -> dict:
         for method, space, params in UPDATE_BASELINES:
             params = {x: {"density": plan.density, "seed": seed}[x] for x in params}
             up_specs.append((spec(method, k, 1, base="pretrained", params=params, space=space), space))
-    update_baselines = []
-    for s, space in up_specs:
-        c = engine.merge(reg, s, space=space, overwrite=True)
+    update_baselines: list = [None] * len(up_specs)
+    for space in dict.fromkeys(sp for _s, sp in up_specs):   # delta, then core
+        idx = [i for i, (_s, sp) in enumerate(up_specs) if sp == space]
+        for i, c in zip(idx, engine.sweep(reg, [up_specs[i][0] for i in idx], space=space, overwrite=True)):
+            update_baselines[i] = c
+    for c in update_baselines:
         score(c)
-        update_baselines.append(c)
     say(f"  update-space baselines (base pretrained: delta-space TIES / DARE-TIES / TSV-M / Iso-C / STAR / "
         f"KnOTS-TIES, core-space TIES): {len(update_baselines)} merges")
     timings["merge_eval_s"] = time.time() - t0
