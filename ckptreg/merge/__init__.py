@@ -11,11 +11,17 @@ Modules, in the order a merge uses them:
 - :mod:`.stream`: :class:`Job` (one output), :class:`Pass` (one read of the inputs) and
   :func:`run_pass`, the per-tensor loop of both merge and sweep; :mod:`.kernels` holds the
   built-in methods' per-tensor functions.
-- :mod:`.delta`: LoRA factor-scale checks and the delta space.
+- :mod:`.table` built-ins (linear … cart), :mod:`.methods_geometry` (model_stock, multislerp),
+  :mod:`.methods_sparsify` (breadcrumbs, della), :mod:`.methods_lowrank` (tsv, iso_c, iso_cts,
+  star, knots_ties, knots_dare_ties): every method is one :class:`MethodDef`.
+- :mod:`.delta`: LoRA factor-scale checks and the update spaces (delta, core).
 - :mod:`.targets`: output layouts, the atomic :class:`Output`, locks, target refusals, stored
   recipe / lineage / up-to-date check, registration.
 - :mod:`.run`: :func:`merge` and :func:`sweep` (and :func:`merge_result` / :func:`sweep_results`, which
   return :class:`MergeResult` values: checkpoint, spec as merged, status; specs are never mutated).
+- :mod:`.distributed`: the same merge under torchrun / ``--nproc-per-node``: the plan split by
+  bytes across ranks, each rank writing its shards into rank 0's staging folder, rank 0
+  registering once; any rank's failure aborts all (its own docstring).
 - :mod:`.recipe`, :mod:`.card`: recipe files and model cards (their own docstrings).
 
 Adding a method
@@ -78,6 +84,12 @@ Per-method streaming (the method table's strategies, :mod:`.table`; one loop, :m
   ``methods.slerp``).
 - cart: whole tensor per 2-D weight matrix (``lowrank.cart_dense``); LoRA adapters in delta space
   use ``lowrank.cart_lowrank`` per module (exact, no d×k matrix).
+- model_stock / multislerp: a first pass accumulates the inputs' Gram matrix (float64), then
+  each chunk is θ_0 + Σ c_i τ_i; breadcrumbs / della: whole tensors in ``prepare``.
+- tsv / iso_c / iso_cts / star (``per_matrix`` with ``matrix_fn``): θ_0 + matrix_fn(stack(θ_t − θ_0))
+  on 2-D non-embedding matrices, θ_0 + α·mean τ elsewhere; knots_* run only in delta space.
+- LiNeS (``params["lines"] = (α, β)``, any method with a base): θ_0 + λ(ℓ)·Δ per tensor, through
+  ``lam`` or the per-tensor factor the streamer sets (``table.lines_mode``).
 
 Choices documented here (DESIGN/METHODS leave them open)
 --------------------------------------------------------
@@ -88,13 +100,22 @@ Choices documented here (DESIGN/METHODS leave them open)
   model is the t=0 end). Without a base the first input is the t=0 end.
 - CART low-rank step applies to 2-D float tensors except embeddings (names containing "embed",
   "wte", "wpe"); other tensors end up as the weighted average (as METHODS.md says).
-- LoRA ``space="delta"``: the merged update ``Σ c_i s_i B_i A_i`` is truncated to ``rank``
-  (default: the inputs' r; CART: exact, rank Σ r_i, unless ``rank`` is given) and written with
-  ``lora_alpha = r_out`` and ``use_rslora = false`` in the output adapter_config.json, so the
-  output's scaling is exactly 1 and the scales are folded into the factors (balanced split
-  ``B = U√S``, ``A = √S Vh``). ``rank_pattern`` is kept when the rank is not changed, with an
-  ``alpha_pattern`` equal to it (scaling 1 per module). Delta space supports linear, uniform, mwa,
-  task_arithmetic and cart; other methods are a ParameterError (they are not linear in ΔW).
+- LoRA ``space="delta"`` / ``"core"`` (the update spaces; :mod:`.delta` has the details): every
+  method whose ``MethodDef.spaces`` lists the space, run by its ``delta_rule``: linear and
+  task_arithmetic (``Σ c_i s_i B_i A_i``), CART, the SVD family (``delta_fn``) and the Gram
+  methods (model_stock, multislerp, slerp) exactly in factored form, never forming d×k; the
+  element-wise methods (ties, dare_*, magnitude_prune, breadcrumbs*, della*) on one layer's
+  formed updates at a time, truncated back to ``rank`` by exact SVD in delta space (PEFT ``*_svd``
+  semantics), on the Σr×Σr core matrices in core space (the core-space method, named
+  ``core_<method>_...``). A method outside its spaces (iso_cts on adapters, knots on full
+  models or in core space, tsv on raw factors) is a ParameterError before anything is written.
+  A method with a base and none given uses base pretrained (τ_i = s_i B_i A_i, named
+  ``_base_pretrained``). Inputs may mix r, lora_alpha and rsLoRA. Default output rank: the
+  inputs' largest r (CART, the SVD family and core-space element-wise methods: their exact
+  rank, up to Σ r_i), unless ``rank`` is given; written with ``lora_alpha = r_out`` and
+  ``use_rslora = false`` in the output adapter_config.json, so the output's scaling is exactly 1
+  and the scales are folded into the factors (balanced split ``B = U√S``, ``A = √S Vh``);
+  modules whose rank differs from the most common one get ``rank_pattern`` / ``alpha_pattern``.
 - LoRA ``space="factors"`` (the default, and every sweep) combines the stored A/B factors as
   tensors and writes the first input's adapter_config.json, so it needs every module to have the
   same scaling s = alpha/r (alpha/sqrt(r) with rsLoRA; alpha_pattern/rank_pattern resolved per
@@ -102,6 +123,8 @@ Choices documented here (DESIGN/METHODS leave them open)
   Differing scalings, or a mix of adapters with and without an adapter_config.json, are a
   MismatchError before anything is read or written (a sweep checks all its merges first); the
   message names the adapters and their values and points to ``space="delta"``, which is exact.
+  The SVD family needs the updates, not the factors: tsv / iso_c / star run on adapters only in
+  delta or core space.
 - The merged checkpoint goes to the run of the newest input.
 """
 from __future__ import annotations
