@@ -103,13 +103,19 @@ def merge(db: DB, refs: Sequence[Ref] | None = None, *, run: str | None = None, 
     """Merge checkpoints and register the result (``ckptreg merge``); returns its Checkpoint.
 
     - inputs: ``refs``, or ``run`` + ``last`` [+ ``every``, ``exclude_final``, ``skip_missing``];
-    - ``method``: uniform, mwa, linear, task_arithmetic, ties, dare_linear, dare_ties,
-      magnitude_prune, slerp, cart (aliases and dashes accepted);
+    - ``method``: any method of the method table (``ckptreg methods``; aliases and dashes
+      accepted): uniform, mwa, linear, task_arithmetic, ties, dare_linear, dare_ties,
+      magnitude_prune, slerp, cart, model_stock, multislerp, breadcrumbs, breadcrumbs_ties,
+      della, della_linear, tsv, iso_c, iso_cts, star, knots_ties, knots_dare_ties;
     - weighting: ``scheme`` (uniform/metric/mwa; mwa is implied by ``method="mwa"``) with
       ``metric``, ``penalty``, ``power``, ``direction``; or explicit ``weights`` (one per input);
-    - ``params``: method parameters (density, sign, lam, seed, t, rank_ratio, svd="exact");
-    - ``base``: "first", "last" or a ref (task-vector methods; SLERP's t = 0 end);
-    - ``space`` ("factors" | "delta") and ``rank`` for LoRA adapters; ``out_dtype``
+    - ``params``: method parameters by the table's names (density, sign, lam, seed, t,
+      rank_ratio, svd, filter_wise, gamma, epsilon, alpha, eta, trim_scope, ...) and the LiNeS
+      modifier ``lines=(alpha, beta)`` for any method with a base;
+    - ``base``: "first", "last", a ref, or "pretrained" (LoRA in delta/core space: the updates
+      are the task vectors; the default there for methods with a base); SLERP's t = 0 end;
+    - ``space`` ("factors" | "delta" | "core") and ``rank`` for LoRA adapters (which methods run
+      in which space: ``ckptreg methods``; ``ckptreg.merge``'s docstring); ``out_dtype``
       (float32/float16/bfloat16/float64); ``out`` (default beside the inputs), ``name`` (default:
       the paper's naming), ``overwrite`` (replace a ckptreg output), ``out_shard_size`` (bytes).
 
