@@ -326,11 +326,12 @@ def _space_options(f):
     """--space and --rank, the same for merge and sweep."""
     opts = [
         click.option("--space", type=click.Choice(["factors", "delta", "core"]), default="factors", show_default=True,
-                     help="LoRA: merge the stored factors; delta: in update space (linear and Gram methods exact, "
-                          "element-wise ones one dense layer at a time then truncated to --rank); core: on the "
-                          "Σr×Σr core matrices (element-wise methods are the core-space variant, named core_...)."),
+                     help="LoRA: merge the stored factors; delta: in update space (linear, CART, SVD-family and "
+                          "Gram methods exact, element-wise ones one dense layer at a time then truncated to "
+                          "--rank); core: on the Σr×Σr core matrices (element-wise methods are the core-space "
+                          "variant, named core_...). `ckptreg methods` lists each method's spaces."),
         click.option("--rank", type=int, default=None, help="Output LoRA rank with --space delta|core (default: the "
-                     "inputs' max rank; core-space element-wise methods: exact, Σr)."),
+                     "inputs' max rank; CART, SVD-family and core-space element-wise methods: exact, up to Σr)."),
     ]
     for o in reversed(opts):
         f = o(f)
