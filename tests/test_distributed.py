@@ -257,7 +257,9 @@ def test_rank_killed_mid_merge_leaves_nothing(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode != 0
     text = out.decode()
-    assert "another rank failed or was lost" in text, text[-3000:]
+    # the surviving rank aborts either at its next collective (the lost peer) or on the SIGTERM
+    # torchrun's agent sends every rank once one died, whichever comes first; both clean up
+    assert "another rank failed or was lost" in text or "stopped by SIGTERM" in text, text[-3000:]
     assert reg.checkpoints(merged=True) == []
     assert not (tmp_path / "dist" / "hf_ties").exists()
     _no_temporaries(tmp_path / "dist")

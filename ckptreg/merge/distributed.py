@@ -31,6 +31,7 @@ single-process merge's (same chunks, same kernels, same per-tensor parameters an
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -98,6 +99,32 @@ def _group():
     if _GROUP is None:
         _GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=t)
     return _GROUP
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """A distributed merge/sweep (under torchrun; else nothing changes): SIGTERM (torchrun's agent sends it to
+    every rank once one rank dies, or when the job is stopped) becomes a DistributedError raised
+    in the main thread, so the rank aborts through the same path as any failure (its output
+    removed, nothing registered) instead of dying with rank 0's staging folder left behind. Once:
+    a second SIGTERM during that cleanup is ignored (torchrun's SIGKILL still ends a hung rank)."""
+    import signal
+    import threading
+
+    if not requested() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, lambda s, f: None)
+        raise DistributedError("distributed merge: stopped by SIGTERM (torchrun stops every rank when one fails "
+                               "or the job is stopped); an output not yet registered was removed")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def shutdown(ok: bool) -> None:

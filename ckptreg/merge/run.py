@@ -154,8 +154,9 @@ def merge_result(registry, spec: MergeSpec, *, space: str = "factors", rank: int
     committed and registered. ``spec`` is not changed."""
     locks = _Locks()
     try:
-        return _merge(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
-                      progress=progress, out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
+        with _dist.stop_on_sigterm():   # under torchrun only: a SIGTERM aborts (and cleans up) like a failure
+            return _merge(registry, spec, space=space, rank=rank, out_dtype=out_dtype, overwrite=overwrite,
+                          progress=progress, out_shard_size=out_shard_size, chunk_elems=chunk_elems, _locks=locks)
     finally:
         locks.release_all()
 
@@ -356,9 +357,10 @@ def sweep_results(registry, specs: Sequence[MergeSpec], *, overwrite: bool = Fal
     of the spec it duplicates: the same checkpoint, spec as merged and status)."""
     locks = _Locks()
     try:
-        return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
-                      out_shard_size=out_shard_size, chunk_elems=chunk_elems, space=space, rank=rank,
-                      _locks=locks)
+        with _dist.stop_on_sigterm():
+            return _sweep(registry, specs, overwrite=overwrite, progress=progress, out_dtype=out_dtype,
+                          out_shard_size=out_shard_size, chunk_elems=chunk_elems, space=space, rank=rank,
+                          _locks=locks)
     finally:
         locks.release_all()
 
