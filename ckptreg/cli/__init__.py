@@ -37,7 +37,8 @@ class CkptregGroup(click.Group):
 @click.version_option(package_name="ckptreg")
 @click.pass_context
 def main(ctx, db, force_local_locks):
-    """ckptreg: register checkpoints from any training loop; merge them (MWA, TIES, DARE, SLERP, CART)."""
+    """ckptreg: register checkpoints from any training loop; merge them (MWA, TIES, DARE, SLERP, CART,
+    TSV-M, Iso-C, STAR, KnOTS, ...: `ckptreg methods` lists all)."""
     ctx.ensure_object(dict)
     ctx.obj["db"] = db
     ctx.obj["force_local_locks"] = bool(force_local_locks)

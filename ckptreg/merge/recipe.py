@@ -495,7 +495,7 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
         _fail(source, "rank", rank, "only applies with space: delta or core", ParameterError)
     if rules and space in ("delta", "core"):
         _fail(source, "parameters", {k: [r.to_json() for r in v] for k, v in rules.items()},
-              "vary by tensor, which space: delta (whole LoRA modules merged in update space) does not support",
+              f"vary by tensor, which space: {space} (whole LoRA modules merged in update space) does not support",
               ParameterError)
     out_dtype = data.get("out_dtype")
     if out_dtype is not None and out_dtype not in ("float32", "float16", "bfloat16", "float64"):
