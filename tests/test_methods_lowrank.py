@@ -310,13 +310,17 @@ def ref_global_thresholds(xs_by_module, density):
     return out
 
 
-@pytest.mark.parametrize("collect", [ML.RADIX_COLLECT, 40, 0])
-def test_global_thresholds_exact_radix_select(monkeypatch, collect):
-    """The bounded-memory radix select equals the order statistic of the concatenation, for
+@pytest.mark.parametrize("collect,sample_max", [(None, None), (40, 16), (0, 16)])
+def test_global_thresholds_exact_bounded_memory_select(monkeypatch, collect, sample_max):
+    """The bounded-memory selection equals the order statistic of the concatenation, for
     densities down to k = 0 (+inf) and 1 (the smallest |x|, here an exact 0), with exact ties and
-    magnitudes spread over many binades; collect=0 forces all four 16-bit histogram passes, 40
-    a histogram pass then a collecting one."""
-    monkeypatch.setattr(ML, "RADIX_COLLECT", collect)
+    magnitudes spread over many binades. Defaults: 2 passes (sample and bracket, then count and
+    collect). A tiny sample (decimated down to 16 entries) and a tiny collect cap send tasks to
+    the radix select: 40 -> a histogram pass then a collecting one, 0 -> all four histogram
+    passes (20, 16, 16, 12 bits). radix_thresholds alone, for all tasks and for a subset."""
+    if collect is not None:
+        monkeypatch.setattr(ML, "RADIX_COLLECT", collect)
+        monkeypatch.setattr(ML, "SAMPLE_MAX", sample_max)
     g = torch.Generator().manual_seed(3)
     mods = [torch.randn(3, k, 50, generator=g, dtype=torch.float64) * torch.logspace(-8, 3, 50, dtype=torch.float64)
             for k in (4, 7, 1)]
@@ -330,9 +334,15 @@ def test_global_thresholds_exact_radix_select(monkeypatch, collect):
 
     xs = [[_np(x) for x in m] for m in mods]
     for d in (1e-5, 0.01, 0.37, 0.5, 1.0):
+        want = ref_global_thresholds(xs, d)
         passes.clear()
-        assert ML.global_thresholds(blocks, 3, d) == ref_global_thresholds(xs, d), d
-        assert len(passes) <= (5 if collect == 0 else 3)
+        assert ML.global_thresholds(blocks, 3, d) == want, d
+        if collect is None:
+            assert len(passes) <= 2
+        passes.clear()
+        assert ML.radix_thresholds(blocks, 3, d) == want, d
+        assert len(passes) <= (4 if collect == 0 else 3)
+        assert ML.radix_thresholds(blocks, 3, d, tasks=[1]) == [None, want[1], None]
 
 
 def test_knots_trim_keeps_every_tie_at_the_threshold():

@@ -559,34 +559,118 @@ def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method=
 # ------------------------------------------------------------------------------------------------
 # KnOTS --trim-scope global: exact per-task thresholds over every module, bounded memory
 
-#: radix-select digit width (bits) and the candidate count below which a pass collects the
-#: remaining values instead of histogramming the next digit
+#: radix-select digit widths (bits): the first pass histograms the top RADIX_FIRST bits of |x|
+#: (sign, exponent and 8 mantissa bits: bins of 1/256 of a binade), later passes RADIX_BITS more
+#: (the last one what is left of the 64); a pass whose chosen prefix holds at most RADIX_COLLECT
+#: entries of a task collects them instead of histogramming the next digit
+RADIX_FIRST = 20
 RADIX_BITS = 16
 RADIX_COLLECT = 1 << 20
+#: the most |x| samples :func:`global_thresholds` holds per task (its pass 1)
+SAMPLE_MAX = 1 << 20
 
 
 def global_thresholds(blocks, T: int, density: float) -> list[float]:
     """The exact ⌊density·N_t⌋-th largest |x| over the X_t of every module, for each task t
     (N_t = their total number of entries; +inf where ⌊density·N_t⌋ = 0), without holding them:
     ``blocks()`` returns a fresh iterator over the modules' ``X [T, k, n]`` (float64), called
-    once per pass. A radix select over the bit patterns of |x| (a non-negative float64 orders
-    as its int64 bits): pass 1 histograms the top 16 bits (``bincount``) and picks the digit
-    holding the k-th largest; each later pass either histograms the next 16 bits among the
-    entries of the chosen prefix or, once at most :data:`RADIX_COLLECT` entries share it,
-    collects them and takes the exact order statistic. 2–5 passes; memory: one module's X,
-    T histograms of 2^16 counts, at most T·RADIX_COLLECT candidates."""
+    once per pass. Two passes as a rule: pass 1 counts N_t and keeps a systematic sample of |x|
+    (every s-th entry, s doubled whenever the sample would exceed :data:`SAMPLE_MAX`), whose
+    order statistics bracket the wanted one, [lo, hi] (a ±4σ binomial margin); pass 2 counts the
+    entries above hi and collects those inside [lo, hi] (at most :data:`RADIX_COLLECT`), where
+    the exact answer lies when count_above < k ≤ count_above + count_inside. A task whose bracket
+    missed or held too many entries goes to the exact radix select (:func:`radix_thresholds`).
+    Memory: one module's X, T samples of at most SAMPLE_MAX and T·RADIX_COLLECT candidates."""
     import torch
 
-    nb = 1 << RADIX_BITS
+    N = [0] * T
+    samples: list = [[] for _ in range(T)]
+    stride, pos, held = 1, [0] * T, [0] * T
+    for X in blocks():
+        if X is None:
+            continue
+        if X.shape[0] != T:
+            raise MismatchError(f"a module has {X.shape[0]} task blocks, expected {T}")
+        a = X.abs().reshape(T, -1)
+        for t in range(T):
+            first = (-pos[t]) % stride
+            samples[t].append(a[t, first::stride].clone())
+            held[t] += samples[t][-1].numel()
+            pos[t] += a.shape[1]
+            N[t] += a.shape[1]
+        while max(held) > SAMPLE_MAX:   # decimate: keep every other sampled entry (entries ≡ 0 mod 2s)
+            for t in range(T):
+                v = torch.cat(samples[t]) if samples[t] else torch.empty(0, dtype=torch.float64)
+                samples[t] = [v[::2].clone()]
+                held[t] = samples[t][0].numel()
+            stride *= 2
+    out: list = [None] * T
+    lo, hi, kk = [0.0] * T, [math.inf] * T, [0] * T
+    for t in range(T):
+        kk[t] = int(math.floor(float(density) * N[t]))
+        if kk[t] == 0:
+            out[t] = math.inf
+            continue
+        v = torch.sort(torch.cat(samples[t]), descending=True).values
+        S = v.numel()
+        q = kk[t] / N[t]
+        i, m = q * S, 4.0 * math.sqrt(S * q * (1.0 - q)) + 8.0
+        hi_i, lo_i = int(math.floor(i - m)), int(math.ceil(i + m))
+        hi[t] = float(v[hi_i]) if hi_i >= 0 else math.inf
+        lo[t] = float(v[lo_i]) if lo_i < S else 0.0
+    del samples
+    if all(o is not None for o in out):
+        return [float(o) for o in out]
+    above, inside, full = [0] * T, [[] for _ in range(T)], [False] * T
+    for X in blocks():
+        if X is None:
+            continue
+        a = X.abs().reshape(T, -1)
+        for t in range(T):
+            if out[t] is not None:
+                continue
+            above[t] += int((a[t] > hi[t]).sum())
+            if not full[t]:
+                sel = a[t][(a[t] >= lo[t]) & (a[t] <= hi[t])]
+                inside[t].append(sel)
+                full[t] = sum(x.numel() for x in inside[t]) > RADIX_COLLECT
+    missed = []
+    for t in range(T):
+        if out[t] is not None:
+            continue
+        n_in = sum(x.numel() for x in inside[t])
+        if full[t] or not (above[t] < kk[t] <= above[t] + n_in):
+            missed.append(t)
+            continue
+        v = torch.cat(inside[t])
+        out[t] = float(torch.kthvalue(v, v.numel() - (kk[t] - above[t]) + 1).values)
+    del inside
+    if missed:
+        for t, x in zip(missed, [radix_thresholds(blocks, T, density, missed)[t] for t in missed]):
+            out[t] = x
+    return [float(o) for o in out]
+
+
+def radix_thresholds(blocks, T: int, density: float, tasks=None) -> list:
+    """:func:`global_thresholds` by an exact radix select over the bit patterns of |x| (a
+    non-negative float64 orders as its int64 bits), for the tasks in ``tasks`` (all when None;
+    the others' entries are None): pass 1 histograms the top 20 bits (``bincount``) and picks
+    the digit holding the k-th largest; each later pass either histograms the next 16 bits among
+    the entries of the chosen prefix or, once at most :data:`RADIX_COLLECT` entries share it,
+    collects them and takes the exact order statistic. 2 to 5 passes; memory: one module's X, T
+    histograms of 2^20 counts, at most T·RADIX_COLLECT candidates."""
+    import torch
+
     prefix = [0] * T        # value of the bits chosen so far
     plen = [0] * T          # how many leading bits are chosen
     kk = [0] * T            # rank (1-based, from the top) still wanted inside the prefix
-    done: list = [None] * T
+    done: list = [None if tasks is None or t in tasks else False for t in range(T)]
     collect = [False] * T
     first = True
     N = [0] * T
     while any(d is None for d in done):
-        hist = [torch.zeros(nb, dtype=torch.int64) for _ in range(T)]
+        width = [min(RADIX_FIRST if plen[t] == 0 else RADIX_BITS, 64 - plen[t]) for t in range(T)]
+        hist = [None] * T
         cand: list = [[] for _ in range(T)]
         for X in blocks():
             if X is None:
@@ -605,8 +689,9 @@ def global_thresholds(blocks, T: int, density: float) -> list[float]:
                 if collect[t]:
                     cand[t].append(b.clone())
                 else:
-                    sh = 64 - plen[t] - RADIX_BITS
-                    hist[t] += torch.bincount((b >> sh) & (nb - 1), minlength=nb)
+                    nb = 1 << width[t]
+                    h = torch.bincount((b >> (64 - plen[t] - width[t])) & (nb - 1), minlength=nb)
+                    hist[t] = h if hist[t] is None else hist[t] + h
         for t in range(T):
             if done[t] is not None:
                 continue
@@ -622,19 +707,19 @@ def global_thresholds(blocks, T: int, density: float) -> list[float]:
                 bit = torch.kthvalue(v, v.numel() - kk[t] + 1).values
                 done[t] = float(bit.reshape(1).view(torch.float64))
                 continue
-            h = hist[t]
+            h = hist[t] if hist[t] is not None else torch.zeros(1 << width[t], dtype=torch.int64)
             above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])   # above[d] = #digits >= d
             d = int((above >= kk[t]).nonzero().max())
             kk[t] -= int(above[d] - h[d])
-            prefix[t] = (prefix[t] << RADIX_BITS) | d
-            plen[t] += RADIX_BITS
+            prefix[t] = (prefix[t] << width[t]) | d
+            plen[t] += width[t]
             if plen[t] == 64:
                 done[t] = float(torch.tensor([prefix[t] - (1 << 64) if prefix[t] >= 1 << 63 else prefix[t]],
                                              dtype=torch.int64).view(torch.float64))
             elif int(h[d]) <= RADIX_COLLECT:
                 collect[t] = True
         first = False
-    return [float(x) for x in done]
+    return [float(x) if x is not False else None for x in done]
 
 
 def delta_params(cache) -> dict:
