@@ -42,9 +42,10 @@ Choices where METHODS.md is silent (documented):
 - KnOTS ``trim_scope``: "module" (N = the entries of one module's X_t, the default) or "global"
   (knots_ties; the official code's: N_t = the entries of the X_t of all modules of task t). The
   global thresholds come from a pre-pass of the delta-space merge over every module
-  (:func:`delta_params`, :func:`global_thresholds`: an exact radix select in a few passes, each
-  recomputing the X_t from the factors, so memory stays one module's X) before the first module
-  is written; they reach ``knots_delta`` as ``params[GLOBAL_THRESHOLDS]`` (a reserved key a
+  (:func:`delta_params`, :func:`global_thresholds`: exact, two passes as a rule (a sampled
+  bracket, then a count and the entries inside it; a radix select over the float64 bits when
+  the bracket misses), each recomputing the X_t from the factors, so memory stays one module's
+  X) before the first module is written; they reach ``knots_delta`` as ``params[GLOBAL_THRESHOLDS]`` (a reserved key a
   user's params may not carry). Named ``_trim_global``; recorded as ``trim_scope`` in the
   lineage. knots_dare_ties refuses "global": DARE has no magnitude trim (its mask is the same
   whatever the scope, in the official code too), so the setting would change nothing but the name.
