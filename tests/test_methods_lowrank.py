@@ -108,6 +108,8 @@ def ref_star(taus, lam=1.0, eta=40.0):
     out = 0.0
     for tau in taus:
         u, s, vt = _svd(tau)
+        if s.sum() == 0:   # a zero task contributes nothing (τ̂_t = 0)
+            continue
         k = ref_star_k(s, eta)
         sp = s[:k] * s.sum() / s[:k].sum()
         out = out + u[:, :k] @ np.diag(sp) @ vt[:k]
@@ -123,6 +125,8 @@ def ref_knots(taus, density, alpha=1.0, dare=False, seed=0, name=""):
     X = []
     for t in range(T):
         x = torch.from_numpy(np.diag(s[:k]) @ vt[:k, t * n:(t + 1) * n])
+        if not taus[t].any():   # τ_t = 0: V_t = 0 exactly (the SVD's block is rounding noise)
+            x = torch.zeros_like(x)
         if dare:
             mask = ref_dare_mask(seed, name, t, x.numel(), density).reshape(x.shape)
             X.append(torch.where(mask, x / density, torch.zeros_like(x)))
@@ -710,3 +714,95 @@ def test_recipe_and_python_api(tmp_path):
     pre = "base_model.model.model.layers.1.self_attn.q_proj"
     upd = got[f"{pre}.lora_B.weight"].double() @ got[f"{pre}.lora_A.weight"].double()
     assert rel(upd, ref_knots(_updates(states, pre), 0.4)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the delta_fns on a leading layer dimension: one batched call == the per-layer calls
+
+
+def layered_fs(m, n, ranks, scales, L, seed, degenerate=True):
+    """L layers of factors per task (A [L, r_t, n], B [L, m, r_t]): layer 1 cuts task 1 to rank
+    min(r_1, 5) - 1 (exact zero columns/rows: TSV's k_t, Iso-C's R and KnOTS's k drop there),
+    layer 2 zeroes task 0, layer 3 zeroes every task (each rank-dependent count then differs
+    between the layers; STAR's k differs with the spectra)."""
+    layers = [lora_fs(m, n, ranks, scales, seed=seed + 10 * layer) for layer in range(L)]
+    if degenerate:
+        if L > 1 and len(ranks) > 1:
+            a, b, s = layers[1][1]
+            cut = min(ranks[1], 5) - 1
+            a, b = a.clone(), b.clone()
+            a[cut:] = 0
+            b[:, cut:] = 0
+            layers[1][1] = (a, b, s)
+        if L > 2:
+            a, b, s = layers[2][0]
+            layers[2][0] = (torch.zeros_like(a), torch.zeros_like(b), s)
+        if L > 3:
+            layers[3] = [(torch.zeros_like(a), torch.zeros_like(b), s) for a, b, s in layers[3]]
+    fs = [(torch.stack([layers[layer][t][0] for layer in range(L)]), torch.stack([layers[layer][t][1]
+                                                                                    for layer in range(L)]), s)
+          for t, s in enumerate(scales)]
+    return fs, layers
+
+
+@pytest.mark.parametrize("method", list(DELTA))
+@pytest.mark.parametrize("m,n,ranks,L,r_out", [(24, 20, (4, 12, 8), 5, None), (24, 20, (4, 12, 8), 5, 3),
+                                               (40, 36, (16, 16, 16, 16), 3, None), (6, 30, (2, 5), 2, None)])
+def test_batched_delta_fn_equals_per_layer_calls_and_float64(method, m, n, ranks, L, r_out):
+    """A delta_fn on factors with a leading layer dim (mixed ranks across tasks, equal shapes across
+    layers, layers whose ranks and kept counts differ, a layer of zeros) returns [L, m, r] /
+    [L, r, n] equal per layer to the 2-D call on that layer (1e-6 relative, the same output rank)
+    and to the float64 dense reference (1e-5); KnOTS-DARE keys each layer's masks by its name."""
+    fn, ref = DELTA[method]
+    scales = [2.0, 0.5, 1.0, 4.0][:len(ranks)]
+    w = [1.0, 0.7, 1.3, 1.0][:len(ranks)]
+    fs, layers = layered_fs(m, n, ranks, scales, L, seed=m + len(ranks))
+    names = [f"base_model.model.layers.{layer}.q_proj.lora_A.weight" for layer in range(L)]
+    B, A = fn(fs, w, PARAMS, r_out, name=names)
+    r = r_out if r_out is not None else sum(ranks)
+    assert B.shape == (L, m, r) and A.shape == (L, r, n)
+    for layer in range(L):
+        b1, a1 = fn(layers[layer], w, PARAMS, r_out, name=names[layer])
+        one = b1.double() @ a1.double()
+        got = B[layer].double() @ A[layer].double()
+        assert b1.shape == (m, r)
+        if float(one.norm()) == 0.0:
+            assert float(got.norm()) == 0.0, (method, layer)
+            continue
+        assert rel(got, _np(one)) < 1e-6, (method, layer, rel(got, _np(one)))
+        p = dict(PARAMS)
+        if method == "knots_dare_ties":
+            want = ref_knots(formed(layers[layer], w), p["density"], p["alpha"], True, p["seed"], names[layer])
+        else:
+            want = ref(formed(layers[layer], w), p)
+        if r_out is not None and method != "iso_c":
+            want = ref_best(want, r_out)
+        if r_out is None or method != "iso_c":
+            assert rel(got, want) < 1e-5, (method, layer, rel(got, want))
+
+
+def test_batched_delta_fn_rank_dependent_counts_differ_between_layers():
+    """The inputs of the test above exercise the sub-groups: the per-layer counts (TSV's Σk_t,
+    Iso-C's R, STAR's Σk_t, KnOTS's k) take more than one value across the layers."""
+    fs, layers = layered_fs(24, 20, (4, 12, 8), (2.0, 0.5, 1.0), 5, seed=27)
+    w = [1.0, 0.7, 1.3]
+    svds = ML._task_svds(fs, w)
+    tsv_k = sum(torch.clamp(ML._ranks(S), max=20 // 3) for _, S, _ in svds)
+    star_k = sum((ML._star_sigma(S, PARAMS["eta"]) > 0).sum(-1) for _, S, _ in svds)
+    B, A, d = ML._stacked(fs, [wt * s for wt, (_, _, s) in zip(w, fs)])
+    iso_r = ML._ranks(__import__("ckptreg.lowrank", fromlist=["x"]).factored_svd(B, d, A)[1])
+    knots_k = ML._knots_core(fs, w)[5]
+    for counts in (tsv_k, star_k, iso_r, knots_k):
+        assert len(set(counts.tolist())) >= 3, counts
+
+
+def test_batched_knots_dare_needs_every_layer_name():
+    """knots_dare_ties keys its masks by the module name: a batched call with one name for several
+    layers (or a list of the wrong length) is a ParameterError; knots_ties (no masks) accepts it."""
+    fs, _ = layered_fs(12, 10, (3, 3), (1.0, 1.0), 2, seed=1, degenerate=False)
+    with pytest.raises(ParameterError, match="knots_dare_ties on 2 layers needs their 2 module names"):
+        ML._knots_dare_delta(fs, None, {"density": 0.5}, None, name="m.lora_A.weight")
+    with pytest.raises(ParameterError, match="1 module names for 2 layers"):
+        ML._knots_dare_delta(fs, None, {"density": 0.5}, None, name=["m.lora_A.weight"])
+    B, A = ML.knots_delta(fs, None, {"density": 0.5}, None, name="m.lora_A.weight")
+    assert B.shape == (2, 12, 6)

@@ -29,7 +29,9 @@ Choices where METHODS.md is silent (documented):
   rounding of a float32 SVD.
 - Iso-C with an output rank below R: σ̄ is the same for every direction, so "the best rank-r
   truncation" keeps the r leading singular directions of Δ_TA.
-- Tasks that are exactly zero (τ_t = 0) contribute no triplets (rank 0).
+- Tasks that are exactly zero (τ_t = 0) contribute no triplets (rank 0); KnOTS's X_t of such a
+  task is exactly 0 (its block of the joint SVD's V would otherwise be rounding noise that the
+  TIES trim keeps and counts in the disjoint mean).
 - Spaces: tsv, iso_c and star also take ``space="core"``: their results lie in the span of the
   stacked factors, so core space computes the same exact ``delta_fn`` (METHODS.md "Core space":
   they equal delta space exactly). KnOTS in core space would be a different merge (its TIES would
@@ -353,6 +355,7 @@ def knots_matrix(taus, weights=None, params=None, name=None, *, method="knots_ti
     if k == 0:
         return taus.new_zeros((m, n))
     X = (S[:k, None] * Vh[:k]).reshape(k, T, n).permute(1, 0, 2)   # [T, k, n]
+    X = torch.where((taus.reshape(T, -1) == 0).all(-1)[:, None, None], 0.0, X)   # τ_t = 0: X_t = 0 exactly
     return (U[:, :k] @ _knots_x(X, method, params, name)).to(dt)
 
 
@@ -361,200 +364,344 @@ def knots_matrix(taus, weights=None, params=None, name=None, *, method="knots_ti
 
 
 def _fs_check(fs, weights):
+    """(m, n, w) of factors ``fs = [(A_t, B_t, s_t)]``: every A_t ``[r_t, n]`` and B_t ``[m, r_t]``,
+    or all with one leading layer dimension L (``[L, r_t, n]`` / ``[L, m, r_t]``, the same L)."""
     if not fs:
         raise ParameterError("a delta-space merge needs at least one adapter")
+    nd = fs[0][0].dim()
     m, n = fs[0][1].shape[-2], fs[0][0].shape[-1]
+    lead = tuple(fs[0][0].shape[:-2])
     for i, (a, b, _) in enumerate(fs):
-        if a.dim() != 2 or b.dim() != 2 or b.shape[-2] != m or a.shape[-1] != n or b.shape[-1] != a.shape[-2]:
+        if (nd not in (2, 3) or a.dim() != nd or b.dim() != nd or tuple(a.shape[:-2]) != lead
+                or tuple(b.shape[:-2]) != lead or b.shape[-2] != m or a.shape[-1] != n or b.shape[-1] != a.shape[-2]):
             raise MismatchError(f"adapter {i}: lora_B {tuple(b.shape)} / lora_A {tuple(a.shape)} do not give a "
-                                f"{m}x{n} update")
+                                f"{m}x{n} update" + (f" on {lead[0]} layers" if len(lead) == 1 else ""))
     w = [1.0] * len(fs) if weights is None else [float(x) for x in weights]
     if len(w) != len(fs):
         raise ParameterError(f"{len(w)} weights for {len(fs)} adapters")
     return int(m), int(n), w
 
 
+def _layered(fs):
+    """(fs with a leading layer dim, L, squeeze): 2-D factors get L = 1 (squeezed on return)."""
+    if fs[0][0].dim() == 3:
+        return fs, int(fs[0][0].shape[0]), False
+    return [(a.unsqueeze(0), b.unsqueeze(0), s) for a, b, s in fs], 1, True
+
+
+def _out(parts, L, m, n, r, fs, squeeze):
+    """The ``[L, m, r]`` / ``[L, r, n]`` result from ``parts = [(layer indices, B [Lg, m, r] or None
+    (zeros), A)]`` (one entry per sub-group of layers; squeezed back for 2-D inputs)."""
+    import torch
+
+    got = [p for p in parts if p[1] is not None]
+    if len(parts) == 1 and got:
+        B, A = got[0][1], got[0][2]
+    else:
+        dt = got[0][1].dtype if got else _wdt(*(t for f in fs for t in f[:2]))
+        dev = fs[0][0].device
+        B = torch.zeros((L, m, r), dtype=dt, device=dev)
+        A = torch.zeros((L, r, n), dtype=dt, device=dev)
+        for rows, b, a in got:
+            idx = torch.as_tensor(rows, device=dev)
+            B[idx], A[idx] = b, a
+    return (B[0], A[0]) if squeeze else (B, A)
+
+
+def _by_count(counts):
+    """Layer indices grouped by an integer per layer (``counts [L]``), in first-seen order: the
+    sub-groups that share a rank-dependent size and so run their remaining steps batched."""
+    groups: dict = {}
+    for layer, c in enumerate(counts.tolist()):
+        groups.setdefault(int(c), []).append(layer)
+    return list(groups.items())
+
+
+def _kept(X, mask, rows, dim=-1):
+    """The entries of ``X [L, ..]`` along ``dim`` where ``mask [L, C]`` is True, for the layers
+    ``rows`` (each keeps the same number K; the kept order is the original one): ``[Lg, .., K, ..]``."""
+    import torch
+
+    whole = len(rows) == X.shape[0]   # rows are ascending: all layers, in order
+    sub = mask if whole else mask[rows]
+    Xr = X if whole else X[rows]
+    if bool(sub.all()):
+        return Xr
+    K = int(sub[0].sum())
+    idx = torch.sort((~sub).to(torch.int8), dim=-1, stable=True).indices[:, :K]   # kept first, in order
+    d = dim % Xr.dim()
+    shape = [1] * Xr.dim()
+    shape[0], shape[d] = len(rows), K
+    idx = idx.reshape(shape).expand(*[Xr.shape[i] if i != d else K for i in range(Xr.dim())])
+    return torch.gather(Xr, d, idx)
+
+
 def _task_svds(fs, w):
-    """Exact thin SVD of each τ_t = w_t s_t B_t A_t (factored; batched over the tasks of the same
-    rank). Returns [(U_t [m, r], S_t [r], Vh_t [r, n])] in task order."""
+    """Exact thin SVD of each τ_t = w_t s_t B_t A_t on every layer (factored; one batched call for
+    the tasks of the same rank and all L layers). ``fs``: 3-D factors [L, ..]. Returns
+    [(U_t [L, m, r], S_t [L, r], Vh_t [L, r, n])] in task order."""
     import torch
 
     from .. import lowrank
 
     groups: dict = {}
     for t, (a, b, sc) in enumerate(fs):
-        groups.setdefault(int(a.shape[0]), []).append(t)
+        groups.setdefault(int(a.shape[-2]), []).append(t)
+    L = int(fs[0][0].shape[0])
     out = [None] * len(fs)
     for r, ts in groups.items():
-        B = torch.stack([fs[t][1] for t in ts])
-        A = torch.stack([fs[t][0] for t in ts])
-        diag = torch.tensor([[w[t] * float(fs[t][2])] * r for t in ts], dtype=torch.float64)
+        B = torch.stack([fs[t][1] for t in ts]).flatten(0, 1)   # [g·L, m, r]
+        A = torch.stack([fs[t][0] for t in ts]).flatten(0, 1)
+        diag = torch.tensor([[w[t] * float(fs[t][2])] * r for t in ts for _ in range(L)], dtype=torch.float64)
         U, S, Vh = lowrank.factored_svd(B, diag, A)
+        U, S, Vh = (x.unflatten(0, (len(ts), L)) for x in (U, S, Vh))
         for i, t in enumerate(ts):
             out[t] = (U[i], S[i], Vh[i])
     return out
 
 
 def _from_svd(U, S, Vh, alpha, r_out, r_nat):
-    """Adapter factors (B, A) with B @ A = α U diag(S) Vh: sorted by S, truncated to ``r_out``
-    (None: kept), zero-padded to ``r_out`` or ``r_nat``."""
+    """Adapter factors (B, A) with B @ A = α U diag(S) Vh (batched over leading dims): sorted by S
+    (stable: equal values keep their order), truncated to ``r_out`` (None: kept), zero-padded to
+    ``r_out`` or ``r_nat``."""
     import torch
 
     from .. import lowrank
 
-    order = torch.argsort(S, descending=True)
-    U, S, Vh = U[:, order], S[order], Vh[order]
+    order = torch.argsort(S, dim=-1, descending=True, stable=True)
+    U = torch.gather(U, -1, order.unsqueeze(-2).expand(U.shape))
+    Vh = torch.gather(Vh, -2, order.unsqueeze(-1).expand(Vh.shape))
+    S = torch.gather(S, -1, order)
     r = r_out if r_out is not None else max(int(r_nat), 1)
     a = float(alpha)
     return lowrank.split_factors(U, S * abs(a), Vh, r, -1.0 if a < 0 else 1.0)
 
 
 def _natural(fs):
-    return sum(int(a.shape[0]) for a, _, _ in fs)
+    return sum(int(a.shape[-2]) for a, _, _ in fs)
+
+
+def _out_rank(fs, r_out):
+    return r_out if r_out is not None else max(_natural(fs), 1)
 
 
 def tsv_delta(fs, weights=None, params=None, r_out=None, name=None):
     """TSV-M on LoRA updates: per-task factored SVDs, k_t = min(⌊p/T⌋, rank τ_t), polar factors of
     U_cat (m × Σk) and V_cat (n × Σk) by thin SVDs; Δ = α U⊥ diag(s_cat) V⊥ᵀ is already an SVD
-    (orthonormal U⊥, V⊥), so its truncation is the top r_out of s_cat."""
+    (orthonormal U⊥, V⊥), so its truncation is the top r_out of s_cat. Factors 2-D, or 3-D with a
+    leading layer dim (every step batched over the layers; the polar factors per sub-group of
+    layers with the same Σk)."""
     import torch
 
     m, n, w = _fs_check(fs, weights)
+    fs, L, squeeze = _layered(fs)
     T, p = len(fs), min(m, n)
-    Us, Ss, Vs = [], [], []
-    for U, S, Vh in _task_svds(fs, w):
-        k = min(p // T, int(_ranks(S)))
-        Us.append(U[:, :k])
-        Ss.append(S[:k])
-        Vs.append(Vh[:k].mT)
-    Uc, sc, Vc = torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vs, 1)
-    if sc.numel() == 0:
-        return _zeros(fs, r_out)
-    return _from_svd(_polar(Uc), sc, _polar(Vc).mT, _scale(params), r_out, _natural(fs))
+    svds = _task_svds(fs, w)
+    keep = torch.cat([torch.arange(S.shape[-1])[None, :] < torch.clamp(_ranks(S), max=p // T)[:, None]
+                      for _, S, _ in svds], -1)                                         # [L, Σr]
+    Ua = torch.cat([U for U, _, _ in svds], -1)
+    Sa = torch.cat([S for _, S, _ in svds], -1)
+    Va = torch.cat([Vh.mT for _, _, Vh in svds], -1)
+    parts = []
+    for cnt, rows in _by_count(keep.sum(-1)):
+        if cnt == 0:
+            parts.append((rows, None, None))
+            continue
+        Uc, sc, Vc = _kept(Ua, keep, rows), _kept(Sa, keep, rows), _kept(Va, keep, rows)
+        B, A = _from_svd(_polar(Uc), sc, _polar(Vc).mT, _scale(params), r_out, _natural(fs))
+        parts.append((rows, B, A))
+    return _out(parts, L, m, n, _out_rank(fs, r_out), fs, squeeze)
 
 
 def _zeros(fs, r_out):
     a0, b0, _ = fs[0]
     r = r_out if r_out is not None else _natural(fs)
     dt = _wdt(*(t for f in fs for t in f[:2]))
-    return b0.new_zeros((b0.shape[0], r), dtype=dt), a0.new_zeros((r, a0.shape[1]), dtype=dt)
+    return (b0.new_zeros(tuple(b0.shape[:-1]) + (r,), dtype=dt),
+            a0.new_zeros(tuple(a0.shape[:-2]) + (r, a0.shape[-1]), dtype=dt))
 
 
 def _stacked(fs, coeffs):
     import torch
 
     dt = _wdt(*(t for f in fs for t in f[:2]))
-    B = torch.cat([b.to(dt) for _, b, _ in fs], 1)
-    A = torch.cat([a.to(dt) for a, _, _ in fs], 0)
-    diag = torch.cat([torch.full((int(a.shape[0]),), float(c), dtype=torch.float64) for (a, _, _), c in zip(fs, coeffs)])
+    B = torch.cat([b.to(dt) for _, b, _ in fs], -1)
+    A = torch.cat([a.to(dt) for a, _, _ in fs], -2)
+    diag = torch.cat([torch.full((int(a.shape[-2]),), float(c), dtype=torch.float64)
+                      for (a, _, _), c in zip(fs, coeffs)])
     return B, A, diag
 
 
 def iso_c_delta(fs, weights=None, params=None, r_out=None, name=None):
-    """Iso-C on LoRA updates: the factored SVD of Σ_t τ_t; Δ = α σ̄ U_R V_Rᵀ."""
+    """Iso-C on LoRA updates: the factored SVD of Σ_t τ_t; Δ = α σ̄ U_R V_Rᵀ. Factors 2-D, or 3-D
+    with a leading layer dim (one batched factored SVD; the rest per sub-group of equal R)."""
     import torch
 
     from .. import lowrank
 
     m, n, w = _fs_check(fs, weights)
+    fs, L, squeeze = _layered(fs)
     B, A, diag = _stacked(fs, [wt * float(sc) for wt, (_, _, sc) in zip(w, fs)])
     U, S, Vh = lowrank.factored_svd(B, diag, A)
-    R = int(_ranks(S))
-    if R == 0:
-        return _zeros(fs, r_out)
-    sbar = S[:R].mean()
-    return _from_svd(U[:, :R], torch.full((R,), float(sbar), dtype=S.dtype), Vh[:R], _scale(params), r_out,
-                     _natural(fs))
+    parts = []
+    for R, rows in _by_count(_ranks(S)):
+        if R == 0:
+            parts.append((rows, None, None))
+            continue
+        idx = torch.as_tensor(rows)
+        sbar = S[idx, :R].mean(dim=-1, keepdim=True)
+        Bg, Ag = _from_svd(U[idx, :, :R], sbar.expand(len(rows), R).contiguous(), Vh[idx, :R], _scale(params),
+                           r_out, _natural(fs))
+        parts.append((rows, Bg, Ag))
+    return _out(parts, L, m, n, _out_rank(fs, r_out), fs, squeeze)
 
 
 def star_delta(fs, weights=None, params=None, r_out=None, name=None):
     """STAR on LoRA updates: per-task factored SVDs, each truncated and rescaled (σ'), then the
-    factored SVD of (λ/T) Σ_t τ̂_t (the τ̂_t stacked as factors)."""
+    factored SVD of (λ/T) Σ_t τ̂_t (the τ̂_t stacked as factors). Factors 2-D, or 3-D with a
+    leading layer dim (the per-task SVDs and truncations batched over the layers; the last
+    factored SVD per sub-group of layers with the same total kept rank Σk)."""
     import torch
 
     from .. import lowrank
 
     m, n, w = _fs_check(fs, weights)
+    fs, L, squeeze = _layered(fs)
     T = len(fs)
     eta = float((params or {}).get("eta", 40.0))
-    Bs, As, ds = [], [], []
-    for U, S, Vh in _task_svds(fs, w):
-        sp = _star_sigma(S, eta)
-        k = int((sp > 0).sum())
-        Bs.append(U[:, :k])
-        As.append(Vh[:k])
-        ds.append(sp[:k].to(torch.float64))
-    d = torch.cat(ds)
-    if d.numel() == 0:
-        return _zeros(fs, r_out)
-    U, S, Vh = lowrank.factored_svd(torch.cat(Bs, 1), d, torch.cat(As, 0))
-    return _from_svd(U, S, Vh, _scale(params, "lam") / T, r_out, _natural(fs))
+    svds = _task_svds(fs, w)
+    sps = [_star_sigma(S, eta).to(torch.float64) for _, S, _ in svds]
+    keep = torch.cat([sp > 0 for sp in sps], -1)                                # [L, Σr]
+    Ua = torch.cat([U for U, _, _ in svds], -1)
+    Va = torch.cat([Vh for _, _, Vh in svds], -2)
+    da = torch.cat(sps, -1)
+    parts = []
+    for cnt, rows in _by_count(keep.sum(-1)):
+        if cnt == 0:
+            parts.append((rows, None, None))
+            continue
+        U, S, Vh = lowrank.factored_svd(_kept(Ua, keep, rows), _kept(da, keep, rows), _kept(Va, keep, rows, dim=-2))
+        Bg, Ag = _from_svd(U, S, Vh, _scale(params, "lam") / T, r_out, _natural(fs))
+        parts.append((rows, Bg, Ag))
+    return _out(parts, L, m, n, _out_rank(fs, r_out), fs, squeeze)
 
 
-def _knots_blocks(fs, w):
-    """The joint SVD of W = [τ_1 … τ_T] (τ_t = w_t s_t B_t A_t) in factored form, float64:
-    (U [m, k], X [T, k, n]) with X_t = diag(σ) V_tᵀ block, σ > σ_1·1e-6 kept; (None, None) when
-    k = 0. B_cat = Q_B R_B and A_tᵀ = Q_t R_t give W = Q_B · K · blockdiag(Q_t)ᵀ with the Σr×Σr
-    core K = R_B · blockdiag(c_t R_tᵀ), so U = Q_B u and V_tᵀ = (vᵀ)_block t Q_tᵀ. Deterministic:
-    the delta-space pre-pass of ``trim_scope`` global recomputes the same X to select thresholds."""
+def _knots_core(fs, w):
+    """The joint SVD of W = [τ_1 … τ_T] (τ_t = w_t s_t B_t A_t) in factored form, float64,
+    batched over the leading layer dim of 3-D factors: (Q_B [L, m, R'], u [L, R', R''],
+    S [L, R''], vh [L, R'', Σr'], qs, k [L]) with k = #σ > σ_1·1e-6 per layer and qs the task
+    blocks (column offset, r'_t, Q_t [L, n, r'_t]). B_cat = Q_B R_B and A_tᵀ = Q_t R_t give
+    W = Q_B · K · blockdiag(Q_t)ᵀ with the Σr×Σr core K = R_B · blockdiag(c_t R_tᵀ), so
+    U = Q_B u and V_tᵀ = (vᵀ)_block t Q_tᵀ."""
     import torch
 
     # float64 throughout (METHODS.md: KnOTS's SVD in float64): TIES's trim and sign election are
     # discontinuous, so float32 rounding of the X_t flips entries (measured 2e-4 relative at 1024²)
     dt = torch.float64
-    B = torch.cat([b.to(dt) for _, b, _ in fs], 1)
+    B = torch.cat([b.to(dt) for _, b, _ in fs], -1)
     qb, rb = torch.linalg.qr(B, mode="reduced")
-    R = B.shape[1]
-    blocks, qs, off = torch.zeros((R, R), dtype=dt), [], 0
+    R = B.shape[-1]
+    L = B.shape[0]
+    blocks, qs, off = torch.zeros((L, R, R), dtype=dt), [], 0
     for (a, _, sc), wt in zip(fs, w):
-        r = int(a.shape[0])
-        q, rt = torch.linalg.qr(a.to(dt).mT, mode="reduced")    # A_tᵀ = Q_t R_t, q [n, r']
-        rr = q.shape[1]
-        blocks[off:off + r, off:off + rr] = (wt * float(sc)) * rt.mT
+        r = int(a.shape[-2])
+        q, rt = torch.linalg.qr(a.to(dt).mT, mode="reduced")    # A_tᵀ = Q_t R_t, q [L, n, r']
+        rr = q.shape[-1]
+        blocks[:, off:off + r, off:off + rr] = (wt * float(sc)) * rt.mT
         qs.append((off, rr, q))
         off += r
     # columns of K index the blocks of blockdiag(Q_t): r'_t = min(n, r_t) each (here off counts r_t)
     cols = torch.cat([torch.arange(o, o + rr) for o, rr, _ in qs])
-    K = rb @ blocks[:, cols]
+    K = rb @ blocks[:, :, cols]
     u, S, vh = torch.linalg.svd(K, full_matrices=False)
-    k = int(_ranks(S))
-    if k == 0:
-        return None, None
-    U = qb @ u[:, :k]
-    X = torch.empty((len(fs), k, fs[0][0].shape[-1]), dtype=dt)
+    # a task that is exactly zero on a layer has V_t = 0 exactly: its block of vh is rounding noise
+    # (about 1e-17), which TIES's trim would keep and count in the disjoint mean, so zero it
+    for (o, rr, _), (a, b, sc), wt in zip(qs, fs, w):
+        zero = (a.reshape(L, -1) == 0).all(-1) | (b.reshape(L, -1) == 0).all(-1) | (wt * float(sc) == 0)
+        if bool(zero.any()):
+            c0 = int((cols < o).sum())
+            vh[zero, :, c0:c0 + rr] = 0
+    return qb, u, S, vh, qs, _ranks(S)
+
+
+def _knots_x_layer(core, layer, k, T, n):
+    """X [T, k, n] (X_t = diag(σ) V_tᵀ, the k kept σ) of one layer of :func:`_knots_core`."""
+    import torch
+
+    _, _, S, vh, qs, _ = core
+    X = torch.empty((T, k, n), dtype=torch.float64)
     c0 = 0
     for t, (o, rr, q) in enumerate(qs):
-        torch.matmul(S[:k, None] * vh[:k, c0:c0 + rr], q.mT, out=X[t])   # [k, n]
+        torch.matmul(S[layer, :k, None] * vh[layer, :k, c0:c0 + rr], q[layer].mT, out=X[t])   # [k, n]
         c0 += rr
-    return U, X
+    return X
+
+
+def _knots_blocks(fs, w):
+    """(U [m, k], X [T, k, n]) of one module (2-D factors) from :func:`_knots_core`; (None, None)
+    when k = 0. Deterministic: the delta-space pre-pass of ``trim_scope`` global recomputes the
+    same X to select thresholds."""
+    fs3, _, _ = _layered(fs)
+    core = _knots_core(fs3, w)
+    k = int(core[5][0])
+    if k == 0:
+        return None, None
+    return core[0][0] @ core[1][0, :, :k], _knots_x_layer(core, 0, k, len(fs), int(fs[0][0].shape[-1]))
 
 
 def _svd_wide(M):
-    """Thin SVD of a wide ``M [k, n]`` (k ≤ n) through the QR of Mᵀ = Q R: M = Rᵀ Qᵀ, so
+    """Thin SVD of a wide ``M [.., k, n]`` (k ≤ n) through the QR of Mᵀ = Q R: M = Rᵀ Qᵀ, so
     SVD(Rᵀ) = u s vh gives M = u s (vh Qᵀ) (a k×k SVD instead of LAPACK's slower wide one)."""
     import torch
 
-    if M.shape[0] > M.shape[1]:
+    if M.shape[-2] > M.shape[-1]:
         return torch.linalg.svd(M, full_matrices=False)
     q, r = torch.linalg.qr(M.mT, mode="reduced")
     u, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
     return u, s, vh @ q.mT
 
 
+def _layer_names(name, L):
+    if isinstance(name, (list, tuple)):
+        if len(name) != L:
+            raise ParameterError(f"{len(name)} module names for {L} layers")
+        return list(name)
+    return [name] * L if L == 1 or name is None else None
+
+
 def knots_delta(fs, weights=None, params=None, r_out=None, name=None, *, method="knots_ties"):
     """KnOTS on LoRA updates: the joint SVD of W = [τ_1 … τ_T] in factored form
-    (:func:`_knots_blocks`); TIES (or DARE-TIES) on X_t = diag(σ) V_tᵀ (k × n, :func:`_knots_x`:
+    (:func:`_knots_core`); TIES (or DARE-TIES) on X_t = diag(σ) V_tᵀ (k × n, :func:`_knots_x`:
     the fused kernel); Δ = U (α x̄), written back by the SVD of the k × n x̄ (U has orthonormal
-    columns)."""
+    columns). Factors 2-D, or 3-D with a leading layer dim: the QRs and core SVD batched over the
+    layers, the TIES step per layer (its trim and DARE masks are per module; ``name`` then is the
+    list of the layers' names), the write-back per sub-group of layers with the same k."""
+    import torch
+
     m, n, w = _fs_check(fs, weights)
     odt = _wdt(*(t for f in fs for t in f[:2]))
-    U, X = _knots_blocks(fs, w)
-    if U is None:
-        return _zeros(fs, r_out)
-    xbar = _knots_x(X, method, params, name)   # [k, n], α applied
-    del X
-    u2, s2, vh2 = _svd_wide(xbar)
-    return _from_svd((U @ u2).to(odt), s2.to(odt), vh2.to(odt), 1.0, r_out, _natural(fs))
+    fs, L, squeeze = _layered(fs)
+    names = _layer_names(name, L)
+    if names is None:   # one name for several layers: fine for the trim, not for DARE's per-module masks
+        if method == "knots_dare_ties":
+            raise ParameterError(f"knots_dare_ties on {L} layers needs their {L} module names (a list) to key "
+                                 "each layer's masks, got one name")
+        names = [name] * L
+    T = len(fs)
+    core = _knots_core(fs, w)
+    parts = []
+    for k, rows in _by_count(core[5]):
+        if k == 0:
+            parts.append((rows, None, None))
+            continue
+        xbar = torch.stack([_knots_x(_knots_x_layer(core, layer, k, T, n), method, params, names[layer])
+                            for layer in rows])   # [Lg, k, n], α applied
+        u2, s2, vh2 = _svd_wide(xbar)
+        idx = torch.as_tensor(rows)
+        U = core[0][idx] @ core[1][idx, :, :k]
+        Bg, Ag = _from_svd((U @ u2).to(odt), s2.to(odt), vh2.to(odt), 1.0, r_out, _natural(fs))
+        parts.append((rows, Bg, Ag))
+    return _out(parts, L, m, n, _out_rank(fs, r_out), fs, squeeze)
 
 
 # ------------------------------------------------------------------------------------------------
