@@ -139,16 +139,28 @@ def test_delta_batched_vs_per_layer(benchmark, n):
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     Bb, Ab = batched()
-    ref = per_layer()
-    err = max(float((Bb[i] @ Ab[i] - ref[i][0] @ ref[i][1]).abs().max() / (ref[i][0] @ ref[i][1]).abs().max())
-              for i in range(layers))
+    got = per_layer()
+    # both routes against the float64 factored truncation (float64 QRs; the random sums here have
+    # σ_16/σ_17 down to 1.001, so a rank-16 truncation amplifies float32 rounding ~1000x: the
+    # per-layer float32-QR route measured 9e-6 (n = 6) and 1.2e-5 (n = 10) off it, the batched
+    # route 4e-7)
+    ref = [L.lora_delta_merge([b[i].double() for b in Bs], [a[i].double() for a in As], scales, coeffs, R)
+           for i in range(layers)]
+
+    def rel(b, a, i):
+        P = ref[i][0] @ ref[i][1]
+        return float((b.double() @ a.double() - P).abs().max() / P.abs().max())
+
+    err = max(rel(Bb[i], Ab[i], i) for i in range(layers))
+    err_pl = max(rel(got[i][0], got[i][1], i) for i in range(layers))
     benchmark.pedantic(batched, rounds=1, iterations=1)
     ratio = best["per_layer"] / best["batched"]
-    benchmark.extra_info.update(speed_ratio=ratio, max_rel_err=err)
+    benchmark.extra_info.update(speed_ratio=ratio, max_rel_err=err, max_rel_err_per_layer=err_pl)
     print(f"\n[delta merge batched, 32 layers 1024x1024, n={n}, R={n * R}] per layer "
           f"{best['per_layer'] * 1e3:.1f} ms, batched {best['batched'] * 1e3:.1f} ms, speed ratio {ratio:.2f}x, "
-          f"max rel err of the product {err:.1e}")
+          f"max rel err of the product vs float64: batched {err:.1e}, per layer {err_pl:.1e}")
     assert err < 1e-5
+    assert err_pl < 1e-4
 
 
 # --------------------------------------------------------------------------- CART
@@ -290,6 +302,7 @@ def test_lowrank_delta_vs_dense_route(benchmark, lr_layers, method):
     print(f"\n[{method} delta space, T={LR_T}, r={LR_R}, {LR_LAYERS} layers of {LR_D}x{LR_D}] factored "
           f"{t_delta * 1e3:.1f} ms, dense route {t_dense:.1f} s (timed on {nd} layer(s), scaled to {LR_LAYERS}), "
           f"speed ratio {ratio:,.0f}x, max rel err vs the dense float64 route {err:.1e} "
-          f"(load average {load0:.2f} -> {os.getloadavg()[0]:.2f}; issue #13's target >= 100x: "
-          f"{'met' if ratio >= 100 else 'NOT met'})")
+          f"(load average {load0:.2f} -> {os.getloadavg()[0]:.2f}; "
+          + (f"issue #13's target >= 100x: {'met' if ratio >= 100 else 'NOT met'})"
+             if (LR_D, LR_LAYERS) == (4096, 32) else "issue #13's >= 100x target is for LR_D=4096 LR_LAYERS=32)"))
     assert err < 1e-5
