@@ -276,7 +276,9 @@ class _DeltaCache:
             c = [1.0] * len(Bs)
         return lowrank.lora_delta_merge(Bs, As, [sc for _, _, sc in fs], [float(x) for x in c], r_out, out_scale=1.0)
 
-    #: rules whose modules ``get`` merges one at a time (the others are batched by ``batch_groups``)
+    #: rules whose modules ``get`` merges one at a time (the others are batched by ``batch_groups``).
+    #: "factored": the SVD-family delta_fns take a layer dim, but a batched call is no faster on CPU
+    #: (0.59-1.13x of the per-layer loop, methods_lowrank's docstring), so they run per module
     UNBATCHED_RULES = ("cart", "factored", "dense", "gram")
 
     def batch_groups(self) -> list[list[str]]:

@@ -16,6 +16,27 @@ Each method is one :class:`~ckptreg.merge.table.MethodDef` of the ``per_matrix``
   scaling is 1). Output rank: ``r_out`` (the best rank-r_out truncation of the exact result,
   zero-padded when the result has a smaller rank) or, when None, the exact result at its rank
   (at most Σ r_t), zero-padded to the upper bound Σ r_t.
+- The delta_fns also take a leading layer dimension, A_t [L, r_t, n], B_t [L, m, r_t] (one
+  scale s_t per task, equal across the layers) → B [L, m, r], A [L, r, n], ``name`` then the list
+  of the L layers' names: the per-task factored SVDs, thin QRs and core SVDs are one batched
+  call over the layers; the rank-dependent steps (TSV's Σk_t, Iso-C's R, STAR's kept count,
+  KnOTS's k) are computed batched and the rest runs per sub-group of layers with the same count
+  (KnOTS's TIES step per layer: its trim and DARE masks are per module). The result equals the
+  per-layer calls bit for bit on CPU (measured: torch's CPU batched QR/SVD runs the same LAPACK
+  call per matrix).
+- The delta-space merge still calls them one module at a time (``delta_rule "factored"`` stays in
+  :attr:`ckptreg.merge.delta.DeltaCache.UNBATCHED_RULES`): batching does not pay on CPU. Measured
+  (bench/bench_lowrank_batched.py, T = 8 adapters, r = 16, 8 layers, 1 torch thread, process CPU
+  time, best of 3, 2 cores shared with other jobs): 1024²: tsv per-layer 0.140 s / batched
+  0.141 s, iso_c 0.054 / 0.053, star 0.032 / 0.028, knots_ties 0.153 / 0.142 (1.00-1.13×);
+  4096²: tsv 0.510 / 0.644, iso_c 0.167 / 0.234, star 0.122 / 0.209, knots_ties 0.501 / 0.515
+  (0.59-0.97×: slower). The LAPACK work is the same either way (the batched CPU call loops over
+  the matrices), the Python dispatch saved is well under a millisecond per layer against 4-60 ms
+  of QR/SVD, and the L-times larger intermediates (32 MB and more at 4096²) cost more to move
+  (a profile of STAR at 4096²: the batched ``to``/``cat``/``split_factors`` steps took 3-10× the
+  time of the 8 per-layer ones, likely cache misses and allocations past glibc's mmap threshold).
+  Per layer at 4096², TSV-M is 83% its two polar factors (the SVD of the m × Σk U_cat / V_cat and
+  the product P Qᵀ).
 
 Choices where METHODS.md is silent (documented):
 
