@@ -407,6 +407,9 @@ def test_one_process_at_a_time_ingests_a_spool_folder(url, tmp_path, monkeypatch
         assert Registry(url).ingest() == 0          # another session is ingesting that folder
         assert os.path.exists(entry) and "acc" not in Registry(url).get("g@1").metrics
     finally:
+        # unlock before closing: a closed session's locks are released by its server process
+        # shortly after, not by close() itself (the next ingest could still find it held)
+        other.execute("SELECT pg_advisory_unlock(%s)", [key])
         other.close()
     assert Registry(url).ingest() == 1
     assert not os.path.exists(entry) and Registry(url).get("g@1").metrics == {"acc": 0.5}
