@@ -155,13 +155,15 @@ def factored_svd(B: torch.Tensor, core: torch.Tensor | None, A: torch.Tensor, ra
 
 
 def _thin_qrs(B, A):
-    """Thin QRs ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` in float32 (float64 in: float64); the R factors
-    are returned in float64 for the R×R steps. The one torch route of the factored SVD (the other
-    is ``ckptreg.ops.factored_svd_batched``: compiled kernel, or its Gram/eigh fallback)."""
-    dt = _out_dtype(B, A)
-    qb, rb = torch.linalg.qr(B.to(dt), mode="reduced")
-    qa, ra = torch.linalg.qr(A.to(dt).mT, mode="reduced")
-    return qb, rb.to(torch.float64), qa, ra.to(torch.float64)
+    """Thin QRs ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` in float64, the R factors used as they are for
+    the R×R steps. The one torch route of the factored SVD (the other is
+    ``ckptreg.ops.factored_svd_batched``: compiled kernel, or its Gram/eigh fallback). Float64
+    because a float32 QR puts the merged update ~1e-5 off the float64 truncation when the rank
+    cut is nearly degenerate (σ_r/σ_{r+1} ≈ 1.001: bench/bench_lowrank.py), outside METHODS.md's
+    1e-5; the QRs are O((d + k) R²) on d×R matrices, milliseconds either way."""
+    qb, rb = torch.linalg.qr(B.to(torch.float64), mode="reduced")
+    qa, ra = torch.linalg.qr(A.to(torch.float64).mT, mode="reduced")
+    return qb, rb, qa, ra
 
 
 def _cores(B, core, A):
