@@ -790,7 +790,9 @@ def test_batched_delta_fn_rank_dependent_counts_differ_between_layers():
     tsv_k = sum(torch.clamp(ML._ranks(S), max=20 // 3) for _, S, _ in svds)
     star_k = sum((ML._star_sigma(S, PARAMS["eta"]) > 0).sum(-1) for _, S, _ in svds)
     B, A, d = ML._stacked(fs, [wt * s for wt, (_, _, s) in zip(w, fs)])
-    iso_r = ML._ranks(__import__("ckptreg.lowrank", fromlist=["x"]).factored_svd(B, d, A)[1])
+    from ckptreg import lowrank
+
+    iso_r = ML._ranks(lowrank.factored_svd(B, d, A)[1])
     knots_k = ML._knots_core(fs, w)[5]
     for counts in (tsv_k, star_k, iso_r, knots_k):
         assert len(set(counts.tolist())) >= 3, counts
