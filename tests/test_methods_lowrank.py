@@ -808,3 +808,21 @@ def test_batched_knots_dare_needs_every_layer_name():
         ML._knots_dare_delta(fs, None, {"density": 0.5}, None, name=["m.lora_A.weight"])
     B, A = ML.knots_delta(fs, None, {"density": 0.5}, None, name="m.lora_A.weight")
     assert B.shape == (2, 12, 6)
+
+
+@pytest.mark.parametrize("method", ["knots_ties", "knots_dare_ties"])
+def test_knots_zero_task_has_no_blocks(method):
+    """A task that is exactly zero has X_t = 0 (V_t = 0 exactly), in the dense and the factored
+    form: without that, its rounding-noise block of the joint SVD survived the trim / DARE and
+    counted in the disjoint mean (0.2 relative off at 24x20)."""
+    taus = task_mats(3, 12, 10, "decaying", seed=5)
+    taus[1] = 0
+    p = {"density": 0.4, "alpha": 1.5, "seed": 2}
+    dare = method == "knots_dare_ties"
+    want = ref_knots(taus, 0.4, 1.5, dare=dare, seed=2, name="w")
+    assert rel(ML.knots_matrix(taus, None, p, name="w", method=method), want) < 1e-9
+    fs = lora_fs(24, 20, (4, 6, 5), (2.0, 1.0, 0.5), seed=9)
+    fs[0] = (torch.zeros_like(fs[0][0]), fs[0][1], fs[0][2])   # A_0 = 0: τ_0 = 0
+    B, A = (ML.knots_delta if not dare else ML._knots_dare_delta)(fs, None, p, None, name="w")
+    want = ref_knots(formed(fs), 0.4, 1.5, dare=dare, seed=2, name="w")
+    assert rel(B.double() @ A.double(), want) < 1e-5
