@@ -466,15 +466,7 @@ def plan_lora(registry, inputs, base=None):
     (mixed ranks: each update carries its own r and s); every other dimension, every name and
     every dtype must agree (ONE MismatchError listing every difference, as ``plan``). The plan's
     shapes are the first input's."""
-    from .plan import Plan, _ref, info_of
-
-    inputs = list(inputs)
-    infos = [info_of(registry, c) for c in inputs]
-    base_info = info_of(registry, base) if base is not None else None
-    refs = [_ref(c) for c in inputs]
-    all_infos = infos + ([base_info] if base_info is not None else [])
-    all_refs = refs + ([f"base {_ref(base)}"] if base is not None else [])
-    ref0 = infos[0].tensors
+    from .plan import plan
 
     def masked(n, shape):
         pr = _lora_pair(n)
@@ -483,36 +475,7 @@ def plan_lora(registry, inputs, base=None):
             s[0 if pr[1] == "A" else 1] = "r"
         return s
 
-    problems = []
-    for info, ref in zip(all_infos[1:], all_refs[1:]):
-        t = info.tensors
-        missing = [n for n in ref0 if n not in t]
-        extra = [n for n in t if n not in ref0]
-        if missing:
-            problems.append(f"{ref}: missing {len(missing)} tensor(s) that {all_refs[0]} has: "
-                            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-        if extra:
-            problems.append(f"{ref}: has {len(extra)} tensor(s) that {all_refs[0]} lacks: "
-                            + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
-        for n, ti in ref0.items():
-            o = t.get(n)
-            if o is None:
-                continue
-            if masked(n, o.shape) != masked(n, ti.shape):
-                problems.append(f"{ref}: tensor {n!r} has shape {list(o.shape)}, {all_refs[0]} has {list(ti.shape)}")
-            if o.dtype != ti.dtype:
-                problems.append(f"{ref}: tensor {n!r} has dtype {o.dtype}, {all_refs[0]} has {ti.dtype}")
-    kinds = {i.kind for i in all_infos}
-    if len(kinds) > 1:
-        problems.append("inputs mix LoRA adapters and full models: "
-                        + ", ".join(f"{r}={i.kind}" for r, i in zip(all_refs, all_infos)))
-    if problems:
-        shown = problems[:50]
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise MismatchError(f"inputs do not match ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more)
-    names = sorted(ref0)
-    return Plan(names=names, dtypes={n: ref0[n].dtype for n in names},
-                shapes={n: tuple(ref0[n].shape) for n in names}, infos=infos, base_info=base_info, refs=refs)
+    return plan(registry, inputs, base, shape_key=masked)
 
 
 class MemSource:

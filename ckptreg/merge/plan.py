@@ -99,8 +99,10 @@ def _inspect(c):
     return formats.inspect(c.path, allow_pickle=pickled)
 
 
-def plan(registry, inputs, base=None) -> Plan:
-    """Check that every input (and the base) has the same tensor names, shapes and dtypes.
+def plan(registry, inputs, base=None, shape_key=None) -> Plan:
+    """Check that every input (and the base) has the same tensor names, shapes and dtypes
+    (shapes compared as ``shape_key(name, shape)`` when given: LoRA update space lets the rank
+    dimension differ, :func:`ckptreg.merge.delta.plan_lora`).
 
     Reads the registry's inventory (headers only for checkpoints it does not know; call after
     the fingerprint check). Raises ONE MismatchError listing every difference (capped at 50 lines
@@ -129,7 +131,8 @@ def plan(registry, inputs, base=None) -> Plan:
             o = t.get(n)
             if o is None:
                 continue
-            if tuple(o.shape) != tuple(ti.shape):
+            if (shape_key(n, o.shape) != shape_key(n, ti.shape) if shape_key is not None
+                    else tuple(o.shape) != tuple(ti.shape)):
                 problems.append(f"{ref}: tensor {n!r} has shape {list(o.shape)}, {all_refs[0]} has {list(ti.shape)}")
             if o.dtype != ti.dtype:
                 problems.append(f"{ref}: tensor {n!r} has dtype {o.dtype}, {all_refs[0]} has {ti.dtype}")
