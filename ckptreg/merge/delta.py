@@ -278,7 +278,7 @@ class _DeltaCache:
 
     #: rules whose modules ``get`` merges one at a time (the others are batched by ``batch_groups``).
     #: "factored": the SVD-family delta_fns take a layer dim, but a batched call is no faster on CPU
-    #: (0.59-1.13x of the per-layer loop, methods_lowrank's docstring), so they run per module
+    #: (0.60-1.08x of the per-layer loop, methods_lowrank's docstring), so they run per module
     UNBATCHED_RULES = ("cart", "factored", "dense", "gram")
 
     def batch_groups(self) -> list[list[str]]:

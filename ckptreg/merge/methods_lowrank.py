@@ -27,10 +27,12 @@ Each method is one :class:`~ckptreg.merge.table.MethodDef` of the ``per_matrix``
 - The delta-space merge still calls them one module at a time (``delta_rule "factored"`` stays in
   :attr:`ckptreg.merge.delta.DeltaCache.UNBATCHED_RULES`): batching does not pay on CPU. Measured
   (bench/bench_lowrank_batched.py, T = 8 adapters, r = 16, 8 layers, 1 torch thread, process CPU
-  time, best of 3, 2 cores shared with other jobs): 1024²: tsv per-layer 0.140 s / batched
-  0.141 s, iso_c 0.054 / 0.053, star 0.032 / 0.028, knots_ties 0.153 / 0.142 (1.00-1.13×);
-  4096²: tsv 0.510 / 0.644, iso_c 0.167 / 0.234, star 0.122 / 0.209, knots_ties 0.501 / 0.515
-  (0.59-0.97×: slower). The LAPACK work is the same either way (the batched CPU call loops over
+  time, best of 3, 2 cores shared with other jobs; float64 thin QRs of dc5a69d): 1024²: tsv
+  per-layer 0.146 s / batched 0.149 s, iso_c 0.090 / 0.090, star 0.039 / 0.040, knots_ties
+  0.155 / 0.144 (0.98-1.08×); 4096²: tsv 0.525 / 0.738, iso_c 0.333 / 0.441, star 0.159 /
+  0.267, knots_ties 0.511 / 0.506 (0.60-1.01×: slower or even); float32 QRs before it: 1.00-1.13×
+  and 0.59-0.97×. With 2 threads the wall times swung by up to 5× between runs on the loaded
+  machine (ratios 0.09-1.55× for the same call), no steadier sign of a gain. The LAPACK work is the same either way (the batched CPU call loops over
   the matrices), the Python dispatch saved is well under a millisecond per layer against 4-60 ms
   of QR/SVD, and the L-times larger intermediates (32 MB and more at 4096²) cost more to move
   (a profile of STAR at 4096²: the batched ``to``/``cat``/``split_factors`` steps took 3-10× the
