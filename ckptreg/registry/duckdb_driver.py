@@ -30,7 +30,7 @@ from ..errors import (
     QueryError,
 )
 from .model import _Busy, _now, _short, _sql_str
-from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from .schema import MIGRATIONS, SCHEMA_VERSION, SchemaChecks
 
 _READ_ONLY_KINDS = {"SELECT", "EXPLAIN"}
 
@@ -209,7 +209,7 @@ def _db_error(path, e: BaseException) -> CkptregError | None:
 
 # --------------------------------------------------------------------------- the driver
 
-class DuckDBDriver:
+class DuckDBDriver(SchemaChecks):
     """The registry's DuckDB file at ``path``: connections, the writers' lock, migration, errors.
 
     ``on_open(con)``: called by :meth:`writer` (``ingest=True``) after the schema check, before
@@ -560,17 +560,10 @@ class DuckDBDriver:
             q += " WHERE database_name = current_database()"
         return {r[0] for r in con.execute(q).fetchall()}
 
-    def check_tables(self, con) -> None:
-        """FormatError naming the first table of :data:`TABLES` the attached database lacks
-        (checked with the schema version, i.e. once per change of the file by someone else)."""
-        present = self.table_names(con)
-        for t in TABLES:
-            if t not in present:
-                raise FormatError(f"{self.path}: not a usable ckptreg registry: table {t} missing")
-
-    def too_new(self, have: int) -> FormatError:
-        return FormatError(f"registry {self.path} has schema version {have}, newer than this "
-                           f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
+    @property
+    def location(self):
+        """What messages name: the database file's path (:class:`SchemaChecks`)."""
+        return self.path
 
     def dump(self, con, tables) -> dict[str, list[tuple]]:
         """Every row of each of ``tables`` that exists, in a stable order."""

@@ -42,7 +42,7 @@ from ..errors import (
     UsageError,
 )
 from .model import _Busy, _now, _short
-from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from .schema import MIGRATIONS, SCHEMA_VERSION, SchemaChecks
 
 URL_PREFIXES = ("postgresql://", "postgres://")
 
@@ -312,7 +312,7 @@ class _Con:
         return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
 
-class PostgresDriver:
+class PostgresDriver(SchemaChecks):
     """The registry in the PostgreSQL database of ``url`` (see the module docstring)."""
 
     name = "postgresql"
@@ -636,16 +636,6 @@ class PostgresDriver:
     def table_names(con, current: bool = True) -> set[str]:
         return {r[0] for r in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()").fetchall()}
-
-    def check_tables(self, con) -> None:
-        present = self.table_names(con)
-        for t in TABLES:
-            if t not in present:
-                raise FormatError(f"{self.location}: not a usable ckptreg registry: table {t} missing")
-
-    def too_new(self, have: int) -> FormatError:
-        return FormatError(f"registry {self.location} has schema version {have}, newer than this "
-                           f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
 
     def dump(self, con, tables) -> dict[str, list[tuple]]:
         present = self.table_names(con)

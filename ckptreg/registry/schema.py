@@ -131,3 +131,24 @@ _CK_COLS = ("id, run, step, name, path, format, kind, base_model, n_tensors, n_p
 #: What checkpoint queries select: the inserted columns plus the version of a merged name
 #: (a separate constant: _CK_COLS is also the INSERT column list).
 _CK_SEL = _CK_COLS + ", version"
+
+
+class SchemaChecks:
+    """What both drivers say about a database's schema (``self.location``: the path or masked URL
+    the messages name; ``self.table_names(con)``: the driver's catalogue query)."""
+
+    def check_tables(self, con) -> None:
+        """FormatError naming the first table of :data:`TABLES` the database lacks (checked with
+        the schema version, i.e. once per change of the database by someone else)."""
+        from ..errors import FormatError
+
+        present = self.table_names(con)
+        for t in TABLES:
+            if t not in present:
+                raise FormatError(f"{self.location}: not a usable ckptreg registry: table {t} missing")
+
+    def too_new(self, have: int):
+        from ..errors import FormatError
+
+        return FormatError(f"registry {self.location} has schema version {have}, newer than this "
+                           f"ckptreg understands ({SCHEMA_VERSION}); upgrade ckptreg")
