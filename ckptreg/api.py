@@ -338,8 +338,13 @@ def sweep_results(db: DB, plan: SweepPlan | None = None, *, overwrite: bool = Fa
         while not d.exists():
             made.append(d)
             d = d.parent
-        for m in reversed(made):
-            m.mkdir()
+        for m in reversed(list(made)):
+            try:
+                m.mkdir()
+            except FileExistsError:   # made meanwhile by another process (another rank of this sweep)
+                if not m.is_dir():
+                    raise
+                made.remove(m)
     try:
         res = engine.sweep_results(reg, plan.specs, overwrite=overwrite, progress=progress,
                                    out_dtype=plan.out_dtype, space=getattr(plan, "space", None) or "factors",
