@@ -258,8 +258,11 @@ def test_rank_killed_mid_merge_leaves_nothing(tmp_path):
     assert p.returncode != 0
     text = out.decode()
     # the surviving rank aborts either at its next collective (the lost peer) or on the SIGTERM
-    # torchrun's agent sends every rank once one died, whichever comes first; both clean up
-    assert "another rank failed or was lost" in text or "stopped by SIGTERM" in text, text[-3000:]
+    # torchrun's agent sends every rank once one died, whichever comes first; both clean up. Its
+    # message can still be cut off when the SIGTERM lands after the cleanup, while the traceback
+    # prints (the handler is the default one again by then): then torchrun's own line says so
+    assert ("another rank failed or was lost" in text or "stopped by SIGTERM" in text
+            or "closing signal SIGTERM" in text), text[-3000:]
     assert reg.checkpoints(merged=True) == []
     assert not (tmp_path / "dist" / "hf_ties").exists()
     _no_temporaries(tmp_path / "dist")
