@@ -129,14 +129,15 @@ def _mask(url: str) -> str:
 _TRANSLATED: dict[str, tuple[str, str]] = {}
 
 
-def _translate(sql: str) -> tuple[str, str]:
-    """Core SQL (qmark ``?`` or numbered ``$1`` placeholders) -> psycopg's (``%s`` / ``%(pN)s``,
-    literal ``%`` doubled), and which style it used ("qmark" | "numbered" | "none"). Quotes and
-    comments are skipped (a ``?`` inside a string literal is not a placeholder). Cached."""
-    got = _TRANSLATED.get(sql)
-    if got is not None:
-        return got
-    out, style, i, n = [], "none", 0, len(sql)
+_DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def _sql_pieces(sql: str):
+    """``sql`` as (kind, text) pieces, the one scanner of the placeholder translation and the
+    statement split: "quoted" ('...' or "..." with doubled quotes), "comment" (``--`` to the end
+    of the line, ``/* */``), "dollar" (``$tag$ ... $tag$``), "numbered" (a ``$N`` placeholder),
+    else "char" (one character)."""
+    i, n = 0, len(sql)
     while i < n:
         ch = sql[i]
         if ch in "'\"":
@@ -148,36 +149,59 @@ def _translate(sql: str) -> tuple[str, str]:
                         continue
                     break
                 j += 1
-            out.append(sql[i:j + 1].replace("%", "%%"))
+            yield "quoted", sql[i:j + 1]
             i = j + 1
             continue
         if sql.startswith("--", i):
             j = sql.find("\n", i)
             j = n if j < 0 else j
-            out.append(sql[i:j].replace("%", "%%"))
+            yield "comment", sql[i:j]
             i = j
             continue
         if sql.startswith("/*", i):
             j = sql.find("*/", i + 2)
             j = n if j < 0 else j + 2
-            out.append(sql[i:j].replace("%", "%%"))
+            yield "comment", sql[i:j]
             i = j
             continue
-        if ch == "?":
+        if ch == "$" and not (i and (sql[i - 1].isalnum() or sql[i - 1] == "_")):
+            if i + 1 < n and sql[i + 1].isdigit():
+                j = i + 1
+                while j < n and sql[j].isdigit():
+                    j += 1
+                yield "numbered", sql[i:j]
+                i = j
+                continue
+            m = _DOLLAR.match(sql, i)
+            if m:
+                tag = m.group(0)
+                j = sql.find(tag, i + len(tag))
+                j = n if j < 0 else j + len(tag)
+                yield "dollar", sql[i:j]
+                i = j
+                continue
+        yield "char", ch
+        i += 1
+
+
+def _translate(sql: str) -> tuple[str, str]:
+    """Core SQL (qmark ``?`` or numbered ``$1`` placeholders) -> psycopg's (``%s`` / ``%(pN)s``,
+    literal ``%`` doubled), and which style it used ("qmark" | "numbered" | "none"). Quotes,
+    dollar quotes and comments are skipped (a ``?`` inside a string literal is not a
+    placeholder). Cached."""
+    got = _TRANSLATED.get(sql)
+    if got is not None:
+        return got
+    out, style = [], "none"
+    for kind, text in _sql_pieces(sql):
+        if kind == "char" and text == "?":
             out.append("%s")
             style = "qmark"
-            i += 1
-            continue
-        if ch == "$" and i + 1 < n and sql[i + 1].isdigit() and not (i and (sql[i - 1].isalnum() or sql[i - 1] == "_")):
-            j = i + 1
-            while j < n and sql[j].isdigit():
-                j += 1
-            out.append(f"%(p{sql[i + 1:j]})s")
+        elif kind == "numbered":
+            out.append(f"%(p{text[1:]})s")
             style = "numbered"
-            i = j
-            continue
-        out.append("%%" if ch == "%" else ch)
-        i += 1
+        else:
+            out.append(text.replace("%", "%%"))
     got = ("".join(out), style)
     if len(_TRANSLATED) < 4096:
         _TRANSLATED[sql] = got
@@ -200,51 +224,22 @@ def _bind(sql: str, params):
 def split_statements(query: str) -> list[str]:
     """The non-empty statements of ``query`` split at top-level ``;`` (quotes, comments and
     dollar quotes skipped)."""
-    stmts, cur, i, n = [], [], 0, len(query)
-    while i < n:
-        ch = query[i]
-        if ch in "'\"":
-            j = i + 1
-            while j < n:
-                if query[j] == ch:
-                    if j + 1 < n and query[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            cur.append(query[i:j + 1])
-            i = j + 1
+    stmts, cur = [], []
+    for kind, text in _sql_pieces(query):
+        if kind == "comment":
+            if text.startswith("/*"):
+                cur.append(" ")
             continue
-        if query.startswith("--", i):
-            j = query.find("\n", i)
-            i = n if j < 0 else j
-            continue
-        if query.startswith("/*", i):
-            j = query.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-            cur.append(" ")
-            continue
-        if ch == "$":
-            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", query[i:])
-            if m and not (i and (query[i - 1].isalnum() or query[i - 1] == "_")):
-                tag = m.group(0)
-                j = query.find(tag, i + len(tag))
-                j = n if j < 0 else j + len(tag)
-                cur.append(query[i:j])
-                i = j
-                continue
-        if ch == ";":
-            s = "".join(cur).strip()
-            if s:
-                stmts.append(s)
+        if kind == "char" and text == ";":
+            st = "".join(cur).strip()
+            if st:
+                stmts.append(st)
             cur = []
-            i += 1
             continue
-        cur.append(ch)
-        i += 1
-    s = "".join(cur).strip()
-    if s:
-        stmts.append(s)
+        cur.append(text)
+    st = "".join(cur).strip()
+    if st:
+        stmts.append(st)
     return stmts
 
 
