@@ -1873,14 +1873,9 @@ class Registry:
                 os.unlink(tmp)
             except OSError:
                 pass
-        try:
-            dfd = os.open(p.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        from ..writer import fsync_dir
+
+        fsync_dir(p.parent)
         return {"path": str(p), "format": fmt, "rows": n, "columns": cols, "bytes": p.stat().st_size}
 
     def _export_json(self, cols, rows) -> str:

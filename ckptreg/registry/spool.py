@@ -248,14 +248,9 @@ class Spool:
             except OSError:
                 pass
             raise
-        try:  # make the rename durable
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        from ..writer import fsync_dir
+
+        fsync_dir(d)   # make the rename durable
         return str(final)
 
     def entries(self):
