@@ -237,6 +237,7 @@ def _merge_check(registry, caller_spec: MergeSpec, *, space, rank, out_dtype, ov
     else:
         if rank is not None:
             raise ParameterError("rank only applies to space='delta' or 'core'")
+        _check_stored_space(defn, info0.kind)
         _check_factor_scales(pl.infos + ([pl.base_info] if pl.base_info is not None else []),
                              pl.refs + ([f"base {_ref(plan_base)}"] if pl.base_info is not None else []))
 
@@ -308,6 +309,17 @@ def _merge_write(registry, st: _Checked, progress: Callable | None) -> MergeResu
     except BaseException:
         target.revert()   # no-op once registered (finalized)
         raise
+
+
+def _check_stored_space(defn, kind: str) -> None:
+    """A merge of the stored tensors (factor space for LoRA adapters, tensor space for full
+    models) refused, before any target is touched, for a method without that space (the SVD
+    family on raw LoRA factors, KnOTS on full models)."""
+    space = "factors" if kind == "lora" else "tensors"
+    if space not in defn.spaces:
+        what = {"factors": "LoRA factors as stored (merge adapters with --space delta)",
+                "tensors": "full checkpoints"}[space]
+        raise ParameterError(f"{defn.name} runs in space {', '.join(defn.spaces)}, not on {what}")
 
 
 def _methods():
@@ -427,8 +439,10 @@ def _sweep(registry, callers: Sequence[MergeSpec], *, overwrite, progress, out_d
             infos[c.id] = info_of(registry, c)
         return infos[c.id]
 
-    # this sweep merges in factor space: refuse differing LoRA scalings for every spec before any pass
+    # this sweep merges in factor space: refuse a method outside it, and differing LoRA scalings,
+    # for every spec before any pass
     for s, defn, inputs, w, p in prepared:
+        _check_stored_space(defn, info(inputs[0]).kind)
         b = s.base if defn.uses_base else None
         cs = list(inputs) + ([b] if b is not None else [])
         if not any(getattr(c, "kind", None) == "lora" for c in cs):

@@ -328,13 +328,7 @@ def _matrix_method(ps, j, name):
 
     from .kernels import _EMBED_RE
 
-    d = j.defn
-    kind = ps.plan.infos[0].kind if getattr(ps.plan, "infos", None) else "full"
-    space = "delta" if ps.delta is not None else ("factors" if kind == "lora" else "tensors")
-    if space not in d.spaces:
-        what = {"factors": "LoRA factors as stored (merge adapters with --space delta)",
-                "tensors": "full checkpoints"}.get(space, space)
-        raise ParameterError(f"{d.name} runs in space {', '.join(d.spaces)}, not on {what}")
+    d = j.defn   # its space was checked before the merge started (run._check_stored_space)
     p, w = j.params_for(name), j.weights_for(name)
     st = ps.plan.dtypes[name]
     dt = torch.float64 if st == "F64" or any(s.info.tensors[name].dtype == "F64" for s in ps.sources) \
